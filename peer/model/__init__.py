@@ -1,0 +1,13 @@
+"""The model engine: one home for the blocks peers host and the head clients keep.
+
+`Checkpoint(dir).load_blocks(a, b)` gives a `BlockRange` that runs steps of a session against its
+`KVCache`; `Checkpoint(dir).load_head()` gives a `ModelHead` (embeddings, final norm, LM head).
+"""
+
+from .blocks import BlockRange, ModelHead
+from .cache import CacheError, KVCache, StepLayout
+from .checkpoint import Checkpoint, CheckpointError, parse_dtype
+from .config import ConfigError, ModelConfig, RopeConfig
+
+__all__ = ["BlockRange", "ModelHead", "KVCache", "StepLayout", "CacheError", "Checkpoint", "CheckpointError",
+           "parse_dtype", "ConfigError", "ModelConfig", "RopeConfig"]

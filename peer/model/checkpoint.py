@@ -1,0 +1,142 @@
+"""Lazy loading of a Hugging Face checkpoint directory, one block range (or the head) at a time.
+
+Reads `config.json` and the safetensors headers up front; tensors are read one by one with
+`safe_open` only when a `BlockRange` or `ModelHead` asks for them, so a peer serving blocks 8-15
+never touches the bytes of blocks 0-7. Single-file (`model.safetensors`) and sharded
+(`model.safetensors.index.json`) layouts are both understood.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .blocks import BlockRange, ModelHead
+from .config import ConfigError, ModelConfig
+from .layers import rope_inv_freq
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory is incomplete or inconsistent."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16") from None
+
+
+class Checkpoint:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"model directory {self.path} does not exist")
+        self.config = ModelConfig.from_dir(self.path)
+        self.weight_map = self._weight_map()
+        self.prefix = "model." if "model.norm.weight" in self.weight_map else ""
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                return dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors weights in {self.path} (PyTorch .bin checkpoints are not supported)")
+        weight_map = {}
+        for file in files:
+            with safe_open(file, framework="pt") as f:  # reads the header only
+                weight_map.update({name: file.name for name in f.keys()})
+        return weight_map
+
+    def read(self, names: list[str], dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
+        """Read exactly these tensors, grouped by file, converted to dtype on device."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.path}")
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        out = {}
+        for file, file_names in by_file.items():
+            with safe_open(self.path / file, framework="pt") as f:
+                for name in file_names:
+                    out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        return out
+
+    def load_blocks(self, start: int, end: int, dtype="float32", device="cpu") -> BlockRange:
+        cfg, dtype = self.config, parse_dtype(dtype)
+        with torch.device("meta"):
+            blocks = BlockRange(cfg, start, end)
+        state = {}
+        for j, i in enumerate(range(start, end)):
+            src, dst = f"{self.prefix}layers.{i}.", f"layers.{j}."
+            attn = ["q_proj", "k_proj", "v_proj"]
+            names = [f"{src}{n}.weight" for n in ("input_layernorm", "post_attention_layernorm",
+                                                   "self_attn.o_proj", "mlp.down_proj")]
+            names += [f"{src}self_attn.{p}.weight" for p in attn] + [f"{src}mlp.{p}.weight" for p in ("gate_proj", "up_proj")]
+            if cfg.qkv_bias:
+                names += [f"{src}self_attn.{p}.bias" for p in attn]
+            if cfg.o_bias:
+                names.append(f"{src}self_attn.o_proj.bias")
+            if cfg.mlp_bias:
+                names += [f"{src}mlp.{p}.bias" for p in ("gate_proj", "up_proj", "down_proj")]
+            t = self.read(names, dtype, device)
+            for n in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
+                      "mlp.down_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.bias"):
+                if src + n in t:
+                    state[dst + n] = t[src + n]
+            for kind in ("weight", "bias"):
+                qkv = [t.get(f"{src}self_attn.{p}.{kind}") for p in attn]
+                if qkv[0] is not None:
+                    state[f"{dst}self_attn.qkv_proj.{kind}"] = torch.cat(qkv)
+                gate_up = [t.get(f"{src}mlp.{p}.{kind}") for p in ("gate_proj", "up_proj")]
+                if gate_up[0] is not None:
+                    state[f"{dst}mlp.gate_up_proj.{kind}"] = torch.cat(gate_up)
+            del t
+        _check_shapes(blocks, state, self.path)
+        blocks.load_state_dict(state, strict=True, assign=True)
+        blocks.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
+        return blocks.eval()
+
+    def load_head(self, dtype="float32", device="cpu") -> ModelHead:
+        """Embeddings, final norm and LM head only (tied embeddings are read once)."""
+        cfg, dtype = self.config, parse_dtype(dtype)
+        embed, norm = f"{self.prefix}embed_tokens.weight", f"{self.prefix}norm.weight"
+        names = [embed, norm]
+        if not cfg.tie_word_embeddings:
+            if "lm_head.weight" not in self.weight_map:
+                raise CheckpointError("config says tie_word_embeddings=false but the checkpoint has no lm_head.weight")
+            names.append("lm_head.weight")
+        t = self.read(names, dtype, device)
+        with torch.device("meta"):
+            head = ModelHead(cfg)
+        state = {"embed_tokens.weight": t[embed], "norm.weight": t[norm]}
+        state["lm_head.weight"] = t.get("lm_head.weight", t[embed])
+        _check_shapes(head, state, self.path)
+        head.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            head.lm_head.weight = head.embed_tokens.weight
+        return head.eval()
+
+
+def _check_shapes(module: torch.nn.Module, state: dict, path: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for name, shape in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{path}: no weights found for {name}")
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, config implies {shape}")
+
+
+__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "parse_dtype"]
