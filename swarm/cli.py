@@ -17,6 +17,7 @@ from .sampling import SamplingParams
 
 BUNDLED_MODELS = Path(__file__).parent / "models"
 DEFAULT_MODEL = BUNDLED_MODELS / "code-target"
+DEFAULT_DRAFT = BUNDLED_MODELS / "code-draft"
 
 
 def _default_model() -> str | None:
