@@ -32,6 +32,15 @@ def add_generate_parser(sub) -> None:
                    help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)"
                         + (" [default: the bundled model]" if _default_model() else ""))
     p.add_argument("--local", action="store_true", help="run every block in this process")
+    p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR",
+                   help="peers to start from (their 'listening on' multiaddrs, with /p2p/<peer id>)")
+    p.add_argument("--route", help="explicit chain PEER:A:B,PEER:B:C,... (PEER: a peer id or its unique end)")
+    p.add_argument("--no-push", dest="push", action="store_false",
+                   help="client-mediated: carry hidden states between peers through the client (2n hops)")
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of hidden states on the wire (float32 keeps outputs identical to --local)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a peer's answer")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -45,16 +54,35 @@ def add_generate_parser(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    if not args.local:
-        raise SystemExit("swarm generate: only --local is available in this version "
-                         "(running through peers arrives with `swarm peer`)")
+    if args.local == bool(args.initial_peers):
+        raise SystemExit("swarm generate: give either --local or --initial-peers")
     if args.max_new_tokens < 1:
         raise SystemExit("swarm generate: --max-new-tokens must be at least 1")
+    set_threads(args.threads)
     params = SamplingParams(args.temperature, args.top_p)
     t0 = time.perf_counter()
-    model = LocalModel.load(args.model, args.dtype, args.device)
+    if args.local:
+        model = LocalModel.load(args.model, args.dtype, args.device)
+    else:
+        from .remote import SwarmModel
+
+        model = SwarmModel(args.model, args.initial_peers, args.route, args.push, args.dtype, args.device,
+                           args.wire_dtype, args.timeout)
+    try:
+        return _generate(args, model, params, time.perf_counter() - t0)
+    finally:
+        if not args.local:
+            model.close()
+
+
+def set_threads(threads: int | None) -> None:
+    import os
+
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
+
+
+def _generate(args, model, params: SamplingParams, load_seconds: float) -> int:
     tokenizer = model.tokenizer or load_tokenizer(args.model)
-    load_seconds = time.perf_counter() - t0
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt and model.head.cfg.bos_token_id is not None:
         prompt = [model.head.cfg.bos_token_id]
@@ -77,8 +105,11 @@ def cmd_generate(args) -> int:
     result = generate(model, prompt, args.max_new_tokens, params, args.seed, not args.ignore_eos, on_token)
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)
     if args.json:
+        extra = {} if args.local else {"route": [str(h) for h in model.route], "push": args.push,
+                                       "wire_dtype": args.wire_dtype}
         print(json.dumps({
-            "mode": "local", "model": str(args.model), "device": args.device, "dtype": args.dtype,
+            "mode": "local" if args.local else ("push" if args.push else "client-mediated"),
+            "model": str(args.model), "device": args.device, "dtype": args.dtype, **extra,
             "prompt_tokens": result.prompt_tokens, "tokens": result.tokens, "new_tokens": len(result.tokens),
             "text": text, "stopped_by": result.stopped_by, "seconds": round(result.seconds, 6),
             "tokens_per_s": round(result.tokens_per_s, 3), "load_seconds": round(load_seconds, 3),
@@ -86,8 +117,47 @@ def cmd_generate(args) -> int:
         }))
     else:
         sys.stdout.write("\n")
+        where = "local" if args.local else "route " + " -> ".join(str(h) for h in model.route)
         print(f"[{len(result.tokens)} tokens in {result.seconds:.2f} s, {result.tokens_per_s:.1f} tokens/s, "
-              f"local, {args.device}/{args.dtype}]", file=sys.stderr)
+              f"{where}, {args.device}/{args.dtype}]", file=sys.stderr)
+    return 0
+
+
+def add_peer_parser(sub) -> None:
+    p = sub.add_parser("peer", help="serve a range of the model's blocks to the swarm",
+                       description="Join the swarm as a volunteer: load blocks START:END of the model and serve "
+                                   "inference sessions over libp2p until stopped (Ctrl-C).")
+    p.add_argument("--model", default=_default_model(), required=_default_model() is None,
+                   help="Hugging Face model directory" + (" [default: the bundled model]" if _default_model() else ""))
+    p.add_argument("--blocks", required=True, help="START:END, end exclusive (e.g. 0:4)")
+    p.add_argument("--listen", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MULTIADDR",
+                   help="where to listen [default: /ip4/127.0.0.1/tcp/0; use /ip4/0.0.0.0/tcp/PORT to be reachable]")
+    p.add_argument("--identity", help="key file; created on first use, same peer id on every restart")
+    p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--cache-tokens", type=int, default=32768, help="KV cache budget: total tokens over all sessions")
+    p.add_argument("--max-sessions", type=int, default=64)
+    p.add_argument("--session-timeout", type=float, default=600.0, help="seconds before an idle session is dropped")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_peer)
+
+
+def cmd_peer(args) -> int:
+    import asyncio
+    import logging
+
+    from peer.serve import PeerOptions, parse_blocks, serve
+    from peer.server import Limits
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    limits = Limits(cache_tokens=args.cache_tokens, max_sessions=args.max_sessions,
+                    session_timeout=args.session_timeout)
+    opts = PeerOptions(args.model, parse_blocks(args.blocks), args.listen, args.identity, args.initial_peers,
+                       args.device, args.dtype, limits, args.threads)
+    asyncio.run(serve(opts))
     return 0
 
 
@@ -96,11 +166,14 @@ def main(argv: list[str] | None = None) -> int:
                                                                "with distributed speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
+    add_peer_parser(sub)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, CacheError, FileNotFoundError, ValueError) as e:
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, CheckpointError, CacheError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         print(f"swarm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

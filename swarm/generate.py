@@ -60,6 +60,9 @@ class LocalSession:
     def __call__(self, hidden: torch.Tensor, layout: StepLayout) -> torch.Tensor:
         return self.blocks(hidden, self.cache, layout)
 
+    def close(self) -> None:
+        pass
+
 
 @dataclass
 class GenerationResult:
@@ -104,18 +107,22 @@ def generate_tokens(head: ModelHead, run: RunBlocks, prompt: list[int], max_new_
         position += 1
 
 
-def generate(model: LocalModel, prompt: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+def generate(model, prompt: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
              seed: int = 0, stop_at_eos: bool = True,
              on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    """Plain decoding with a LocalModel or a SwarmModel (anything with .head and .session(max_length))."""
     eos = tuple(model.head.cfg.eos_token_ids) if stop_at_eos else ()
     result = GenerationResult(prompt_tokens=len(prompt))
     session = model.session(len(prompt) + max_new_tokens)
     t0 = time.perf_counter()
-    for token in generate_tokens(model.head, session, prompt, max_new_tokens, params, seed, eos):
-        result.tokens.append(token)
-        if on_token:
-            on_token(token)
-        if token in eos:
-            result.stopped_by = "eos"
+    try:
+        for token in generate_tokens(model.head, session, prompt, max_new_tokens, params, seed, eos):
+            result.tokens.append(token)
+            if on_token:
+                on_token(token)
+            if token in eos:
+                result.stopped_by = "eos"
+    finally:
+        session.close()
     result.seconds = time.perf_counter() - t0
     return result

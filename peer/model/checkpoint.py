@@ -8,6 +8,7 @@ never touches the bytes of blocks 0-7. Single-file (`model.safetensors`) and sha
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -43,6 +44,13 @@ class Checkpoint:
         self.config = ModelConfig.from_dir(self.path)
         self.weight_map = self._weight_map()
         self.prefix = "model." if "model.norm.weight" in self.weight_map else ""
+
+    @property
+    def model_id(self) -> str:
+        """Names the model for peers and clients: directory name + a hash of config and tensor layout."""
+        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        h.update(json.dumps(sorted(self.weight_map.items())).encode())
+        return f"{self.path.resolve().name}-{h.hexdigest()[:12]}"
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
