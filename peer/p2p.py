@@ -1,22 +1,20 @@
-"""A libp2p node (py-libp2p, TCP + Noise + yamux) usable from asyncio.
+"""A libp2p node (py-libp2p: TCP + Noise + yamux) usable from asyncio.
 
-py-libp2p runs on trio; this module runs one trio event loop in a dedicated thread per
-`P2PNode` and makes one coarse crossing per operation (a whole frame per `send`/`recv`,
-not one per read). Work goes to trio with `TrioToken.run_sync_soon` and comes back with
-`loop.call_soon_threadsafe`, so there is no executor thread in the path.
+py-libp2p runs on trio. Each `P2PNode` runs its own trio loop in a dedicated thread, and every
+operation crosses over once, coarsely: a whole frame per `send`/`recv`, never one read at a time.
+Work goes to trio with `TrioToken.run_sync_soon`, results come back with
+`loop.call_soon_threadsafe` (about half the cost of an executor + `trio.from_thread.run`).
 
-What it knows: peer identities (Ed25519 key files), dialling and reusing connections,
-opening/accepting streams by protocol name, and length-prefixed frames
-(`protocol.framing`). What it does not know: models, sessions, routing, what is inside a
-frame. Connections are kept open and reused: a fresh dial costs a TCP + Noise + yamux
-handshake (a few ms on loopback), while a frame on an open stream costs ~0.2 ms more
-than on plain TCP.
+It knows peer identities (Ed25519 key files), dialling and reusing connections (one per peer),
+streams by protocol name, and length-prefixed frames (`protocol.framing`). It knows nothing about
+models, sessions, routing, or what is inside a frame. Keep connections and streams open: a dial
+costs ~10-30 ms and a new stream ~3 ms (protocol negotiation), a frame on an open stream ~1-2 ms.
 
-Stream errors: `recv` raises EOFError when the remote closed the stream or the
-connection went away, ConnectionResetError when the remote reset it, and
-`framing.FrameTooLarge` (before reading the body) for an oversize announcement.
-A cancelled `send`/`recv` does not break framing: the send completes in the background,
-and the frame a cancelled `recv` was reading is returned by the next `recv`.
+Errors: `recv` raises EOFError when the remote closed the stream or the connection died,
+ConnectionResetError when the stream was reset, `framing.FrameTooLarge` from the header alone
+(the stream is then reset). Node-level failures raise ConnectionError. A cancelled `send` or
+`recv` (e.g. `asyncio.wait_for`) does not break the framing: the send still completes, and the
+frame a cancelled `recv` was reading is returned by the next `recv`.
 """
 
 from __future__ import annotations
@@ -42,50 +40,82 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport as Noise
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
+from libp2p.utils.address_validation import expand_wildcard_address
 
 from protocol import framing
 
 log = logging.getLogger("specswarm.p2p")
 DEFAULT_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
-PEERSTORE_TTL = 24 * 3600  # seconds a dialled address stays known (libp2p's default is 120)
+PEERSTORE_TTL = 24 * 3600  # seconds a dialled address is remembered (libp2p's connect() uses 120)
+Handler = Callable[["P2PStream"], Awaitable[None]]
 
 
 def load_or_create_identity(path: str | Path | None) -> KeyPair:
-    """Ed25519 key pair: loaded from `path` if it exists, else created (and saved there, 0600)."""
+    """Ed25519 key pair from `path`; created there (mode 0600, parent dirs too) if missing. None: ephemeral."""
     if path is None:
         return create_new_key_pair()
     path = Path(path)
     if not path.exists():
         key_pair = create_new_key_pair()
-        save_identity(key_pair, path)  # creates parent dirs, writes with mode 0600
+        save_identity(key_pair, path)
         log.info("created a new peer identity in %s", path)
         return key_pair
     try:
         key_pair = load_identity(path)
     except Exception as exc:
-        raise ValueError(f"identity file {path} is not a valid libp2p private key ({exc}); "
-                         "move it away to create a new identity (this changes the peer ID)") from exc
+        raise ValueError(f"identity file {path} is not a libp2p private key ({exc}); move it away to "
+                         "create a new identity (the peer ID will change)") from exc
     if key_pair.private_key.get_type() != KeyType.Ed25519:
-        raise ValueError(f"identity file {path} holds a {key_pair.private_key.get_type().name} key, "
-                         "expected Ed25519")
+        raise ValueError(f"identity file {path} holds a {key_pair.private_key.get_type().name} key, not Ed25519")
     return key_pair
 
 
-def _listen_error(maddr: str) -> str:
-    """Best guess at why libp2p (which only logs it at debug level) could not listen on `maddr`."""
+def _bind_problem(maddr: str) -> str | None:
+    """Why we cannot listen on TCP `maddr`, found by binding it ourselves; None if we can (or it is not TCP).
+
+    Needed before starting too: libp2p sets SO_REUSEPORT on its listeners, so a second peer on the
+    same port would "succeed" and the kernel would split incoming connections between the two.
+    """
     try:
         m = multiaddr.Multiaddr(maddr)
-        ip6 = "ip6" in {p.name for p in m.protocols()}
-        host, port = m.value_for_protocol("ip6" if ip6 else "ip4"), int(m.value_for_protocol("tcp"))
-        with socket.socket(socket.AF_INET6 if ip6 else socket.AF_INET) as s:
+        ip = "ip6" if "ip6" in {p.name for p in m.protocols()} else "ip4"
+        host, port = m.value_for_protocol(ip), int(m.value_for_protocol("tcp"))
+    except Exception:
+        return None  # not ip/tcp: libp2p's own error will do
+    try:
+        with socket.socket(socket.AF_INET6 if ip == "ip6" else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like libp2p: ignore TIME_WAIT leftovers
             s.bind((host, port))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            return f"could not listen on {maddr}: address in use (another peer running? pick another port)"
+            return f"could not listen on {maddr}: address in use (is another peer running? choose another port)"
         return f"could not listen on {maddr}: {exc.strerror or exc}"
-    except Exception as exc:
-        return f"could not listen on {maddr}: {exc} (expected e.g. /ip4/0.0.0.0/tcp/31337)"
-    return f"could not listen on {maddr} (libp2p gave no reason; run with DEBUG logging for libp2p)"
+    return None
+
+
+def _concrete(addrs: list[Any]) -> list[str]:
+    """Listen addresses as peers can dial them: a wildcard (0.0.0.0, ::) becomes each interface's address."""
+    out: list[str] = []
+    for addr in addrs:
+        text = str(addr)
+        candidates = [text]
+        if text.startswith(("/ip4/0.0.0.0/", "/ip6/::/")):
+            candidates = [str(a) for a in expand_wildcard_address(addr)]
+            if text.startswith("/ip4/"):
+                candidates.append(text.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1))
+        out += [c for c in candidates if c not in out]
+    return out
+
+
+def _settle(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, ok: bool, value: Any) -> None:
+    """From any thread: complete `fut` on `loop`; the first outcome wins; a closed loop has no waiters."""
+    def settle() -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -99,10 +129,10 @@ class P2PStream:
     """One libp2p stream carrying length-prefixed frames. One reader at a time; sends are serialised."""
 
     def __init__(self, node: P2PNode, net_stream: Any, done: trio.Event | None = None):
-        self._node, self._s, self._done = node, net_stream, done
+        self._node, self._s, self._done = node, net_stream, done  # done: set when an inbound stream ends
         self.remote_peer_id: str = str(net_stream.muxed_conn.peer_id)
         self.protocol: str = str(net_stream.get_protocol())
-        self._write_lock = trio.Lock()  # only touched in the trio thread
+        self._write_lock = trio.Lock()  # used in the trio thread only
         self._recv_lock = asyncio.Lock()
         self._pending_recv: asyncio.Future | None = None
         self._closed = False
@@ -118,15 +148,8 @@ class P2PStream:
             try:
                 return await asyncio.shield(fut)
             finally:
-                if fut.done():  # otherwise we were cancelled: the next recv() gets this frame
+                if fut.done():  # else we were cancelled, and the next recv() returns this frame
                     self._pending_recv = None
-
-    async def request(self, payload: bytes) -> bytes:
-        """send() then recv() in one crossing instead of two (saves ~0.1-0.3 ms per round trip)."""
-        async with self._recv_lock:
-            if self._pending_recv is not None:
-                raise RuntimeError("request() while a cancelled recv() still has a frame to deliver")
-            return await self._node._call(self._request_trio, payload, cancel=False)
 
     async def close(self) -> None:
         if not self._closed:
@@ -134,33 +157,36 @@ class P2PStream:
             try:
                 await self._node._call(self._close_trio, cancel=False)
             except ConnectionError:
-                pass  # node already closed
+                pass  # the node is closed, and the stream with it
+
+    # trio thread
 
     async def _send_trio(self, payload: bytes) -> None:
         async with self._write_lock:
             try:
-                await self._s.write(framing.header(len(payload)) + bytes(payload))
+                await self._s.write(b"".join((framing.header(len(payload)), payload)))  # one copy
             except Exception as exc:
                 # libp2p marks a failed write locally but tells the remote nothing, which would leave
-                # it waiting forever for the rest of the frame: reset so its recv() fails too.
+                # it waiting for the rest of the frame forever: reset so that its recv() fails too.
                 with trio.CancelScope(shield=True):
                     await self._s.reset()
-                if isinstance(exc, StreamReset):  # also raised when yamux's 5 s flow-control wait expires
-                    raise ConnectionResetError(f"stream to {self.remote_peer_id} was reset (the remote "
-                                               "did not read for 5 s, or reset the stream)") from exc
+                if isinstance(exc, StreamReset):  # also what yamux's 5 s flow-control timeout gives
+                    raise ConnectionResetError(f"stream to {self.remote_peer_id} was reset (by the remote, "
+                                               "or because it read nothing for 5 s)") from exc
                 raise EOFError(f"stream to {self.remote_peer_id} is closed ({exc!r})") from exc
 
-    async def _request_trio(self, payload: bytes) -> bytes:
-        await self._send_trio(payload)
-        return await self._recv_trio()
-
     async def _recv_trio(self) -> bytes:
-        length = framing.parse_header(await self._read_exactly(framing.HEADER_SIZE, True), self._node.max_frame)
+        head = await self._read_exactly(framing.HEADER_SIZE, True)
+        try:
+            length = framing.parse_header(head, self._node.max_frame)
+        except framing.FrameTooLarge:
+            await self._s.reset()  # the framing is lost: stop the sender rather than drain its body
+            raise
         return await self._read_exactly(length, False)
 
     async def _read_exactly(self, n: int, frame_start: bool) -> bytes:
         chunks, got = [], 0
-        while got < n:
+        while got < n:  # libp2p's read(n) returns at most n bytes, often fewer
             try:
                 chunk = await self._s.read(n - got)
             except StreamReset as exc:
@@ -176,76 +202,73 @@ class P2PStream:
 
     async def _close_trio(self) -> None:
         try:
-            async with self._write_lock:  # let a background send finish first
+            async with self._write_lock:  # after a send still under way (one whose caller was cancelled)
                 await self._s.close()
         except Exception as exc:
-            log.debug("closing stream to %s: %r", self.remote_peer_id, exc)
+            log.debug("closing a stream to %s: %r", self.remote_peer_id, exc)
         finally:
             if self._done is not None:
                 self._done.set()
 
 
 class P2PNode:
-    """A libp2p host in its own trio thread. Create with `await P2PNode.start(...)`."""
+    """A libp2p host in its own trio thread. Create with `await P2PNode.start(...)`, end with `close()`."""
 
     def __init__(self, key_pair: KeyPair, max_frame: int):
         self.key_pair, self.max_frame = key_pair, max_frame
         self.peer_id: str = str(ID.from_pubkey(key_pair.public_key))
-        self.addrs: list[str] = []
-        self._handlers: dict[str, Callable[[P2PStream], Awaitable[None]]] = {}
+        self.addrs: list[str] = []  # full multiaddrs with /p2p/<peer id>, filled in by start()
+        self._handlers: dict[str, Handler] = {}
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
 
     @classmethod
     async def start(cls, identity: str | Path | None = None, listen: list[str] | None = None,
                     max_frame: int = framing.DEFAULT_MAX_FRAME) -> P2PNode:
+        listen = list(listen or DEFAULT_LISTEN)
+        for problem in filter(None, map(_bind_problem, listen)):
+            raise OSError(problem)
         node = cls(load_or_create_identity(identity), max_frame)
-        node._loop = asyncio.get_running_loop()
-        started = node._loop.create_future()
-        node._stopped = node._loop.create_future()
-        node._thread = threading.Thread(target=node._thread_main, args=(list(listen or DEFAULT_LISTEN), started),
+        node._loop = loop = asyncio.get_running_loop()
+        started, node._stopped = loop.create_future(), loop.create_future()
+        node._thread = threading.Thread(target=node._thread_main, args=(listen, started),
                                         name=f"p2p-trio-{node.peer_id[-6:]}", daemon=True)
         node._thread.start()
         try:
             await started
         except BaseException:
-            await asyncio.shield(node._stopped)
-            node._thread.join()
+            await node.close()
             raise
-        log.info("peer %s listening on %s", node.peer_id, ", ".join(node.addrs))
+        log.info("peer %s listening on %s", node.peer_id, " ".join(node.addrs))
         return node
 
-    # ---- asyncio-facing API ----
-
     async def connect(self, maddr: str) -> str:
-        """Dial a full multiaddr (…/p2p/<peer id>) unless already connected; returns the peer id."""
+        """Dial `maddr` (…/p2p/<peer id>) unless already connected to that peer; returns the peer id."""
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(maddr))
         except Exception as exc:
             raise ValueError(f"not a peer address: {maddr!r} (expected /ip4/<ip>/tcp/<port>/p2p/<peer id>)") from exc
-        await self._call(self._connect_trio, info, maddr)
+        await self._call(self._connect_trio, info.peer_id, info.addrs, maddr)
         return str(info.peer_id)
 
     async def open_stream(self, peer: str, protocol: str) -> P2PStream:
-        """Open a stream to `peer` (a peer id we know addresses for, or a full multiaddr)."""
+        """A new stream to `peer`: a peer id (connected, or with addresses known) or a full multiaddr."""
         if peer.startswith("/"):
             peer = await self.connect(peer)
         return await self._call(self._open_stream_trio, ID.from_base58(peer), protocol)
 
-    def set_stream_handler(self, protocol: str, handler: Callable[[P2PStream], Awaitable[None]]) -> None:
-        """`await handler(stream)` runs on the start() loop for each incoming stream; the stream is closed after."""
+    def set_stream_handler(self, protocol: str, handler: Handler) -> None:
+        """Run `await handler(stream)` on start()'s loop for each inbound stream; the stream is closed after."""
         self._handlers[protocol] = handler
-        # A plain dict assignment inside libp2p (multiselect.handlers[protocol] = fn): safe from
-        # this thread, and effective before set_stream_handler returns.
-        self._host.set_stream_handler(protocol, self._on_stream_trio)
+        self._host.set_stream_handler(protocol, self._on_stream_trio)  # a dict assignment: thread-safe
 
     async def run_trio(self, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """Run `await async_fn(*args)` in the trio thread (it may use self.host); returns its result."""
+        """`await async_fn(*args)` in the trio thread, where it may use `self.host`; returns its result."""
         return await self._call(async_fn, *args)
 
     @property
     def host(self) -> Any:
-        """The libp2p host. Touch it only from trio code run via run_trio()."""
+        """The py-libp2p host: use it only from trio code (run_trio)."""
         return self._host
 
     async def close(self) -> None:
@@ -254,7 +277,7 @@ class P2PNode:
         self._closed = True
         try:
             self._token.run_sync_soon(self._stop_event.set)
-        except trio.RunFinishedError:
+        except (AttributeError, trio.RunFinishedError):  # trio has not started yet, or has finished
             pass
         await asyncio.shield(self._stopped)
         self._thread.join()
@@ -262,156 +285,141 @@ class P2PNode:
             task.cancel()
         log.info("peer %s stopped", self.peer_id)
 
-    # ---- the asyncio <-> trio bridge ----
+    # the asyncio -> trio crossing
 
     def _submit(self, async_fn: Callable[..., Awaitable[Any]], *args: Any, cancel: bool = True) -> asyncio.Future:
-        """Start `async_fn(*args)` in the trio thread; the returned future gets its outcome."""
+        """Start `async_fn(*args)` in the trio thread; the future gets its outcome. `cancel`: cancelling
+        the future cancels the trio side too (else that runs on and its outcome is dropped)."""
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        scope = trio.CancelScope()
-
-        def deliver(ok: bool, value: Any) -> None:  # trio thread
-            def settle() -> None:
-                if not fut.done():
-                    fut.set_result(value) if ok else fut.set_exception(value)
-            try:
-                loop.call_soon_threadsafe(settle)
-            except RuntimeError:  # the asyncio loop is gone; nobody is waiting
-                pass
+        fut, scope = loop.create_future(), trio.CancelScope()
+        closed = ConnectionError(f"p2p node {self.peer_id} is closed")
 
         async def runner() -> None:  # trio thread
             try:
                 with scope:
-                    deliver(True, await async_fn(*args))
-                    return
-                deliver(False, asyncio.CancelledError())
+                    _settle(loop, fut, True, await async_fn(*args))
             except trio.Cancelled:
-                deliver(False, ConnectionError(f"p2p node {self.peer_id} is closing"))
+                _settle(loop, fut, False, closed)
                 raise
-            except BaseException as exc:  # a failure must reach the caller, not kill the node
-                deliver(False, _unwrap(exc))
+            except BaseException as exc:  # reaches the caller, never the node's nursery
+                _settle(loop, fut, False, _unwrap(exc))
 
         def spawn() -> None:  # trio thread
             try:
                 self._nursery.start_soon(runner)
-            except RuntimeError:
-                deliver(False, ConnectionError(f"p2p node {self.peer_id} is closed"))
+            except RuntimeError:  # the nursery is closing
+                _settle(loop, fut, False, closed)
 
-        if self._closed:
-            fut.set_exception(ConnectionError(f"p2p node {self.peer_id} is closed"))
-            return fut
         try:
+            if self._closed:
+                raise trio.RunFinishedError
             self._token.run_sync_soon(spawn)
         except trio.RunFinishedError:
-            fut.set_exception(ConnectionError(f"p2p node {self.peer_id} is closed"))
+            fut.set_exception(closed)
         if cancel:
-            def on_done(f: asyncio.Future) -> None:
-                if f.cancelled():
-                    try:
-                        self._token.run_sync_soon(scope.cancel)
-                    except trio.RunFinishedError:
-                        pass
-            fut.add_done_callback(on_done)
+            fut.add_done_callback(lambda f: f.cancelled() and self._run_sync_soon(scope.cancel))
         return fut
 
     async def _call(self, async_fn: Callable[..., Awaitable[Any]], *args: Any, cancel: bool = True) -> Any:
         fut = self._submit(async_fn, *args, cancel=cancel)
         return await (fut if cancel else asyncio.shield(fut))
 
-    # ---- trio thread ----
+    def _run_sync_soon(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            pass
+
+    # the trio thread
 
     def _thread_main(self, listen: list[str], started: asyncio.Future) -> None:
-        def report(fut: asyncio.Future, exc: BaseException | None) -> None:
-            def settle() -> None:
-                if not fut.done():
-                    fut.set_result(None) if exc is None else fut.set_exception(exc)
-            try:
-                self._loop.call_soon_threadsafe(settle)
-            except RuntimeError:  # the asyncio loop is gone
-                pass
-
         self._start_error: BaseException | None = None
         try:
-            trio.run(self._trio_main, listen, lambda: report(started, None))
-            report(started, self._start_error or ConnectionError("p2p node stopped before it started"))
+            trio.run(self._trio_main, listen, lambda: _settle(self._loop, started, True, None))
+            _settle(self._loop, started, False, self._start_error or ConnectionError("p2p node closed while starting"))
         except BaseException as exc:
-            exc = _unwrap(exc)
-            if self.addrs:  # it was running: nobody awaits this, so say it here
-                log.error("p2p node %s stopped unexpectedly: %r", self.peer_id, exc, exc_info=exc)
-            report(started, exc)
+            if self.addrs:  # it was running, so nobody awaits this error: say it here
+                log.error("p2p node %s stopped unexpectedly: %r", self.peer_id, _unwrap(exc), exc_info=exc)
+            _settle(self._loop, started, False, _unwrap(exc))
         finally:
-            report(self._stopped, None)
+            _settle(self._loop, self._stopped, True, None)
 
     async def _trio_main(self, listen: list[str], on_started: Callable[[], None]) -> None:
-        self._token = trio.lowlevel.current_trio_token()
         self._stop_event = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()  # after _stop_event: close() relies on the order
         try:
             maddrs = [multiaddr.Multiaddr(a) for a in listen]
         except Exception as exc:
             raise ValueError(f"bad listen address in {listen}: {exc}") from exc
         self._host = host = new_host(
-            key_pair=self.key_pair, listen_addrs=maddrs,
+            key_pair=self.key_pair, listen_addrs=maddrs, muxer_opt={YAMUX_ID: Yamux},
             sec_opt={NOISE_ID: Noise(self.key_pair, noise_privkey=create_x25519_key_pair().private_key)},
-            muxer_opt={YAMUX_ID: Yamux},
-            # One connection per peer: also makes dial_peer stop its 250 ms happy-eyeballs wait early.
+            # One connection per peer; this also ends dial_peer's 250 ms happy-eyeballs wait on success.
             connection_config=ConnectionConfig(max_connections_per_peer=1))
         async with host.run(listen_addrs=maddrs), trio.open_nursery() as nursery:
             self._nursery = nursery
-            bound = {str(m) for m in host.get_network().listeners}
-            missing = [a for a in listen if str(multiaddr.Multiaddr(a)) not in bound]
-            for a in missing:
-                log.error(_listen_error(a))
+            missing = [a for a in listen if str(multiaddr.Multiaddr(a)) not in host.get_network().listeners]
+            why = [_bind_problem(a) or f"could not listen on {a} (see the 'libp2p' logger)" for a in missing]
+            for line in why:
+                log.error(line)
             if len(missing) == len(listen):
-                self._start_error = OSError(_listen_error(missing[0]))
-                return  # raising here would come out wrapped in an ExceptionGroup
-            self.addrs = [str(a) for a in host.get_addrs()]
+                self._start_error = OSError(why[0])
+                return  # raised here, it would come out wrapped in exception groups
+            self.addrs = [f"{a}/p2p/{self.peer_id}" for a in _concrete(host.get_transport_addrs())]
             on_started()
-            await self._stop_event.wait()
-            nursery.cancel_scope.cancel()
+            if not self._closed:  # close() ran while we were starting
+                await self._stop_event.wait()
+            nursery.cancel_scope.cancel()  # pending calls fail with "node is closed"
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await host.close()  # host.run() alone would leave the connections' sockets open
 
-    async def _connect_trio(self, info: Any, maddr: str) -> None:
-        host = self._host
-        host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEERSTORE_TTL)
-        if any(not c.is_closed for c in host.get_network().get_connections(info.peer_id)):
+    async def _connect_trio(self, peer_id: ID, addrs: list[Any], what: str) -> None:
+        net = self._host.get_network()
+        if addrs:
+            self._host.get_peerstore().add_addrs(peer_id, addrs, PEERSTORE_TTL)
+        if any(not c.is_closed for c in net.get_connections(peer_id)):
             return
-        # An explicit connect should try again even if an earlier dial failed recently
-        # (libp2p refuses to redial a failed peer for 60 s otherwise).
-        cache = getattr(host.get_network(), "_negative_peer_cache", None)
+        cache = getattr(net, "_negative_peer_cache", None)  # else a failed dial blocks redials for 60 s
         if cache is not None:
-            cache.evict(str(info.peer_id))
+            cache.evict(str(peer_id))
         try:
-            await host.connect(info)
+            await net.dial_peer(peer_id)  # (identify then runs in the background, as for host.connect)
         except Exception as exc:
-            raise ConnectionError(f"could not connect to {maddr}: {exc} "
-                                  "(is the peer running and the port reachable?)") from exc
-        host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEERSTORE_TTL)  # connect() set 120 s
-        log.debug("connected to %s", maddr)
+            raise ConnectionError(f"could not connect to {what}: {_unwrap(exc)} "
+                                  "(is the peer running, and its port reachable from here?)") from exc
 
     async def _open_stream_trio(self, peer_id: ID, protocol: str) -> P2PStream:
+        await self._connect_trio(peer_id, [], str(peer_id))  # redials if the connection died
         try:
-            s = await self._host.new_stream(peer_id, [protocol])
+            net_stream = await self._host.new_stream(peer_id, [protocol])
         except Exception as exc:
-            raise ConnectionError(f"could not open a {protocol} stream to {peer_id}: {exc}") from exc
-        return P2PStream(self, s)
+            raise ConnectionError(f"could not open a {protocol} stream to {peer_id}: {_unwrap(exc)}") from exc
+        return P2PStream(self, net_stream)
 
     async def _on_stream_trio(self, net_stream: Any) -> None:
         done = trio.Event()
         stream = P2PStream(self, net_stream, done)
         handler = self._handlers.get(stream.protocol)
-        if handler is None:
+        try:
+            if handler is None:
+                raise RuntimeError
+            self._loop.call_soon_threadsafe(self._spawn_handler, handler, stream)
+        except RuntimeError:  # no handler, or the asyncio loop is gone
             await net_stream.reset()
             return
-        self._loop.call_soon_threadsafe(self._spawn_handler, handler, stream)
-        await done.wait()  # keep libp2p's handler alive until the asyncio side closes the stream
+        await done.wait()  # libp2p's handler lives until the asyncio side closes the stream
 
-    def _spawn_handler(self, handler: Callable[[P2PStream], Awaitable[None]], stream: P2PStream) -> None:
+    def _spawn_handler(self, handler: Handler, stream: P2PStream) -> None:
         async def run() -> None:
+            where = f"on {stream.protocol} from {stream.remote_peer_id}"
             try:
                 await handler(stream)
             except (EOFError, ConnectionError) as exc:
-                log.debug("%s stream from %s ended: %r", stream.protocol, stream.remote_peer_id, exc)
+                log.debug("stream %s ended: %s", where, exc)
+            except framing.FrameTooLarge as exc:
+                log.warning("refused a frame %s: %s", where, exc)
             except Exception:
-                log.exception("%s handler failed on a stream from %s", stream.protocol, stream.remote_peer_id)
+                log.exception("stream handler failed %s", where)
             finally:
                 await stream.close()
         task = self._loop.create_task(run())

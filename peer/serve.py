@@ -13,7 +13,8 @@ import torch
 
 from peer.model import Checkpoint
 from peer.p2p import P2PNode
-from peer.server import INFERENCE_PROTOCOL, BlockServer, Limits
+from peer.server import BlockServer, Limits
+from peer.transport import INFERENCE_PROTOCOL, dial, listen_tcp
 
 log = logging.getLogger("specswarm.peer")
 
@@ -29,6 +30,8 @@ class PeerOptions:
     dtype: str = "float32"
     limits: Limits = field(default_factory=Limits)
     threads: int | None = None
+    direct: bool = True  # also accept inference streams on a direct TCP port (same host as libp2p)
+    data_port: int = 0
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -37,6 +40,11 @@ def parse_blocks(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"--blocks wants START:END (end exclusive), got {text!r}") from None
     return a, b
+
+
+def _host_of(maddr: str) -> str:
+    parts = maddr.split("/")
+    return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6", "dns4", "dns6", "dns") else "127.0.0.1"
 
 
 async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
@@ -49,9 +57,14 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
              *opts.blocks, cfg.num_hidden_layers, ckpt.model_id, time.perf_counter() - t0, opts.device, opts.dtype,
              opts.limits.cache_tokens, opts.limits.cache_tokens * blocks.bytes_per_token() / 2**20)
     node = await P2PNode.start(opts.identity, opts.listen)
-    server = BlockServer(blocks, ckpt.model_id, opts.limits,
-                         open_stream=lambda addr: node.open_stream(addr, INFERENCE_PROTOCOL), name=node.peer_id)
+    server = BlockServer(blocks, ckpt.model_id, opts.limits, open_stream=lambda addr: dial(node, addr),
+                         name=node.peer_id)
     node.set_stream_handler(INFERENCE_PROTOCOL, lambda stream: server.handle(stream, stream.remote_peer_id[-8:]))
+    tcp_server = None
+    if opts.direct:
+        host = _host_of(node.addrs[0]) if node.addrs else "127.0.0.1"
+        tcp_server, server.data_addr = await listen_tcp(server.handle, host, opts.data_port)
+        log.info("direct inference streams on %s", server.data_addr)
     for addr in opts.initial_peers:
         try:
             await node.connect(addr)
@@ -74,5 +87,7 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
     finally:
         log.info("shutting down: closing %d sessions", len(server.sessions))
         reaper.cancel()
+        if tcp_server is not None:
+            tcp_server.close()
         await server.close()
         await node.close()

@@ -25,8 +25,9 @@ from protocol import messages as m
 from protocol.framing import FrameTooLarge
 from protocol.messages import ErrorCode, ProtocolError
 
+from peer.transport import INFERENCE_PROTOCOL  # noqa: F401 - re-exported for callers
+
 log = logging.getLogger("specswarm.peer")
-INFERENCE_PROTOCOL = "/specswarm/inference/1.0.0"
 
 
 class Stream(Protocol):
@@ -80,6 +81,7 @@ class BlockServer:
                  open_stream: Callable[[str], Awaitable[Stream]] | None = None, name: str = "peer"):
         self.blocks, self.model_id, self.limits, self.name = blocks, model_id, limits, name
         self.open_stream = open_stream  # dials the next peer for push mode
+        self.data_addr: str | None = None  # set when a direct TCP listener is up
         self.sessions: dict[str, Session] = {}
         self.links: dict[str, Channel] = {}  # next-peer address -> kept-open push stream
         self._link_locks: dict[str, asyncio.Lock] = {}
@@ -118,7 +120,7 @@ class BlockServer:
             if isinstance(msg, m.Info):
                 await channel.send(m.InfoReply(self.model_id, (self.blocks.start, self.blocks.end),
                                                self.blocks.cfg.num_hidden_layers, self.free_tokens,
-                                               str(self.blocks.dtype).removeprefix("torch.")))
+                                               str(self.blocks.dtype).removeprefix("torch."), self.data_addr))
             elif isinstance(msg, m.Open):
                 await self._open(channel, msg)
             elif isinstance(msg, m.Step):

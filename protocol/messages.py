@@ -129,14 +129,19 @@ class InfoReply:
     num_blocks: int
     free_cache_tokens: int
     dtype: str
+    data_addr: str | None = None  # "tcp://host:port": a direct stream for inference traffic, if offered
 
     def header(self) -> dict:
-        return dict(model=self.model, blocks=list(self.blocks), num_blocks=self.num_blocks,
-                    free_cache_tokens=self.free_cache_tokens, dtype=self.dtype)
+        h = dict(model=self.model, blocks=list(self.blocks), num_blocks=self.num_blocks,
+                 free_cache_tokens=self.free_cache_tokens, dtype=self.dtype)
+        if self.data_addr:
+            h["data_addr"] = self.data_addr
+        return h
 
     @classmethod
     def parse(cls, h, tensor):
-        return cls(_str(h, "model"), _span(h), _int(h, "num_blocks", 1), _int(h, "free_cache_tokens"), _str(h, "dtype", 16))
+        return cls(_str(h, "model"), _span(h), _int(h, "num_blocks", 1), _int(h, "free_cache_tokens"),
+                   _str(h, "dtype", 16), _str(h, "data_addr", 256, optional=True))
 
 
 @dataclass

@@ -40,6 +40,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of hidden states on the wire (float32 keeps outputs identical to --local)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a peer's answer")
+    p.add_argument("--transport", default="tcp", choices=["tcp", "libp2p"],
+                   help="carry inference traffic on peers' direct TCP ports (default, fastest) or on libp2p streams")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -67,7 +69,7 @@ def cmd_generate(args) -> int:
         from .remote import SwarmModel
 
         model = SwarmModel(args.model, args.initial_peers, args.route, args.push, args.dtype, args.device,
-                           args.wire_dtype, args.timeout)
+                           args.wire_dtype, args.timeout, args.transport)
     try:
         return _generate(args, model, params, time.perf_counter() - t0)
     finally:
@@ -106,7 +108,7 @@ def _generate(args, model, params: SamplingParams, load_seconds: float) -> int:
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)
     if args.json:
         extra = {} if args.local else {"route": [str(h) for h in model.route], "push": args.push,
-                                       "wire_dtype": args.wire_dtype}
+                                       "wire_dtype": args.wire_dtype, "transport": args.transport}
         print(json.dumps({
             "mode": "local" if args.local else ("push" if args.push else "client-mediated"),
             "model": str(args.model), "device": args.device, "dtype": args.dtype, **extra,
@@ -139,6 +141,9 @@ def add_peer_parser(sub) -> None:
     p.add_argument("--cache-tokens", type=int, default=32768, help="KV cache budget: total tokens over all sessions")
     p.add_argument("--max-sessions", type=int, default=64)
     p.add_argument("--session-timeout", type=float, default=600.0, help="seconds before an idle session is dropped")
+    p.add_argument("--no-direct", dest="direct", action="store_false",
+                   help="serve inference only over libp2p streams (no direct TCP port)")
+    p.add_argument("--data-port", type=int, default=0, help="direct TCP port for inference streams [default: any]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_peer)
@@ -156,7 +161,7 @@ def cmd_peer(args) -> int:
     limits = Limits(cache_tokens=args.cache_tokens, max_sessions=args.max_sessions,
                     session_timeout=args.session_timeout)
     opts = PeerOptions(args.model, parse_blocks(args.blocks), args.listen, args.identity, args.initial_peers,
-                       args.device, args.dtype, limits, args.threads)
+                       args.device, args.dtype, limits, args.threads, args.direct, args.data_port)
     asyncio.run(serve(opts))
     return 0
 

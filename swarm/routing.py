@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from peer.server import INFERENCE_PROTOCOL
+from peer.transport import INFERENCE_PROTOCOL
 from protocol import messages as m
 
 from .client import Hop, RemoteError, check_route

@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from peer.p2p import P2PNode
-from peer.server import INFERENCE_PROTOCOL, new_session_id
+from peer.server import new_session_id
+from peer.transport import INFERENCE_PROTOCOL
 from protocol import framing
 from protocol import messages as m
 from swarm.generate import LocalModel, generate
 from swarm.launch import PeerProcess, start_peers
+from peer.transport import parse_tcp_addr
 from swarm.remote import SwarmModel
+from swarm.routing import fetch_info
 
 SPANS = [(0, 3), (3, 5), (5, 8)]
 
@@ -38,13 +41,15 @@ def cli(*args):
     return json.loads(out.stdout)
 
 
+@pytest.mark.parametrize("transport", ["tcp", "libp2p"])
 @pytest.mark.parametrize("push", [True, False])
-def test_three_peers_greedy_equals_local(swarm3, push):
+def test_three_peers_greedy_equals_local(swarm3, push, transport):
     path, peers = swarm3
     local = cli("--model", str(path), "--local")
-    remote = cli("--model", str(path), "--initial-peers", *[p.addr for p in peers], *([] if push else ["--no-push"]))
+    remote = cli("--model", str(path), "--initial-peers", *[p.addr for p in peers], "--transport", transport,
+                 *([] if push else ["--no-push"]))
     assert remote["tokens"] == local["tokens"]
-    assert remote["mode"] == ("push" if push else "client-mediated")
+    assert remote["mode"] == ("push" if push else "client-mediated") and remote["transport"] == transport
     assert [r.split(":", 1)[1] for r in remote["route"]] == ["0:3", "3:5", "5:8"]
 
 
@@ -101,11 +106,25 @@ async def raw_requests(addr: str, hidden_size: int) -> dict:
 
 
 async def ask_raw_oversize(node, addr, codes):
-    """A header announcing more than the peer accepts: refused before allocation, then hung up."""
+    """A header announcing more than the peer accepts is refused before anything is allocated.
+
+    On a direct TCP stream the peer answers with an error and hangs up; on libp2p it resets the stream.
+    """
+    info = await fetch_info(node, addr)
+    reader, writer = await asyncio.open_connection(*parse_tcp_addr(info.data_addr))
+    writer.write(framing.header(framing.DEFAULT_MAX_FRAME + 1) + b"\0" * 1000)
+    await writer.drain()
+    n = framing.parse_header(await reader.readexactly(framing.HEADER_SIZE))
+    codes["oversize_tcp"] = m.decode(await reader.readexactly(n)).code
+    assert await reader.read() == b""  # then the peer hung up
+    writer.close()
     stream = await node.open_stream(addr, INFERENCE_PROTOCOL)
     await node.run_trio(stream._s.write, framing.header(framing.DEFAULT_MAX_FRAME + 1))
-    reply = m.decode(await asyncio.wait_for(stream.recv(), 20))
-    codes["oversize"] = reply.code
+    try:
+        await asyncio.wait_for(stream.recv(), 20)
+        codes["oversize_libp2p"] = "answered"
+    except (EOFError, ConnectionResetError):
+        codes["oversize_libp2p"] = "reset"
 
 
 def test_hostile_requests_get_errors_while_an_honest_session_is_served(swarm3):
@@ -131,7 +150,8 @@ def test_hostile_requests_get_errors_while_an_honest_session_is_served(swarm3):
         "bad_json": "bad_request", "open_wrong_blocks": "bad_request", "open_too_long": "cache_full",
         "open": "Opened", "unknown_session": "unknown_session", "gap": "bad_step", "overflow": "bad_step",
         "wrong_width": "bad_step", "bad_parents": "bad_step", "bad_compact": "bad_step",
-        "short_tensor": "bad_request", "good_step": "Result", "oversize": "bad_request",
+        "short_tensor": "bad_request", "good_step": "Result", "oversize_tcp": "bad_request",
+        "oversize_libp2p": "reset",
     }
     assert all(p.proc.poll() is None for p in peers)  # every peer still up
 

@@ -1,0 +1,42 @@
+"""Which pipe carries inference traffic to an address.
+
+A multiaddr (`/ip4/.../tcp/.../p2p/<id>`) is dialled over libp2p (Noise-encrypted, NAT-friendly,
+slower per frame). A `tcp://host:port` address is a peer's direct data listener: plain asyncio TCP
+with the same framing (fastest; see scripts/bench_transport.py). Peers offer their direct address
+in their `InfoReply`; clients choose with `--transport`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from peer.tcp import TcpStream
+from protocol.framing import DEFAULT_MAX_FRAME
+
+INFERENCE_PROTOCOL = "/specswarm/inference/1.0.0"
+
+
+def parse_tcp_addr(addr: str) -> tuple[str, int]:
+    try:
+        host, port = addr.removeprefix("tcp://").rsplit(":", 1)
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise ValueError(f"bad direct address {addr!r}; expected tcp://HOST:PORT") from None
+
+
+async def dial(node, addr: str, max_frame: int = DEFAULT_MAX_FRAME):
+    if addr.startswith("tcp://"):
+        return await TcpStream.connect(*parse_tcp_addr(addr), max_frame=max_frame)
+    return await node.open_stream(addr, INFERENCE_PROTOCOL)
+
+
+async def listen_tcp(handler, host: str, port: int = 0, max_frame: int = DEFAULT_MAX_FRAME):
+    """Serve `await handler(stream, name)` for every direct connection; returns (server, its tcp:// address)."""
+
+    async def on_connect(reader, writer):
+        peer = writer.get_extra_info("peername")
+        await handler(TcpStream(reader, writer, max_frame), f"tcp:{peer[0]}:{peer[1]}" if peer else "tcp")
+
+    server = await asyncio.start_server(on_connect, host, port)
+    bound = server.sockets[0].getsockname()
+    return server, f"tcp://{bound[0]}:{bound[1]}"
