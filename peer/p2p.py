@@ -355,7 +355,8 @@ class P2PNode:
             key_pair=self.key_pair, listen_addrs=maddrs, muxer_opt={YAMUX_ID: Yamux},
             sec_opt={NOISE_ID: Noise(self.key_pair, noise_privkey=create_x25519_key_pair().private_key)},
             # One connection per peer; this also ends dial_peer's 250 ms happy-eyeballs wait on success.
-            connection_config=ConnectionConfig(max_connections_per_peer=1))
+            # No auto-connector: it redials every peer ever seen (departed clients too) to keep 50 open.
+            connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0))
         async with host.run(listen_addrs=maddrs), trio.open_nursery() as nursery:
             self._nursery = nursery
             missing = [a for a in listen if str(multiaddr.Multiaddr(a)) not in host.get_network().listeners]

@@ -69,6 +69,7 @@ class Channel:
 @dataclass
 class Session:
     id: str
+    blocks: BlockRange  # the span this session asked for (all or part of the peer's)
     cache: KVCache
     owner: Channel
     wire_dtype: str
@@ -154,9 +155,9 @@ class BlockServer:
         return max(0, self.limits.cache_tokens - self.used_tokens)
 
     async def _open(self, channel: Channel, msg: m.Open) -> None:
-        if msg.blocks != (self.blocks.start, self.blocks.end):
+        if not self.blocks.start <= msg.blocks[0] < msg.blocks[1] <= self.blocks.end:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"this peer serves blocks [{self.blocks.start}, "
-                                f"{self.blocks.end}), not {list(msg.blocks)}")
+                                f"{self.blocks.end}), which do not include {list(msg.blocks)}")
         if msg.session in self.sessions:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "session id already in use")
         if len(self.sessions) >= self.limits.max_sessions:
@@ -166,8 +167,9 @@ class BlockServer:
                                 f"{self.free_tokens} of {self.limits.cache_tokens} cache tokens are free")
         if msg.next is not None and self.open_stream is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "this peer cannot push to a next peer")
-        cache = self.blocks.new_cache(msg.max_length)
-        self.sessions[msg.session] = Session(msg.session, cache, channel, msg.wire_dtype, msg.next)
+        blocks = self.blocks.view(*msg.blocks)
+        self.sessions[msg.session] = Session(msg.session, blocks, blocks.new_cache(msg.max_length), channel,
+                                             msg.wire_dtype, msg.next)
         log.info("opened session %s… (%d tokens, %s); %d sessions, %d cache tokens free", msg.session[:8],
                  msg.max_length, "push" if msg.next else "reply", len(self.sessions), self.free_tokens)
         await channel.send(m.Opened(msg.session, msg.max_length))
@@ -186,7 +188,7 @@ class BlockServer:
         if msg.compact is not None:
             session.cache.compact(*msg.compact)
         with torch.inference_mode():
-            out = self.blocks(hidden.to(self.blocks.device), session.cache, layout)
+            out = session.blocks(hidden.to(self.blocks.device), session.cache, layout)
         if session.next is None:
             await session.owner.send(m.Result(session.id, msg.step, out, session.wire_dtype))
             return

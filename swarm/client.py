@@ -3,8 +3,8 @@
 `ChainSession` opens one session per hop. In push mode (the default) the client sends a step to the
 first peer only; each peer pushes its output to the next, and the last one answers the client:
 n + 1 one-way hops. In client-mediated mode (`push=False`, as Petals does) the client carries the
-hidden states from peer to peer itself: 2n hops. `RemoteBlocks` wraps a session as the synchronous
-`RunBlocks` that `swarm.generate` drives.
+hidden states from peer to peer itself: 2n hops. `swarm.remote` wraps sessions as the synchronous
+`RunBlocks` that `swarm.generate` drives, with failover.
 
 Knows the protocol and streams; knows nothing about libp2p (it gets a `dial(addr) -> stream`).
 """
@@ -102,17 +102,31 @@ class ChainSession:
                 return msg.hidden
             # anything else is a stale answer to an abandoned step: drop it
 
-    async def step(self, hidden: torch.Tensor, layout: StepLayout, compact=None) -> torch.Tensor:
-        self._step += 1
+    def _message(self, hop: int, step: int, hidden, layout: StepLayout, compact) -> m.Step:
         parents = list(layout.parents) if layout.parents is not None else None
+        return m.Step(self.ids[hop], step, layout.start, hidden, parents, compact, self.wire_dtype)
+
+    async def step(self, hidden: torch.Tensor, layout: StepLayout, compact=None) -> torch.Tensor:
+        return await self.replay([(hidden, layout, compact)])
+
+    async def replay(self, steps: list) -> torch.Tensor:
+        """Run steps [(hidden, layout, compact)] in order, sent back to back; returns the last one's output.
+
+        With one step this is a normal step. With many it rebuilds a fresh route's caches after a
+        failover: the same steps with the same shapes give the same keys and values, bit for bit.
+        """
+        first = self._step + 1
+        self._step += len(steps)
         if self.push:
-            await self.channels[0].send(m.Step(self.ids[0], self._step, layout.start, hidden, parents, compact,
-                                               self.wire_dtype))
+            for n, (hidden, layout, compact) in enumerate(steps):
+                await self.channels[0].send(self._message(0, first + n, hidden, layout, compact))
             return await self._result_from(len(self.route) - 1, self._step)
+        inputs = [hidden for hidden, _, _ in steps]
         for i, channel in enumerate(self.channels):
-            await channel.send(m.Step(self.ids[i], self._step, layout.start, hidden, parents, compact, self.wire_dtype))
-            hidden = await self._result_from(i, self._step)
-        return hidden
+            for n, (_, layout, compact) in enumerate(steps):
+                await channel.send(self._message(i, first + n, inputs[n], layout, compact))
+            inputs = [await self._result_from(i, first + n) for n in range(len(steps))]
+        return inputs[-1]
 
     async def close(self) -> None:
         for sid, channel in zip(self.ids, self.channels):
@@ -139,16 +153,3 @@ class BackgroundLoop:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
-
-
-class RemoteBlocks:
-    """`RunBlocks` over a `ChainSession`: what `swarm.generate` calls once per step."""
-
-    def __init__(self, session: ChainSession, bg: BackgroundLoop, dtype: torch.dtype = torch.float32):
-        self.session, self.bg, self.dtype = session, bg, dtype
-
-    def __call__(self, hidden: torch.Tensor, layout: StepLayout) -> torch.Tensor:
-        return self.bg.run(self.session.step(hidden, layout)).to(self.dtype)
-
-    def close(self) -> None:
-        self.bg.run(self.session.close(), timeout=10)

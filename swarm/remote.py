@@ -1,78 +1,142 @@
-"""The client's half of a model whose blocks live on peers: head and tokenizer here, blocks over libp2p.
+"""The client's half of a model whose blocks live on peers: head and tokenizer here, blocks on the swarm.
 
 `SwarmModel` has the same shape as `LocalModel` (`.head`, `.tokenizer`, `.session(max_length)`), so
-`swarm.generate` and `swarm.speculative` drive either without knowing which.
+`swarm.generate` and `swarm.speculative` drive either without knowing which. Its sessions survive
+peers dying: `RemoteBlocks` keeps every step it sent; when a step fails it bans the peers that no
+longer answer, plans a new route, replays the steps (identical shapes, so identical caches) and
+retries. Outputs stay token-identical to an undisturbed run.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from pathlib import Path
 
-from peer.model import Checkpoint
+import torch
+
+from peer.model import Checkpoint, StepLayout
 from peer.p2p import P2PNode
-from peer.transport import dial, parse_tcp_addr
+from peer.transport import dial
 
-from .client import BackgroundLoop, ChainSession, Hop, RemoteBlocks, RemoteError, check_route
+from .client import BackgroundLoop, ChainSession, Hop, RemoteError
 from .generate import load_tokenizer
-from .routing import fetch_info, parse_route, peer_id_of, plan_route
+from .routing import PeerInfo, fetch_info, parse_route, peer_id_of, plan_route, to_hops
 
-
-def _host(maddr: str) -> str:
-    parts = maddr.split("/")
-    return parts[2] if len(parts) > 2 else "127.0.0.1"
+log = logging.getLogger("specswarm.client")
+FAILURES = (RemoteError, ConnectionError, EOFError, OSError, asyncio.TimeoutError)
 
 
 class SwarmModel:
     def __init__(self, model_dir: str | Path, initial_peers: list[str], route: str | None = None,
                  push: bool = True, dtype: str = "float32", device: str = "cpu", wire_dtype: str = "float32",
-                 timeout: float = 60.0, transport: str = "tcp"):
-        if transport not in ("tcp", "libp2p"):
-            raise ValueError(f"transport must be tcp or libp2p, got {transport!r}")
+                 timeout: float = 60.0, transport: str = "tcp", ban_seconds: float = 60.0, max_failovers: int = 5):
         if not initial_peers:
             raise ValueError("give at least one --initial-peers multiaddr")
+        if transport not in ("tcp", "libp2p"):
+            raise ValueError(f"transport must be tcp or libp2p, got {transport!r}")
         ckpt = Checkpoint(model_dir)
         self.head = ckpt.load_head(dtype, device)
         self.tokenizer = load_tokenizer(model_dir)
-        self.model_id, self.push, self.wire_dtype, self.timeout = ckpt.model_id, push, wire_dtype, timeout
-        self.transport = transport
+        self.model_id, self.num_blocks = ckpt.model_id, ckpt.config.num_hidden_layers
+        self.initial_peers, self.route_spec = list(initial_peers), route
+        self.push, self.wire_dtype, self.timeout, self.transport = push, wire_dtype, timeout, transport
+        self.ban_seconds, self.max_failovers = ban_seconds, max_failovers
+        self.peers: dict[str, PeerInfo] = {}
+        self.banned: dict[str, float] = {}  # peer id -> monotonic time the ban ends
+        self.failovers = 0
         self.bg = BackgroundLoop()
         try:
             self.node = self.bg.run(P2PNode.start())
-            self.route = self.bg.run(self._find_route(initial_peers, route, ckpt.config.num_hidden_layers))
+            self.route = self.bg.run(self._plan())
         except BaseException:
             self.close()
             raise
 
-    async def _find_route(self, initial_peers: list[str], spec: str | None, num_blocks: int) -> list[Hop]:
-        addrs = {peer_id_of(a): a for a in initial_peers}
-        for addr in initial_peers:
-            await self.node.connect(addr)
-        infos = {pid: await fetch_info(self.node, addr, self.timeout) for pid, addr in addrs.items()}
+    # --- knowing the swarm ------------------------------------------------------------------------
+    async def _refresh(self) -> None:
+        """Ask every known peer what it serves (and time the answer)."""
+        addrs = {peer_id_of(a): a for a in self.initial_peers}
+        addrs.update({pid: p.addr for pid, p in self.peers.items()})
+
+        async def ask(pid: str, addr: str):
+            try:
+                return pid, addr, await fetch_info(self.node, addr, min(self.timeout, 10.0))
+            except FAILURES as e:
+                log.info("peer %s is not answering: %s", pid[-8:], e)
+                return pid, addr, None
+
         want = self.model_id.rsplit("-", 1)[-1]
-        for pid, info in infos.items():
+        for pid, addr, answer in await asyncio.gather(*(ask(p, a) for p, a in addrs.items())):
+            if answer is None:
+                self.peers.pop(pid, None)
+                continue
+            info, rtt = answer
             if info.model.rsplit("-", 1)[-1] != want:
                 raise RemoteError("wrong_model", f"serves model {info.model}, but the client loaded {self.model_id}", pid)
-        if self.transport == "tcp":  # dial the direct port on the host we already reach the peer at
-            for pid, info in infos.items():
-                if info.data_addr:
-                    addrs[pid] = f"tcp://{_host(addrs[pid])}:{parse_tcp_addr(info.data_addr)[1]}"
-        if spec:
-            route = parse_route(spec, addrs)
-            for hop in route:
-                served = infos[hop.peer_id].blocks
-                if hop.blocks != served:
-                    raise ValueError(f"route item {hop}: that peer serves blocks {served[0]}:{served[1]}")
-            check_route(route, num_blocks)
-            return route
-        return plan_route(infos, addrs, num_blocks)
+            self.peers[pid] = PeerInfo(pid, addr, info.blocks, info.data_addr, rtt_ms=rtt, model=info.model)
 
-    async def _dial(self, addr: str):
-        return await dial(self.node, addr)
+    def _usable(self) -> dict[str, PeerInfo]:
+        now = time.monotonic()
+        return {pid: p for pid, p in self.peers.items() if self.banned.get(pid, 0) <= now}
 
-    def session(self, max_length: int) -> RemoteBlocks:
-        chain = ChainSession(self._dial, self.route, self.push, self.wire_dtype, self.timeout)
-        self.bg.run(chain.open(max_length))
-        return RemoteBlocks(chain, self.bg, self.head.embed_tokens.weight.dtype)
+    async def _plan(self) -> list[Hop]:
+        await self._refresh()
+        usable = self._usable()
+        spans = parse_route(self.route_spec, usable) if self.route_spec else plan_route(usable, self.num_blocks)
+        return to_hops(spans, usable, self.transport, self.num_blocks)
+
+    async def _ban_failed(self, route: list[Hop], error: BaseException) -> None:
+        """Ban the hops that do not answer; if all answer, the peer that reported the error."""
+        async def alive(hop: Hop) -> bool:
+            try:
+                await fetch_info(self.node, self.peers[hop.peer_id].addr if hop.peer_id in self.peers else hop.addr, 3.0)
+                return True
+            except FAILURES:
+                return False
+
+        dead = [hop.peer_id for hop, ok in zip(route, await asyncio.gather(*(alive(h) for h in route))) if not ok]
+        if not dead and isinstance(error, RemoteError) and error.peer:
+            dead = [hop.peer_id for hop in route if hop.peer_id == error.peer]
+        for pid in dead:
+            self.banned[pid] = time.monotonic() + self.ban_seconds
+            log.warning("banned peer %s for %.0f s after: %s", pid[-8:], self.ban_seconds, error)
+
+    # --- sessions ---------------------------------------------------------------------------------
+    async def open_chain(self, max_length: int) -> ChainSession:
+        chain = ChainSession(lambda addr: dial(self.node, addr), self.route, self.push, self.wire_dtype, self.timeout)
+        try:
+            await chain.open(max_length)
+        except BaseException:
+            await chain.close()
+            raise
+        return chain
+
+    async def recover(self, chain: ChainSession, error: BaseException, max_length: int, history: list) -> ChainSession:
+        """A step failed: ban dead peers, re-plan, open the new route and replay `history` into it."""
+        await chain.close()
+        failed = chain.route
+        for _ in range(self.max_failovers):
+            await self._ban_failed(failed, error)
+            self.failovers += 1
+            self.route = await self._plan()  # RemoteError("no_route") when nothing is left
+            log.warning("failover %d: new route %s; replaying %d steps", self.failovers,
+                        " -> ".join(map(str, self.route)), len(history))
+            new = None
+            try:
+                new = await self.open_chain(max_length)
+                if history:
+                    await new.replay(history)
+                return new
+            except FAILURES as e:
+                if new is not None:
+                    await new.close()
+                failed, error = self.route, e
+        raise error
+
+    def session(self, max_length: int) -> "RemoteBlocks":
+        return RemoteBlocks(self, max_length)
 
     def close(self) -> None:
         node = getattr(self, "node", None)
@@ -82,3 +146,39 @@ class SwarmModel:
             except Exception:  # noqa: BLE001
                 pass
         self.bg.close()
+
+
+class RemoteBlocks:
+    """`RunBlocks` over the swarm for one generation; replays its history onto a new route on failure."""
+
+    def __init__(self, model: SwarmModel, max_length: int):
+        self.model, self.max_length = model, max_length
+        self.history: list[tuple[torch.Tensor, StepLayout, object]] = []
+        self.chain = model.bg.run(self._open())
+
+    async def _open(self) -> ChainSession:
+        try:
+            return await self.model.open_chain(self.max_length)
+        except FAILURES as e:
+            return await self.model.recover(ChainSession(None, self.model.route), e, self.max_length, [])
+
+    def __call__(self, hidden: torch.Tensor, layout: StepLayout, compact=None) -> torch.Tensor:
+        out = self.model.bg.run(self._step(hidden, layout, compact))
+        self.history.append((hidden, layout, compact))
+        return out.to(self.model.head.embed_tokens.weight.dtype)
+
+    async def _step(self, hidden, layout, compact):
+        for attempt in range(self.model.max_failovers + 1):
+            try:
+                return await self.chain.step(hidden, layout, compact)
+            except FAILURES as e:
+                if attempt == self.model.max_failovers:
+                    raise
+                log.warning("step failed (%s); failing over", e)
+                self.chain = await self.model.recover(self.chain, e, self.max_length, self.history)
+
+    def close(self) -> None:
+        try:
+            self.model.bg.run(self.chain.close(), timeout=10)
+        except Exception:  # noqa: BLE001
+            pass

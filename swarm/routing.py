@@ -1,18 +1,44 @@
-"""Choosing the chain of peers: an explicit `--route`, or a chain built from what the known peers serve.
+"""Choosing the chain of peers: the route with the lowest expected time per step, or an explicit one.
 
-Discovery through the DHT arrives later; for now the client asks each initial peer what it serves
-(an `Info` request) and chains spans that start where the previous one ended, preferring the peer
-that reaches furthest.
+`plan_route` is Dijkstra over (block boundary, last peer): entering peer Y after peer X costs half
+the X->Y round trip (what Y published, else the client's RTT to Y as a stand-in), plus Y's compute
+for its blocks, plus a queueing penalty for a loaded peer; finishing costs half the last peer's RTT
+back to the client. A peer may serve any part of its span, so overlapping spans still route.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+from dataclasses import dataclass, field
 
 from peer.transport import INFERENCE_PROTOCOL
 from protocol import messages as m
 
 from .client import Hop, RemoteError, check_route
+
+DEFAULT_MS_PER_BLOCK = 1.0  # when a peer has not published its throughput
+HOP_OVERHEAD_MS = 0.3  # framing, (de)serialisation and scheduling per hop, measured on loopback
+
+
+@dataclass
+class PeerInfo:
+    """What the client knows of a peer: where it is, what it serves, how fast and how far it is."""
+
+    peer_id: str
+    addr: str  # libp2p multiaddr (with /p2p/<id>)
+    blocks: tuple[int, int]
+    data_addr: str | None = None  # direct tcp://host:port, if offered
+    throughput: float | None = None  # tokens per second through one block
+    rtt_ms: float | None = None  # client <-> peer, measured by the client
+    rtts: dict = field(default_factory=dict)  # peer -> other peers, as the peer published them
+    load: float = 0.0  # fraction of its cache in use
+    model: str = ""
+
+    def ms_for(self, n_blocks: int) -> float:
+        per_block = 1000.0 / self.throughput if self.throughput else DEFAULT_MS_PER_BLOCK
+        return n_blocks * per_block * (1.0 + self.load)
 
 
 def peer_id_of(maddr: str) -> str:
@@ -21,8 +47,8 @@ def peer_id_of(maddr: str) -> str:
     return maddr.rsplit("/p2p/", 1)[1]
 
 
-def parse_route(spec: str, addrs: dict[str, str]) -> list[Hop]:
-    """'PEER:A:B,PEER:B:C' -> hops; PEER is a peer id, or an unambiguous end of one, of a known peer."""
+def parse_route(spec: str, peers: dict[str, PeerInfo]) -> list[tuple[str, tuple[int, int]]]:
+    """'PEER:A:B,PEER:B:C' -> [(peer id, span)]; PEER is a known peer's id or an unambiguous end of one."""
     route = []
     for item in spec.split(","):
         try:
@@ -30,37 +56,76 @@ def parse_route(spec: str, addrs: dict[str, str]) -> list[Hop]:
             span = (int(a), int(b))
         except ValueError:
             raise ValueError(f"route item {item!r} must be PEER:START:END") from None
-        matches = [pid for pid in addrs if pid == who or pid.endswith(who) or pid.startswith(who)]
+        matches = [pid for pid in peers if pid == who or pid.endswith(who) or pid.startswith(who)]
         if len(matches) != 1:
             raise ValueError(f"route item {item!r}: {'no' if not matches else 'more than one'} known peer "
-                             f"matches {who!r} (known: {', '.join(addrs) or 'none'})")
-        route.append(Hop(addrs[matches[0]], matches[0], span))
+                             f"matches {who!r} (known: {', '.join(peers) or 'none'})")
+        served = peers[matches[0]].blocks
+        if not served[0] <= span[0] < span[1] <= served[1]:
+            raise ValueError(f"route item {item!r}: that peer serves blocks {served[0]}:{served[1]}")
+        route.append((matches[0], span))
     return route
 
 
-def plan_route(infos: dict[str, m.InfoReply], addrs: dict[str, str], num_blocks: int) -> list[Hop]:
-    route, at = [], 0
-    while at < num_blocks:
-        options = [(info.blocks[1], pid) for pid, info in infos.items() if info.blocks[0] == at]
-        if not options:
-            have = ", ".join(f"{pid[-8:]}:{i.blocks[0]}:{i.blocks[1]}" for pid, i in infos.items()) or "nothing"
-            raise RemoteError("no_route", f"no known peer serves a span starting at block {at} (known: {have})")
-        end, pid = max(options)
-        route.append(Hop(addrs[pid], pid, (at, end)))
-        at = end
-    check_route(route, num_blocks)
-    return route
+def plan_route(peers: dict[str, PeerInfo], num_blocks: int) -> list[tuple[str, tuple[int, int]]]:
+    """The cheapest chain covering [0, num_blocks), as [(peer id, span)]."""
+    def hop_ms(prev: str | None, nxt: PeerInfo) -> float:
+        rtt = peers[prev].rtts.get(nxt.peer_id) if prev else None
+        rtt = rtt if rtt is not None else (nxt.rtt_ms or 0.0)
+        return rtt / 2 + HOP_OVERHEAD_MS
+
+    tie = itertools.count()
+    queue = [(0.0, next(tie), 0, None, ())]
+    best: dict[tuple[int, str | None], float] = {}
+    while queue:
+        cost, _, at, last, path = heapq.heappop(queue)
+        if at == num_blocks:
+            return list(path)
+        if best.get((at, last), float("inf")) < cost:
+            continue
+        for info in peers.values():
+            a, b = info.blocks
+            if not a <= at < b or info.peer_id == last:
+                continue
+            for end in range(at + 1, b + 1):
+                c = cost + hop_ms(last, info) + info.ms_for(end - at)
+                if end == num_blocks:
+                    c += (info.rtt_ms or 0.0) / 2
+                if c < best.get((end, info.peer_id), float("inf")):
+                    best[(end, info.peer_id)] = c
+                    heapq.heappush(queue, (c, next(tie), end, info.peer_id, path + ((info.peer_id, (at, end)),)))
+    covered = sorted(p.blocks for p in peers.values())
+    raise RemoteError("no_route", f"the known peers do not cover blocks [0, {num_blocks}) "
+                                  f"(they serve {', '.join(f'{a}:{b}' for a, b in covered) or 'nothing'})")
 
 
-async def fetch_info(node, addr: str, timeout: float = 10.0) -> m.InfoReply:
-    stream = await node.open_stream(addr, INFERENCE_PROTOCOL)
+def to_hops(route: list[tuple[str, tuple[int, int]]], peers: dict[str, PeerInfo], transport: str,
+            num_blocks: int) -> list[Hop]:
+    hops = []
+    for pid, span in route:
+        info = peers[pid]
+        addr = info.addr
+        if transport == "tcp" and info.data_addr:  # the direct port, on the host we reach the peer at
+            host = addr.split("/")[2] if addr.startswith("/") else "127.0.0.1"
+            addr = f"tcp://{host}:{info.data_addr.rsplit(':', 1)[1]}"
+        hops.append(Hop(addr, pid, span))
+    check_route(hops, num_blocks)
+    return hops
+
+
+async def fetch_info(node, addr: str, timeout: float = 10.0) -> tuple[m.InfoReply, float]:
+    """Ask a peer what it serves; returns its reply and the round trip in ms."""
+    loop = asyncio.get_running_loop()
+    stream = await asyncio.wait_for(node.open_stream(addr, INFERENCE_PROTOCOL), timeout)
     try:
+        t0 = loop.time()
         await stream.send(m.encode(m.Info()))
         reply = m.decode(await asyncio.wait_for(stream.recv(), timeout))
+        rtt_ms = 1000 * (loop.time() - t0)
     finally:
         await stream.close()
     if isinstance(reply, m.Error):
         raise RemoteError(reply.code, reply.message, addr)
     if not isinstance(reply, m.InfoReply):
         raise RemoteError("bad_reply", f"expected InfoReply, got {type(reply).__name__}", addr)
-    return reply
+    return reply, rtt_ms

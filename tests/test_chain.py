@@ -66,7 +66,7 @@ def test_bad_route_is_refused_clearly(swarm3):
     path, peers = swarm3
     out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--model", str(path), "--prompt", "x",
                           "--initial-peers", peers[0].addr, peers[2].addr], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "no known peer serves a span starting at block 3" in out.stderr
+    assert out.returncode == 2 and "do not cover blocks [0, 8) (they serve 0:3, 5:8)" in out.stderr
 
 
 async def raw_requests(addr: str, hidden_size: int) -> dict:
@@ -110,7 +110,7 @@ async def ask_raw_oversize(node, addr, codes):
 
     On a direct TCP stream the peer answers with an error and hangs up; on libp2p it resets the stream.
     """
-    info = await fetch_info(node, addr)
+    info, _ = await fetch_info(node, addr)
     reader, writer = await asyncio.open_connection(*parse_tcp_addr(info.data_addr))
     writer.write(framing.header(framing.DEFAULT_MAX_FRAME + 1) + b"\0" * 1000)
     await writer.drain()

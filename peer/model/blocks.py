@@ -25,6 +25,20 @@ class BlockRange(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
         self._windows = tuple(cfg.sliding_windows[start:end])
 
+    def view(self, start: int, end: int) -> "BlockRange":
+        """Blocks [start, end) of this range, sharing its weights (a peer serving part of its span)."""
+        if (start, end) == (self.start, self.end):
+            return self
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"blocks [{start}, {end}) are not inside [{self.start}, {self.end})")
+        view = BlockRange.__new__(BlockRange)
+        nn.Module.__init__(view)
+        view.cfg, view.start, view.end = self.cfg, start, end
+        view.layers = nn.ModuleList(self.layers[start - self.start:end - self.start])
+        view.register_buffer("inv_freq", self.inv_freq, persistent=False)
+        view._windows = self._windows[start - self.start:end - self.start]
+        return view
+
     @property
     def dtype(self) -> torch.dtype:
         return self.layers[0].mlp.down_proj.weight.dtype

@@ -1,0 +1,443 @@
+"""Discovery records over the libp2p Kademlia DHT (py-libp2p 0.8.1), usable from asyncio.
+
+A serving peer publishes one signed, expiring `PeerRecord` per model: peer id, multiaddrs, block
+range [start, end), throughput, free cache, state, public keys, RTTs. A client that knows only the
+model id finds every peer of the model, hence all peers of every block. This module knows nothing
+about tensors, sessions or routing: it publishes records, finds them, and checks they are honest.
+
+Keys (a Kademlia value is one value per key, last writer wins, so no key has two writers):
+  * value `/specswarm/<sha256(model)[:32]>/<peer id>`: that peer's signed record. With strict
+    validation, honest nodes store only what our validator accepts: signed by the key that hashes to
+    the peer id, matching its key, well-formed, <= 16 KiB, unexpired; `select` keeps the newest.
+  * provider key sha256("specswarm/providers/<model>/<epoch>"): who has a value key for the model.
+    py-libp2p keeps provider entries 48 h and at most 20 per key, so the key changes every EPOCH s;
+    a peer provides the epochs of now and now + ttl, which covers its record's whole life. Provider
+    entries are unsigned hints; only a verified value is believed.
+  One provider key per block was rejected: py-libp2p drops (silently) the 11th ADD_PROVIDER a peer
+  sends another within 10 s, so a server of many blocks would lose most of them.
+
+py-libp2p quirks handled here, with a few private calls into its stores (pinned by libp2p<0.9):
+  * get_value/find_providers answer from the local store when it has anything, never asking the
+    network (stale records, old provider lists): we query the closest peers and add our store.
+  * FIND_NODE refuses keys over 50 bytes, so value keys are looked up by their sha256.
+  * ADD_PROVIDER is fire-and-forget and may be dropped: we ask each closest peer whether it lists
+    us, send ADD_PROVIDER if not, and ask again; the next republish retries the rest.
+  * stored values are served without re-validation (and a bad peer serves anything): `find`
+    verifies every value it receives. The DHT handler's warning on every normal stream close
+    (StreamEOF) is filtered out.
+Limits: at most 20 peers per model per epoch are visible (shard the provider key to go beyond),
+Sybil peers can fill those 20 provider slots, clocks must agree to within a fraction of the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import multiaddr
+import trio
+from libp2p.crypto.keys import KeyPair, KeyType, PrivateKey
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.common import PROTOCOL_ID
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.validator import Validator
+from libp2p.tools.anyio_service import background_trio_service
+
+from peer.p2p import P2PNode
+
+log = logging.getLogger("specswarm.dht")
+NAMESPACE = "specswarm"
+PROTOCOL_VERSION = 1
+STATES = ("joining", "online", "leaving", "offline")
+MAX_RECORD_BYTES = 16 * 1024
+MAX_TTL = 600.0      # seconds a record may claim to live (also bounds how long a dead peer looks alive)
+EPOCH = 600.0        # provider keys rotate every EPOCH s (swarm-wide constant; >= any ttl)
+CLOCK_SKEW = 60.0    # tolerated clock difference for "expires too far in the future"
+RPC_TIMEOUT = 5.0    # per DHT request to one peer
+_DOMAIN = b"specswarm-peer-record/1\n"  # signatures by the peer key cannot be replayed elsewhere
+
+
+class RecordError(ValueError):
+    """A record that must not be trusted: unsigned, forged, expired, oversized or malformed."""
+
+
+@dataclass
+class PeerRecord:
+    model: str
+    start: int  # blocks [start, end)
+    end: int
+    peer_id: str = ""  # filled in by sign() / announce()
+    addrs: list[str] = field(default_factory=list)
+    data_addr: str | None = None  # e.g. "tcp://host:port"
+    throughput: float = 0.0  # tokens/s
+    cache_tokens: int = 0
+    state: str = "online"
+    version: int = PROTOCOL_VERSION
+    public_key: str = ""  # hex of the libp2p-serialized public key; filled in by sign()
+    x25519: str | None = None  # hex, 32 bytes
+    rtts: dict[str, float] = field(default_factory=dict)  # peer id -> ms
+    issued: float = 0.0  # unix seconds; the newest record of a peer wins
+    expires: float = 0.0
+
+    @property
+    def blocks(self) -> range:
+        return range(self.start, self.end)
+
+    def sign(self, key_pair: KeyPair) -> bytes:
+        """The signed bytes stored in the DHT (peer_id/public_key taken from `key_pair`)."""
+        peer_id = str(ID.from_pubkey(key_pair.public_key))
+        if self.peer_id not in ("", peer_id):
+            raise RecordError(f"record claims peer {self.peer_id} but the key is {peer_id}'s")
+        rec = dataclasses.replace(self, peer_id=peer_id, public_key=key_pair.public_key.serialize().hex())
+        _check(dataclasses.asdict(rec))
+        return _seal(dataclasses.asdict(rec), key_pair.private_key)
+
+    @classmethod
+    def verify(cls, data: bytes, now: float | None = None) -> PeerRecord:
+        """The record in `data`; RecordError(reason) unless it is well-formed, signed by the key of
+        the peer it names, and unexpired at `now` (default: the current time)."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise RecordError(f"not bytes: {type(data).__name__}")
+        if len(data) > MAX_RECORD_BYTES:
+            raise RecordError(f"oversized: {len(data)} > {MAX_RECORD_BYTES} bytes")
+        body, sep, sig_hex = bytes(data).rpartition(b"\n")
+        try:
+            sig = bytes.fromhex(sig_hex.decode("ascii")) if sep else b""
+        except ValueError:  # (UnicodeDecodeError is one)
+            sig = b""
+        if len(sig) != 64:
+            raise RecordError("unsigned (no signature after the body)")
+        try:
+            fields = json.loads(body)
+        except (ValueError, RecursionError):
+            raise RecordError("malformed: not JSON") from None
+        rec = _check(fields)
+        try:
+            key = deserialize_public_key(bytes.fromhex(rec.public_key))
+        except Exception:
+            raise RecordError("bad public key") from None
+        if key.get_type() != KeyType.Ed25519:
+            raise RecordError("not an Ed25519 key")
+        if str(ID.from_pubkey(key)) != rec.peer_id:
+            raise RecordError("public key does not match the peer id")
+        if not key.verify(_DOMAIN + body, sig):
+            raise RecordError("bad signature")
+        now = time.time() if now is None else now
+        if rec.expires <= now:
+            raise RecordError(f"expired {now - rec.expires:.1f} s ago")
+        if rec.expires > now + MAX_TTL + CLOCK_SKEW:
+            raise RecordError("expiry too far in the future")
+        return rec
+
+
+def _seal(fields: dict[str, Any], private_key: PrivateKey) -> bytes:
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    data = body + b"\n" + private_key.sign(_DOMAIN + body).hex().encode()
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError(f"oversized: {len(data)} > {MAX_RECORD_BYTES} bytes")
+    return data
+
+
+def _int(v: Any, lo: int = 0, hi: int = 2**53) -> bool:
+    return type(v) is int and lo <= v < hi  # (not bool)
+
+
+def _num(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v) and abs(v) < 2**53
+
+
+def _str(v: Any, n: int = 256) -> bool:
+    return type(v) is str and 0 < len(v) <= n
+
+
+def _hex(v: Any, n: int) -> bool:
+    return _str(v, n) and all(c in "0123456789abcdef" for c in v)
+
+
+def _maddr(v: Any) -> bool:
+    return _str(v) and multiaddr.Multiaddr(v) is not None  # raises if it is not one
+
+
+_RULES = {  # field -> is its value acceptable (an exception means no)
+    "model": _str, "peer_id": lambda v: _str(v, 128),
+    "start": lambda v: _int(v, 0, 1_000_000), "end": lambda v: _int(v, 1, 1_000_001),
+    "addrs": lambda v: type(v) is list and len(v) <= 32 and all(map(_maddr, v)),
+    "data_addr": lambda v: v is None or _str(v),
+    "throughput": lambda v: _num(v) and v >= 0, "cache_tokens": _int,
+    "state": lambda v: v in STATES, "version": lambda v: _int(v, 0, 2**31),
+    "public_key": lambda v: _hex(v, 512), "x25519": lambda v: v is None or (_hex(v, 64) and len(v) == 64),
+    "rtts": lambda v: type(v) is dict and len(v) <= 256 and all(_str(k, 128) and _num(ms) and ms >= 0
+                                                                 for k, ms in v.items()),
+    "issued": _num, "expires": _num,
+}
+
+
+def _check(d: Any) -> PeerRecord:
+    """A PeerRecord from decoded JSON, or RecordError naming the first bad field."""
+    if not isinstance(d, dict):
+        raise RecordError("malformed: not a JSON object")
+    if missing := [name for name in _RULES if name not in d]:
+        raise RecordError(f"malformed: missing {missing}")
+    for name, ok in _RULES.items():
+        try:
+            good = ok(d[name])
+        except Exception:
+            good = False
+        if not good:
+            raise RecordError(f"malformed: bad {name}: {d[name]!r}"[:200])
+    rec = PeerRecord(**{name: d[name] for name in _RULES})  # unknown keys (newer versions) are ignored
+    if rec.start >= rec.end or rec.issued > rec.expires:
+        raise RecordError("malformed: empty block range, or issued after it expires")
+    return rec
+
+
+def record_key(model: str, peer_id: str) -> str:
+    return f"/{NAMESPACE}/{hashlib.sha256(model.encode()).hexdigest()[:32]}/{peer_id}"
+
+
+def provider_key(model: str, epoch: int) -> bytes:
+    return hashlib.sha256(f"{NAMESPACE}/providers/{model}/{epoch}".encode()).digest()
+
+
+class _RecordValidator(Validator):
+    """What honest DHT nodes store: valid records under their own key; the newest one wins."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        rec = PeerRecord.verify(value)
+        if key != record_key(rec.model, rec.peer_id):
+            raise RecordError("record does not match its key")
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        def rank(value: bytes) -> tuple[float, float]:
+            try:
+                rec = PeerRecord.verify(value)
+                return rec.issued, rec.expires
+            except RecordError:
+                return -math.inf, -math.inf
+        return max(range(len(values)), key=lambda i: rank(values[i]))  # ties: the first (stored) one
+
+
+class _DropEOFWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("Failed to read DHT message")
+                    and record.args and isinstance(record.args[0], StreamEOF))
+
+
+_EOF_FILTER = _DropEOFWarnings()
+
+
+class SwarmDHT:
+    """Our records on a KadDHT (server mode) in `node`'s trio thread. `await SwarmDHT.start(...)`."""
+
+    def __init__(self, node: P2PNode, ttl: float):
+        if not 0 < ttl <= MAX_TTL:
+            raise ValueError(f"ttl must be in (0, {MAX_TTL}] seconds, not {ttl}")
+        self.node, self.ttl = node, ttl
+        self.dht: KadDHT | None = None  # trio thread only
+        self._record: PeerRecord | None = None  # the latest announced, republished every ttl/2
+        self._due = math.inf
+        self._closed = False
+        self._runner: asyncio.Future | None = None
+
+    @classmethod
+    async def start(cls, node: P2PNode, bootstrap: list[str] | tuple[str, ...] = (), ttl: float = 120.0) -> SwarmDHT:
+        self = cls(node, ttl)
+        logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_EOF_FILTER)
+        peers = []
+        for addr in bootstrap:
+            try:
+                peers.append(await node.connect(addr))
+            except ConnectionError as exc:
+                log.warning("bootstrap peer unreachable: %s", exc)
+        if bootstrap and not peers:
+            raise ConnectionError(f"could not reach any bootstrap peer of {list(bootstrap)}")
+        await node.run_trio(self._setup_trio, peers)
+        self._runner = asyncio.ensure_future(node.run_trio(self._serve_trio))
+        await node.run_trio(self._join_trio)
+        log.info("DHT on %s started (%d bootstrap peers, ttl %.0f s)", node.peer_id, len(peers), ttl)
+        return self
+
+    async def announce(self, record: PeerRecord) -> None:
+        """Publish `record` now (peer id, keys and expiry are filled in here), then republish it
+        every ttl/2 until the next announce() or close(). One model at a time: announcing another
+        model publishes the previous model's record as "offline"."""
+        if self._closed:
+            raise RuntimeError("SwarmDHT is closed")
+        if record.peer_id not in ("", self.node.peer_id):
+            raise ValueError(f"cannot announce a record of {record.peer_id} from {self.node.peer_id}")
+        now = time.time()
+        record = dataclasses.replace(record, peer_id=self.node.peer_id, addrs=list(record.addrs or self.node.addrs),
+                                     issued=now, expires=now + self.ttl)
+        record.sign(self.node.key_pair)  # RecordError now, rather than in the republisher
+        if self._record is not None and self._record.model != record.model:  # we leave that model
+            self._record = dataclasses.replace(self._record, state="offline")
+            await self.node.run_trio(self._publish_trio)
+        self._record = record
+        await self.node.run_trio(self._publish_trio)
+
+    async def find(self, model: str, blocks: range | None = None, *, include_offline: bool = False) -> list[PeerRecord]:
+        """Each peer's newest valid, unexpired record of `model` (of those overlapping `blocks`, if
+        given), sorted by block range. State "offline" only with include_offline."""
+        records = await self.node.run_trio(self._find_trio, model)
+        if blocks is not None:
+            records = [r for r in records if r.start < blocks.stop and blocks.start < r.end]
+        if not include_offline:
+            records = [r for r in records if r.state != "offline"]
+        return sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
+
+    async def close(self, final_state: str = "offline") -> None:
+        """Publish our record in `final_state` (clients stop routing to us at once), then stop the DHT."""
+        if final_state not in STATES:
+            raise ValueError(f"final_state must be one of {STATES}")
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._record is not None:
+                self._record = dataclasses.replace(self._record, state=final_state)
+                await asyncio.wait_for(self.node.run_trio(self._publish_trio), 2 * RPC_TIMEOUT)
+        except (ConnectionError, asyncio.TimeoutError) as exc:  # our node is closed, or the swarm is gone
+            log.warning("DHT on %s could not publish its final state: %r", self.node.peer_id, exc)
+        try:
+            await self.node.run_trio(self._stop_trio)
+        except ConnectionError:
+            pass  # the node is closed, and _serve_trio with it
+        if self._runner is not None:
+            (outcome,) = await asyncio.gather(self._runner, return_exceptions=True)
+            if isinstance(outcome, Exception) and not isinstance(outcome, ConnectionError):
+                log.warning("DHT service on %s had failed: %r", self.node.peer_id, outcome)
+        log.info("DHT on %s closed", self.node.peer_id)
+
+    # trio thread
+
+    async def _setup_trio(self, bootstrap_ids: list[str]) -> None:
+        self.dht = dht = KadDHT(self.node.host, DHTMode.SERVER, strict_validation=True)
+        dht.register_validator(NAMESPACE, _RecordValidator())
+        self._lock, self._stop = trio.Lock(), trio.Event()
+        for peer_id in bootstrap_ids:
+            await dht.add_peer(ID.from_base58(peer_id), skip_server_mode_check=True)
+
+    async def _serve_trio(self) -> None:
+        async with background_trio_service(self.dht), trio.open_nursery() as nursery:
+            nursery.start_soon(self._republish_trio)
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _join_trio(self) -> None:
+        """Look ourselves up: fills our routing table, and puts us in the others'."""
+        me = self.node.host.get_id()
+        for peer in await self.dht.peer_routing.find_closest_peers_network(me.to_bytes()):
+            await self.dht.add_peer(peer)
+
+    async def _stop_trio(self) -> None:
+        self.node.host.remove_stream_handler(PROTOCOL_ID)
+        self._stop.set()
+
+    async def _republish_trio(self) -> None:
+        while True:
+            await trio.sleep(min(1.0, self.ttl / 4))
+            if self._record is not None and time.time() >= self._due:
+                try:
+                    await self._publish_trio()
+                except Exception as exc:
+                    log.warning("republishing our record failed: %r", exc)
+                    self._due = time.time() + min(self.ttl / 4, 5.0)
+
+    async def _publish_trio(self) -> None:
+        async with self._lock:
+            t0, now = time.perf_counter(), time.time()
+            rec = dataclasses.replace(self._record, issued=now, expires=now + self.ttl)
+            stored, asked = await self._put_trio(record_key(rec.model, rec.peer_id), rec.sign(self.node.key_pair))
+            provided = []
+            if rec.state != "offline":
+                for epoch in sorted({int(now // EPOCH), int((now + self.ttl) // EPOCH)}):
+                    provided.append(await self._provide_trio(provider_key(rec.model, epoch)))
+            self._due = now + self.ttl / 2 if rec.state != "offline" else math.inf
+            log.debug("published %s blocks %d:%d (%s): stored at %d/%d peers, provided at %s in %.0f ms",
+                      rec.model, rec.start, rec.end, rec.state, stored, asked, provided,
+                      (time.perf_counter() - t0) * 1000)
+
+    async def _put_trio(self, key: str, value: bytes) -> tuple[int, int]:
+        """Store `value` locally and at the closest peers; (how many accepted it, how many asked)."""
+        store, key_bytes = self.dht.value_store, key.encode()
+        self.dht.validator.validate(key, value)  # what honest peers would refuse, we do not send
+        store.put(key_bytes, value)
+        peers = await self._closest_trio(hashlib.sha256(key_bytes).digest())
+        oks = await self._each_trio(peers, lambda peer: store._store_at_peer(peer, key_bytes, value))
+        return sum(map(bool, oks)), len(peers)
+
+    async def _provide_trio(self, key: bytes) -> int:
+        """Be listed as a provider of `key` at the closest peers (checked); at how many we are."""
+        store, host = self.dht.provider_store, self.node.host
+        store.add_provider(key, PeerInfo(host.get_id(), host.get_addrs()))
+
+        async def provide(peer: ID) -> bool:
+            for attempt in range(3):
+                providers, _ = await store._get_providers_from_peer_with_closers(peer, key)
+                if any(p.peer_id == host.get_id() for p in providers):
+                    return True
+                if attempt < 2:
+                    await store._send_add_provider(peer, key)
+                    await trio.sleep(0.05 * (attempt + 1))  # the peer handles it after we hang up
+            return False
+        return sum(map(bool, await self._each_trio(await self._closest_trio(key), provide)))
+
+    async def _find_trio(self, model: str) -> list[PeerRecord]:
+        store, key = self.dht.provider_store, provider_key(model, int(time.time() // EPOCH))
+        answers = await self._each_trio(await self._closest_trio(key),
+                                        lambda peer: store._get_providers_from_peer_with_closers(peer, key))
+        providers = {p.peer_id for p in store.get_providers(key)}
+        providers.update(p.peer_id for answer in answers if answer for p in answer[0])
+        records = await self._each_trio(list(providers), lambda peer_id: self._get_record_trio(model, peer_id),
+                                        timeout=3 * RPC_TIMEOUT)
+        return [r for r in records if r is not None]
+
+    async def _get_record_trio(self, model: str, peer_id: ID) -> PeerRecord | None:
+        """The newest valid record of `peer_id` for `model`, from our store and the closest peers."""
+        store, key_bytes = self.dht.value_store, record_key(model, str(peer_id)).encode()
+        answers = await self._each_trio(await self._closest_trio(hashlib.sha256(key_bytes).digest()),
+                                        lambda peer: store._get_from_peer(peer, key_bytes, return_record=True))
+        best = None
+        for answer in [store.get(key_bytes), *answers]:
+            if answer is None:
+                continue
+            try:
+                rec = PeerRecord.verify(answer.value)
+            except RecordError as exc:
+                log.debug("dropped a record for %s of %s: %s", model, peer_id, exc)
+                continue
+            if rec.model == model and rec.peer_id == str(peer_id):
+                if best is None or (rec.issued, rec.expires) > (best.issued, best.expires):
+                    best = rec
+        return best
+
+    async def _closest_trio(self, key: bytes) -> list[ID]:
+        """The closest peers to `key` but us; `key` must be <= 50 bytes (longer ones fail FIND_NODE)."""
+        me = self.node.host.get_id()
+        return [p for p in await self.dht.peer_routing.find_closest_peers_network(key) if p != me]
+
+    async def _each_trio(self, items: list[Any], fn: Callable[[Any], Awaitable[Any]],
+                         timeout: float = RPC_TIMEOUT) -> list[Any]:
+        """`await fn(item)` for all items at once, each within `timeout`; results (None: failed)."""
+        results: list[Any] = [None] * len(items)
+
+        async def one(i: int, item: Any) -> None:
+            with trio.move_on_after(timeout):
+                try:
+                    results[i] = await fn(item)
+                except Exception as exc:
+                    log.debug("DHT request to %s failed: %r", item, exc)
+        async with trio.open_nursery() as nursery:
+            for i, item in enumerate(items):
+                nursery.start_soon(one, i, item)
+        return results

@@ -1,0 +1,253 @@
+"""peer/dht.py: signed discovery records, and 5 in-process peers finding each other over Kademlia."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import time
+
+import pytest
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from libp2p.records.record import make_signed_put_record
+
+from peer import dht as dht_module
+from peer.dht import MAX_RECORD_BYTES, PeerRecord, RecordError, SwarmDHT, provider_key, record_key
+from peer.p2p import P2PNode
+
+pytestmark = pytest.mark.timeout(40)
+MODEL = "m-abc"
+
+
+def peer_id_of(key_pair) -> str:
+    return str(ID.from_pubkey(key_pair.public_key))
+
+
+def make_record(key_pair, **kw) -> PeerRecord:
+    now = time.time()
+    fields = dict(model=MODEL, start=0, end=4, addrs=[f"/ip4/127.0.0.1/tcp/4001/p2p/{peer_id_of(key_pair)}"],
+                  data_addr="tcp://127.0.0.1:5001", throughput=12.5, cache_tokens=4096, x25519="ab" * 32,
+                  rtts={"12D3KooWother": 3.5}, issued=now, expires=now + 60)
+    return PeerRecord(**{**fields, **kw})
+
+
+def signed_fields(key_pair, **kw) -> dict:
+    """A valid record's fields as signed, with `kw` changed (to seal bad records by hand)."""
+    good = PeerRecord.verify(make_record(key_pair).sign(key_pair))
+    return {**dataclasses.asdict(good), **kw}
+
+
+# records, no network
+
+
+def test_record_round_trip():
+    kp = create_new_key_pair()
+    rec = make_record(kp)
+    data = rec.sign(kp)
+    assert len(data) < 2048
+    back = PeerRecord.verify(data)
+    assert back == dataclasses.replace(rec, peer_id=peer_id_of(kp), public_key=kp.public_key.serialize().hex())
+    assert back.blocks == range(0, 4) and back.state == "online" and back.rtts == {"12D3KooWother": 3.5}
+    minimal = PeerRecord(model=MODEL, start=3, end=5, expires=time.time() + 5, x25519=None)
+    assert PeerRecord.verify(minimal.sign(kp)).data_addr is None
+    with pytest.raises(RecordError, match="claims peer"):  # sign() will not sign for another peer
+        make_record(kp, peer_id=peer_id_of(create_new_key_pair())).sign(kp)
+
+
+def test_record_rejections():
+    kp, other = create_new_key_pair(), create_new_key_pair()
+    good = make_record(kp).sign(kp)
+    body = good.rpartition(b"\n")[0]
+    seal = dht_module._seal
+    cases = {
+        # signed by another key than the one the peer id hashes from
+        "forged (other key)": (seal(signed_fields(kp, public_key=other.public_key.serialize().hex()),
+                                    other.private_key), "does not match the peer id"),
+        "forged (other signer)": (seal(signed_fields(kp), other.private_key), "bad signature"),
+        "unsigned": (body, "unsigned"),
+        "unsigned, empty signature": (body + b"\n", "unsigned"),
+        "tampered (end 4 -> 5)": (good.replace(b'"end":4', b'"end":5'), "bad signature"),
+        "tampered (one bit)": (good[:20] + bytes([good[20] ^ 1]) + good[21:], ""),
+        "expired": (make_record(kp, issued=time.time() - 100, expires=time.time() - 1).sign(kp), "expired"),
+        "expires too late": (make_record(kp, expires=time.time() + 10 * dht_module.MAX_TTL).sign(kp), "too far"),
+        "garbage": (os.urandom(300), ""),
+        "empty": (b"", "unsigned"),
+        "not JSON": (b"hello\n" + b"00" * 64, "not JSON"),
+        "JSON list": (seal([1, 2], kp.private_key), "not a JSON object"),
+        "deep JSON": (b"[" * 5000 + b"]" * 5000 + b"\n" + b"00" * 64, "malformed"),
+        "oversized": (good + b" " * MAX_RECORD_BYTES, "oversized"),
+        "not bytes": ("a string", "not bytes"),
+    }
+    bad_fields = {"start": "0", "end": 0, "state": "zombie", "throughput": "fast", "cache_tokens": -1,
+                  "version": 1.5, "model": "", "data_addr": 5, "addrs": ["not a multiaddr"], "x25519": "zz",
+                  "rtts": {"p": "1"}, "expires": None, "peer_id": True}
+    for name, value in bad_fields.items():
+        cases[f"bad {name}"] = (seal(signed_fields(kp, **{name: value}), kp.private_key), f"bad {name}")
+    missing = signed_fields(kp)
+    del missing["state"]
+    cases["missing field"] = (seal(missing, kp.private_key), "missing")
+    cases["start >= end"] = (seal(signed_fields(kp, start=4, end=4), kp.private_key), "empty block range")
+    for name, (data, reason) in cases.items():
+        with pytest.raises(RecordError, match=reason or None):
+            PeerRecord.verify(data)
+            pytest.fail(f"accepted: {name}")
+    assert PeerRecord.verify(good)  # still fine
+    with pytest.raises(RecordError, match="expired"):
+        PeerRecord.verify(good, now=time.time() + 61)
+    with pytest.raises(RecordError, match="oversized"):  # sign() refuses too
+        make_record(kp, rtts={f"{i:0100d}": 1.0 for i in range(200)}).sign(kp)
+    with pytest.raises(RecordError, match="bad state"):
+        make_record(kp, state="zombie").sign(kp)
+
+
+# a live swarm
+
+
+def run_swarm(body, n: int = 5, ttl: float = 120.0):
+    """n nodes, each bootstrapping to node 0 only; run body(nodes, dhts); close everything."""
+    async def main():
+        nodes = list(await asyncio.gather(*(P2PNode.start() for _ in range(n))))
+        dhts = [await SwarmDHT.start(nodes[0], ttl=ttl)]
+        try:
+            dhts += await asyncio.gather(*(SwarmDHT.start(node, [nodes[0].addrs[0]], ttl=ttl) for node in nodes[1:]))
+            return await body(nodes, dhts)
+        finally:
+            await asyncio.gather(*(d.close() for d in dhts))
+            await asyncio.gather(*(node.close() for node in nodes))
+    return asyncio.run(main())
+
+
+async def poll(find, ok, within: float = 10.0):
+    """find() until ok(result), at most `within` seconds; the last result."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await find()
+        if ok(result) or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.1)
+
+
+def ranges(records) -> dict[str, tuple[int, int]]:
+    return {r.peer_id: (r.start, r.end) for r in records}
+
+
+def test_find_sees_every_announcer():
+    async def body(nodes, dhts):
+        client = dhts[4]
+        spans = [(0, 4), (2, 6), (4, 8), (0, 8)]
+        for i, (start, end) in enumerate(spans):
+            t0 = time.perf_counter()
+            await dhts[i].announce(PeerRecord(model=MODEL, start=start, end=end, throughput=10.0 + i,
+                                              cache_tokens=1000 * i, data_addr=f"tcp://127.0.0.1:{7000 + i}"))
+            print(f"announce {i}: {(time.perf_counter() - t0) * 1000:.0f} ms")
+        await dhts[3].announce(PeerRecord(model="other-model", start=0, end=2))  # its m-abc record goes offline
+        expected = {nodes[i].peer_id: spans[i] for i in range(3)}
+        t0 = time.perf_counter()
+        found = await poll(lambda: client.find(MODEL), lambda recs: ranges(recs) == expected)
+        print(f"first complete find after {(time.perf_counter() - t0) * 1000:.0f} ms")
+        assert ranges(found) == expected
+        for rec in found:
+            i = [n.peer_id for n in nodes].index(rec.peer_id)
+            assert (rec.throughput, rec.cache_tokens, rec.data_addr) == (10.0 + i, 1000 * i, f"tcp://127.0.0.1:{7000 + i}")
+            assert rec.state == "online" and rec.addrs == nodes[i].addrs and rec.model == MODEL
+        for _ in range(3):
+            t0 = time.perf_counter()
+            await client.find(MODEL)
+            print(f"find: {(time.perf_counter() - t0) * 1000:.0f} ms")
+        assert ranges(await client.find(MODEL, range(6, 8))) == {nodes[2].peer_id: (4, 8)}
+        assert set(ranges(await client.find(MODEL, range(3, 5)))) == set(expected)
+        assert ranges(await dhts[1].find("other-model")) == {nodes[3].peer_id: (0, 2)}
+        assert await client.find("no-such-model") == []
+        # a new announcement replaces the old one everywhere (newest wins), the announcer's own find too
+        await dhts[1].announce(PeerRecord(model=MODEL, start=6, end=10))
+        for d in (client, dhts[1]):
+            found = await poll(lambda: d.find(MODEL), lambda recs: ranges(recs).get(nodes[1].peer_id) == (6, 10))
+            assert ranges(found)[nodes[1].peer_id] == (6, 10)
+    run_swarm(body)
+
+
+def test_live_dht_refuses_bad_values():
+    async def body(nodes, dhts):
+        victim, attacker, client = dhts[1], dhts[3], dhts[4]
+        vkp, akp = nodes[1].key_pair, nodes[3].key_pair
+        await victim.announce(PeerRecord(model=MODEL, start=0, end=4))
+        vkey = record_key(MODEL, nodes[1].peer_id)
+        akey = record_key(MODEL, nodes[3].peer_id)
+        now = time.time()
+        fake_victim = signed_fields(vkp, state="offline", public_key=akp.public_key.serialize().hex(),
+                                    issued=now + 1, expires=now + 60)
+        bad = {
+            "forged (attacker key)": (vkey, dht_module._seal(fake_victim, akp.private_key)),
+            "forged (victim key, attacker signature)": (
+                vkey, dht_module._seal(signed_fields(vkp, state="offline", issued=now + 1), akp.private_key)),
+            "unsigned": (vkey, make_record(vkp, state="offline", issued=now + 1).sign(vkp).rpartition(b"\n")[0]),
+            "garbage": (vkey, os.urandom(200)),
+            "record under another peer's key": (vkey, make_record(akp, issued=now + 1).sign(akp)),
+            "record under another model's key": (record_key("other", nodes[3].peer_id), make_record(akp).sign(akp)),
+            "expired": (akey, make_record(akp, issued=now - 100, expires=now - 1).sign(akp)),
+            "oversized": (akey, make_record(akp).sign(akp) + b" " * MAX_RECORD_BYTES),
+            "not our namespace": ("/other/x", b"anything"),
+            "no namespace": ("plain-key", b"anything"),
+        }
+        honest = [nodes[i].host.get_id() for i in (0, 1, 2, 4)]
+
+        async def raw_put(key: str, value: bytes) -> list[bool]:  # a PUT_VALUE straight to each honest peer
+            record = make_signed_put_record(key.encode(), value, akp.private_key)
+            store = attacker.dht.value_store
+            return [await store._store_at_peer(peer, key.encode(), value, record=record) for peer in honest]
+
+        async def stored(d: SwarmDHT, key: str):
+            record = d.dht.value_store.get(key.encode())
+            return record and record.value
+
+        for name, (key, value) in bad.items():
+            assert await nodes[3].run_trio(raw_put, key, value) == [False] * 4, name
+            for i in (0, 1, 2, 4):
+                assert await nodes[i].run_trio(stored, dhts[i], key) != value, (name, i)
+
+        # A malicious peer serves anything it likes: find() must still not believe it.
+        async def plant() -> None:
+            attacker.dht.value_store.put(vkey.encode(), bad["forged (attacker key)"][1])
+            attacker.dht.value_store.put(akey.encode(), bad["expired"][1])
+            await attacker._provide_trio(provider_key(MODEL, int(time.time() // dht_module.EPOCH)))
+        await nodes[3].run_trio(plant)
+        for d in (client, dhts[0]):
+            found = await d.find(MODEL, include_offline=True)
+            assert ranges(found) == {nodes[1].peer_id: (0, 4)}
+            assert found[0].state == "online"
+    run_swarm(body)
+
+
+def test_close_goes_offline_and_vanished_peers_expire(monkeypatch):
+    ttl = 2.0
+    monkeypatch.setattr(dht_module, "EPOCH", 3.0)  # provider keys roll over during the test, too
+
+    async def body(nodes, dhts):
+        client, closing, vanishing = dhts[4], dhts[1], dhts[2]
+        await closing.announce(PeerRecord(model=MODEL, start=0, end=4))
+        await vanishing.announce(PeerRecord(model=MODEL, start=4, end=8))
+        both = {nodes[1].peer_id: (0, 4), nodes[2].peer_id: (4, 8)}
+        assert ranges(await poll(lambda: client.find(MODEL), lambda recs: ranges(recs) == both)) == both
+        first = {r.peer_id: r.issued for r in await client.find(MODEL)}
+        # republished before expiry, across epochs: visible all along for 3 TTLs
+        deadline = time.monotonic() + 3 * ttl
+        while time.monotonic() < deadline:
+            assert ranges(await client.find(MODEL)) == both
+            await asyncio.sleep(0.1)
+        assert all(r.issued > first[r.peer_id] for r in await client.find(MODEL))
+
+        await closing.close()  # a clean exit: offline at once
+        found = await client.find(MODEL)
+        assert ranges(found) == {nodes[2].peer_id: (4, 8)}
+        offline = [r for r in await client.find(MODEL, include_offline=True) if r.peer_id == nodes[1].peer_id]
+        assert [r.state for r in offline] == ["offline"]
+
+        await nodes[2].close()  # vanishes without a word: gone once its record expires
+        t0 = time.monotonic()
+        found = await poll(lambda: client.find(MODEL, include_offline=True),
+                           lambda recs: nodes[2].peer_id not in ranges(recs), within=ttl + 5)
+        assert nodes[2].peer_id not in ranges(found)
+        print(f"vanished peer dropped after {time.monotonic() - t0:.1f} s (ttl {ttl} s)")
+    run_swarm(body, ttl=ttl)
