@@ -144,6 +144,9 @@ class P2PStream:
         async with self._recv_lock:
             if self._pending_recv is None:
                 self._pending_recv = self._node._submit(self._recv_trio, cancel=False)
+                # if our caller is cancelled and nobody calls recv() again, the outcome (often EOF
+                # once the stream closes) must still count as retrieved, or asyncio logs it
+                self._pending_recv.add_done_callback(lambda f: f.cancelled() or f.exception())
             fut = self._pending_recv
             try:
                 return await asyncio.shield(fut)
