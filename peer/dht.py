@@ -1,32 +1,31 @@
 """Discovery records over the libp2p Kademlia DHT (py-libp2p 0.8.1), usable from asyncio.
 
-A serving peer publishes one signed, expiring `PeerRecord` per model: peer id, multiaddrs, block
-range [start, end), throughput, free cache, state, public keys, RTTs. A client that knows only the
-model id finds every peer of the model, hence all peers of every block. This module knows nothing
-about tensors, sessions or routing: it publishes records, finds them, and checks they are honest.
+A serving peer publishes one signed, expiring `PeerRecord`: model, peer id, multiaddrs, block range
+[start, end), throughput, free cache, state, public keys, RTTs. A client that knows only the model id
+finds every peer of the model, hence all peers of every block. This module knows nothing of tensors,
+sessions or routing: it publishes records, finds them, and checks that they are honest.
 
-Keys (a Kademlia value is one value per key, last writer wins, so no key has two writers):
-  * value `/specswarm/<sha256(model)[:32]>/<peer id>`: that peer's signed record. With strict
-    validation, honest nodes store only what our validator accepts: signed by the key that hashes to
-    the peer id, matching its key, well-formed, <= 16 KiB, unexpired; `select` keeps the newest.
-  * provider key sha256("specswarm/providers/<model>/<epoch>"): who has a value key for the model.
+Keys. A Kademlia value is one value per key (last writer wins), so no key has two writers:
+  * value /specswarm/<sha256(model)[:32]>/<peer id>: that peer's signed record. Strict validation
+    is on, and honest nodes store only what `_RecordValidator` accepts: signed by the key that hashes
+    to the peer id, matching its key, well-formed, <= 16 KiB, unexpired; `select` keeps the newest.
+  * provider key sha256("specswarm/providers/<model>/<epoch>"): who has a record for the model.
     py-libp2p keeps provider entries 48 h and at most 20 per key, so the key changes every EPOCH s;
-    a peer provides the epochs of now and now + ttl, which covers its record's whole life. Provider
-    entries are unsigned hints; only a verified value is believed.
-  One provider key per block was rejected: py-libp2p drops (silently) the 11th ADD_PROVIDER a peer
-  sends another within 10 s, so a server of many blocks would lose most of them.
+    a peer provides the epochs of now and now + ttl, which covers its record's life. Provider entries
+    are unsigned hints: only verified values are believed.
+  A provider key per block was rejected: py-libp2p silently drops the 11th ADD_PROVIDER one peer
+  sends another within 10 s, so a server of many blocks would lose most of its announcements.
 
-py-libp2p quirks handled here, with a few private calls into its stores (pinned by libp2p<0.9):
-  * get_value/find_providers answer from the local store when it has anything, never asking the
-    network (stale records, old provider lists): we query the closest peers and add our store.
-  * FIND_NODE refuses keys over 50 bytes, so value keys are looked up by their sha256.
-  * ADD_PROVIDER is fire-and-forget and may be dropped: we ask each closest peer whether it lists
-    us, send ADD_PROVIDER if not, and ask again; the next republish retries the rest.
-  * stored values are served without re-validation (and a bad peer serves anything): `find`
-    verifies every value it receives. The DHT handler's warning on every normal stream close
-    (StreamEOF) is filtered out.
-Limits: at most 20 peers per model per epoch are visible (shard the provider key to go beyond),
-Sybil peers can fill those 20 provider slots, clocks must agree to within a fraction of the TTL.
+py-libp2p quirks handled (with a few private calls into its stores; pinned by libp2p<0.9):
+  * get_value/find_providers answer from the local store whenever it has anything (a stale record,
+    an old provider list) without asking the network: we ask the closest peers, and add our store.
+  * FIND_NODE refuses keys over 50 bytes: value keys are looked up by their sha256.
+  * ADD_PROVIDER is fire-and-forget and may be dropped: we ask each closest peer whether it lists us,
+    send ADD_PROVIDER if not, and ask again; the next republish retries what is still missing.
+  * stored values are served without re-validation, and a bad peer serves anything: `find` verifies
+    every value. The DHT's warning on every normally closed stream (StreamEOF) is filtered out.
+Limits: at most 20 peers per model and epoch are visible (shard the provider key to go beyond), and
+Sybil peers can fill those slots; clocks must agree to within a fraction of the TTL.
 """
 
 from __future__ import annotations
@@ -60,10 +59,10 @@ NAMESPACE = "specswarm"
 PROTOCOL_VERSION = 1
 STATES = ("joining", "online", "leaving", "offline")
 MAX_RECORD_BYTES = 16 * 1024
-MAX_TTL = 600.0      # seconds a record may claim to live (also bounds how long a dead peer looks alive)
-EPOCH = 600.0        # provider keys rotate every EPOCH s (swarm-wide constant; >= any ttl)
-CLOCK_SKEW = 60.0    # tolerated clock difference for "expires too far in the future"
-RPC_TIMEOUT = 5.0    # per DHT request to one peer
+MAX_TTL = 600.0  # seconds a record may live (so a dead peer cannot look alive for longer)
+EPOCH = 600.0  # provider keys change every EPOCH s: the same in the whole swarm, and >= any ttl
+CLOCK_SKEW = 60.0  # tolerated for "expires too far in the future"
+RPC_TIMEOUT = 5.0  # per DHT request to one peer
 _DOMAIN = b"specswarm-peer-record/1\n"  # signatures by the peer key cannot be replayed elsewhere
 
 
@@ -161,7 +160,7 @@ def _str(v: Any, n: int = 256) -> bool:
 
 
 def _hex(v: Any, n: int) -> bool:
-    return _str(v, n) and all(c in "0123456789abcdef" for c in v)
+    return _str(v, n) and set(v) <= set("0123456789abcdef")
 
 
 def _maddr(v: Any) -> bool:
@@ -227,13 +226,9 @@ class _RecordValidator(Validator):
         return max(range(len(values)), key=lambda i: rank(values[i]))  # ties: the first (stored) one
 
 
-class _DropEOFWarnings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (str(record.msg).startswith("Failed to read DHT message")
-                    and record.args and isinstance(record.args[0], StreamEOF))
-
-
-_EOF_FILTER = _DropEOFWarnings()
+def _not_eof_warning(record: logging.LogRecord) -> bool:
+    return not (str(record.msg).startswith("Failed to read DHT message") and isinstance(record.args, tuple)
+                and record.args and isinstance(record.args[0], StreamEOF))
 
 
 class SwarmDHT:
@@ -252,7 +247,7 @@ class SwarmDHT:
     @classmethod
     async def start(cls, node: P2PNode, bootstrap: list[str] | tuple[str, ...] = (), ttl: float = 120.0) -> SwarmDHT:
         self = cls(node, ttl)
-        logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_EOF_FILTER)
+        logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_not_eof_warning)
         peers = []
         for addr in bootstrap:
             try:
@@ -263,7 +258,6 @@ class SwarmDHT:
             raise ConnectionError(f"could not reach any bootstrap peer of {list(bootstrap)}")
         await node.run_trio(self._setup_trio, peers)
         self._runner = asyncio.ensure_future(node.run_trio(self._serve_trio))
-        await node.run_trio(self._join_trio)
         log.info("DHT on %s started (%d bootstrap peers, ttl %.0f s)", node.peer_id, len(peers), ttl)
         return self
 
@@ -326,18 +320,15 @@ class SwarmDHT:
         self._lock, self._stop = trio.Lock(), trio.Event()
         for peer_id in bootstrap_ids:
             await dht.add_peer(ID.from_base58(peer_id), skip_server_mode_check=True)
+        me = self.node.host.get_id()  # look ourselves up: fills our routing table, puts us in others'
+        for peer in await dht.peer_routing.find_closest_peers_network(me.to_bytes()):
+            await dht.add_peer(peer)
 
     async def _serve_trio(self) -> None:
         async with background_trio_service(self.dht), trio.open_nursery() as nursery:
             nursery.start_soon(self._republish_trio)
             await self._stop.wait()
             nursery.cancel_scope.cancel()
-
-    async def _join_trio(self) -> None:
-        """Look ourselves up: fills our routing table, and puts us in the others'."""
-        me = self.node.host.get_id()
-        for peer in await self.dht.peer_routing.find_closest_peers_network(me.to_bytes()):
-            await self.dht.add_peer(peer)
 
     async def _stop_trio(self) -> None:
         self.node.host.remove_stream_handler(PROTOCOL_ID)
@@ -358,20 +349,21 @@ class SwarmDHT:
             t0, now = time.perf_counter(), time.time()
             rec = dataclasses.replace(self._record, issued=now, expires=now + self.ttl)
             stored, asked = await self._put_trio(record_key(rec.model, rec.peer_id), rec.sign(self.node.key_pair))
-            provided = []
+            t1, provided = time.perf_counter(), []
             if rec.state != "offline":
                 for epoch in sorted({int(now // EPOCH), int((now + self.ttl) // EPOCH)}):
                     provided.append(await self._provide_trio(provider_key(rec.model, epoch)))
             self._due = now + self.ttl / 2 if rec.state != "offline" else math.inf
-            log.debug("published %s blocks %d:%d (%s): stored at %d/%d peers, provided at %s in %.0f ms",
-                      rec.model, rec.start, rec.end, rec.state, stored, asked, provided,
-                      (time.perf_counter() - t0) * 1000)
+            log.debug("published %s blocks %d:%d (%s): stored at %d/%d peers in %.0f ms, listed at %s in %.0f ms",
+                      rec.model, rec.start, rec.end, rec.state, stored, asked, (t1 - t0) * 1000, provided,
+                      (time.perf_counter() - t1) * 1000)
 
     async def _put_trio(self, key: str, value: bytes) -> tuple[int, int]:
         """Store `value` locally and at the closest peers; (how many accepted it, how many asked)."""
         store, key_bytes = self.dht.value_store, key.encode()
         self.dht.validator.validate(key, value)  # what honest peers would refuse, we do not send
         store.put(key_bytes, value)
+        store.local_keys.discard(key_bytes)  # we republish it; py-libp2p would FIND_NODE the raw key
         peers = await self._closest_trio(hashlib.sha256(key_bytes).digest())
         oks = await self._each_trio(peers, lambda peer: store._store_at_peer(peer, key_bytes, value))
         return sum(map(bool, oks)), len(peers)

@@ -1,4 +1,11 @@
-"""A volunteer peer process: load a block range, join libp2p, serve inference sessions until stopped."""
+"""A volunteer peer process: join the swarm, choose and load blocks, announce them, serve until stopped.
+
+In order: start the libp2p node and the DHT (bootstrapping from --initial-peers); if no --blocks
+were given, measure this machine's block throughput (cached) and take the span the swarm is
+weakest on; announce it as "joining"; load the blocks; serve inference streams (libp2p and a direct
+TCP port); announce "online" and keep the record fresh (free cache, RTTs to the peers that serve
+the next blocks); on Ctrl-C or SIGTERM announce "offline" and leave.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peer import set_threads
+from peer.dht import PeerRecord, SwarmDHT
 from peer.model import Checkpoint
 from peer.p2p import P2PNode
 from peer.server import BlockServer, Limits
-from peer.transport import INFERENCE_PROTOCOL, dial, listen_tcp
+from peer.throughput import block_throughput, choose_blocks
+from peer.transport import INFERENCE_PROTOCOL, dial, fetch_info, listen_tcp
 
 log = logging.getLogger("specswarm.peer")
 
@@ -22,7 +32,8 @@ log = logging.getLogger("specswarm.peer")
 @dataclass
 class PeerOptions:
     model: str
-    blocks: tuple[int, int]
+    blocks: tuple[int, int] | None = None  # None: choose where the swarm needs it
+    num_blocks: int | None = None  # cap when choosing
     listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     identity: str | None = None
     initial_peers: list[str] = field(default_factory=list)
@@ -32,6 +43,7 @@ class PeerOptions:
     threads: int | None = None
     direct: bool = True  # also accept inference streams on a direct TCP port (same host as libp2p)
     data_port: int = 0
+    record_ttl: float = 60.0
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -47,47 +59,92 @@ def _host_of(maddr: str) -> str:
     return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6", "dns4", "dns6", "dns") else "127.0.0.1"
 
 
-async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
-    torch.set_num_threads(opts.threads or max(1, (os.cpu_count() or 2) // 2))
-    t0 = time.perf_counter()
-    ckpt = Checkpoint(opts.model)
-    blocks = ckpt.load_blocks(*opts.blocks, opts.dtype, opts.device)
+def default_num_blocks(ckpt: Checkpoint, dtype: str, device: str) -> int:
+    """As many blocks as fit in 60 % of the free memory of the device (all of them for small models)."""
     cfg = ckpt.config
-    log.info("loaded blocks [%d, %d) of %d of %s in %.1f s (%s, %s); KV cache: %d tokens = %.1f MiB",
-             *opts.blocks, cfg.num_hidden_layers, ckpt.model_id, time.perf_counter() - t0, opts.device, opts.dtype,
-             opts.limits.cache_tokens, opts.limits.cache_tokens * blocks.bytes_per_token() / 2**20)
+    params = 4 * cfg.hidden_size * cfg.num_attention_heads * cfg.head_dim + 3 * cfg.hidden_size * cfg.intermediate_size
+    per_block = params * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(cfg.num_hidden_layers, int(0.6 * free // per_block)))
+
+
+async def choose_span(dht: SwarmDHT, ckpt: Checkpoint, opts: PeerOptions, throughput: float) -> tuple[int, int]:
+    records = await dht.find(ckpt.model_id)
+    n = opts.num_blocks or default_num_blocks(ckpt, opts.dtype, opts.device)
+    span = choose_blocks(ckpt.config.num_hidden_layers, [((r.start, r.end), r.throughput) for r in records], n)
+    log.info("the swarm has %d peers of this model; taking blocks [%d, %d) where it is weakest "
+             "(%d blocks, %.0f tokens/s per block here)", len(records), *span, n, throughput)
+    return span
+
+
+async def measure_next_hops(node: P2PNode, dht: SwarmDHT, model_id: str, end: int) -> dict[str, float]:
+    """RTT (ms) to the peers that serve block `end`: where our pushes would go."""
+    rtts = {}
+    for r in await dht.find(model_id, range(end, end + 1)):
+        if r.peer_id != node.peer_id and r.addrs:
+            try:
+                _, rtts[r.peer_id] = await fetch_info(node, r.addrs[0], 3.0)
+            except (ConnectionError, OSError, asyncio.TimeoutError, EOFError):
+                pass
+    return rtts
+
+
+async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
+    set_threads(opts.threads)
+    ckpt = Checkpoint(opts.model)
+    cfg = ckpt.config
     node = await P2PNode.start(opts.identity, opts.listen)
-    server = BlockServer(blocks, ckpt.model_id, opts.limits, open_stream=lambda addr: dial(node, addr),
-                         name=node.peer_id)
-    node.set_stream_handler(INFERENCE_PROTOCOL, lambda stream: server.handle(stream, stream.remote_peer_id[-8:]))
-    tcp_server = None
-    if opts.direct:
-        host = _host_of(node.addrs[0]) if node.addrs else "127.0.0.1"
-        tcp_server, server.data_addr = await listen_tcp(server.handle, host, opts.data_port)
-        log.info("direct inference streams on %s", server.data_addr)
-    for addr in opts.initial_peers:
-        try:
-            await node.connect(addr)
-        except Exception as e:  # noqa: BLE001 - a dead bootstrap peer must not stop this one
-            log.warning("could not reach initial peer %s: %s", addr, e)
-    for addr in node.addrs:
-        print(f"listening on {addr}", flush=True)
-    reaper = asyncio.get_running_loop().create_task(server.expire_idle(min(5.0, opts.limits.session_timeout / 2)))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-            pass
-    if ready is not None:
-        ready.set()
+    dht = tcp_server = reaper = server = None
     try:
-        await stop.wait()
+        dht = await SwarmDHT.start(node, opts.initial_peers, ttl=opts.record_ttl)
+        throughput = block_throughput(ckpt, opts.device, opts.dtype)
+        span = opts.blocks or await choose_span(dht, ckpt, opts, throughput)
+        record = PeerRecord(ckpt.model_id, *span, throughput=throughput, cache_tokens=opts.limits.cache_tokens,
+                            state="joining")
+        await dht.announce(record)
+        t0 = time.perf_counter()
+        blocks = ckpt.load_blocks(*span, opts.dtype, opts.device)
+        log.info("loaded blocks [%d, %d) of %d (model %s) in %.1f s (%s, %s); KV cache: %d tokens = %.1f MiB",
+                 *span, cfg.num_hidden_layers, ckpt.model_id, time.perf_counter() - t0, opts.device, opts.dtype,
+                 opts.limits.cache_tokens, opts.limits.cache_tokens * blocks.bytes_per_token() / 2**20)
+        server = BlockServer(blocks, ckpt.model_id, opts.limits, open_stream=lambda addr: dial(node, addr),
+                             name=node.peer_id)
+        node.set_stream_handler(INFERENCE_PROTOCOL, lambda s: server.handle(s, s.remote_peer_id[-8:]))
+        if opts.direct:
+            host = _host_of(node.addrs[0]) if node.addrs else "127.0.0.1"
+            tcp_server, server.data_addr = await listen_tcp(server.handle, host, opts.data_port)
+            log.info("direct inference streams on %s", server.data_addr)
+        record.state, record.data_addr = "online", server.data_addr
+        await dht.announce(record)
+        for addr in node.addrs:
+            print(f"listening on {addr}", flush=True)
+        reaper = asyncio.get_running_loop().create_task(server.expire_idle(min(5.0, opts.limits.session_timeout / 2)))
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+                pass
+        if ready is not None:
+            ready.set()
+        while not stop.is_set():  # refresh what the record says, a little more often than it expires
+            try:
+                await asyncio.wait_for(stop.wait(), opts.record_ttl / 3)
+            except asyncio.TimeoutError:
+                record.cache_tokens = server.free_tokens
+                record.rtts = await measure_next_hops(node, dht, ckpt.model_id, span[1])
+                await dht.announce(record)
     finally:
-        log.info("shutting down: closing %d sessions", len(server.sessions))
-        reaper.cancel()
+        log.info("shutting down: announcing offline and closing")
+        if reaper is not None:
+            reaper.cancel()
         if tcp_server is not None:
             tcp_server.close()
-        await server.close()
+        if server is not None:
+            await server.close()
+        if dht is not None:
+            await dht.close("offline")
         await node.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from peer.tcp import TcpStream
+from protocol import messages as m
 from protocol.framing import DEFAULT_MAX_FRAME
 
 INFERENCE_PROTOCOL = "/specswarm/inference/1.0.0"
@@ -40,3 +41,21 @@ async def listen_tcp(handler, host: str, port: int = 0, max_frame: int = DEFAULT
     server = await asyncio.start_server(on_connect, host, port)
     bound = server.sockets[0].getsockname()
     return server, f"tcp://{bound[0]}:{bound[1]}"
+
+
+async def fetch_info(node, addr: str, timeout: float = 10.0) -> tuple[m.InfoReply, float]:
+    """Ask a peer what it serves; returns its reply and the round trip in ms."""
+    loop = asyncio.get_running_loop()
+    stream = await asyncio.wait_for(node.open_stream(addr, INFERENCE_PROTOCOL), timeout)
+    try:
+        t0 = loop.time()
+        await stream.send(m.encode(m.Info()))
+        reply = m.decode(await asyncio.wait_for(stream.recv(), timeout))
+        rtt_ms = 1000 * (loop.time() - t0)
+    finally:
+        await stream.close()
+    if isinstance(reply, m.Error):
+        raise ConnectionError(f"{addr} refused Info: {reply.message} [{reply.code}]")
+    if not isinstance(reply, m.InfoReply):
+        raise ConnectionError(f"{addr} answered Info with {type(reply).__name__}")
+    return reply, rtt_ms

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from peer import set_threads
 from peer.model import CacheError, CheckpointError, ConfigError
 
 from .generate import LocalModel, generate, load_tokenizer
@@ -77,12 +78,6 @@ def cmd_generate(args) -> int:
             model.close()
 
 
-def set_threads(threads: int | None) -> None:
-    import os
-
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
-
-
 def _generate(args, model, params: SamplingParams, load_seconds: float) -> int:
     tokenizer = model.tokenizer or load_tokenizer(args.model)
     prompt = tokenizer.encode(args.prompt).ids
@@ -131,7 +126,8 @@ def add_peer_parser(sub) -> None:
                                    "inference sessions over libp2p until stopped (Ctrl-C).")
     p.add_argument("--model", default=_default_model(), required=_default_model() is None,
                    help="Hugging Face model directory" + (" [default: the bundled model]" if _default_model() else ""))
-    p.add_argument("--blocks", required=True, help="START:END, end exclusive (e.g. 0:4)")
+    p.add_argument("--blocks", help="START:END, end exclusive (e.g. 0:4) [default: where the swarm is weakest]")
+    p.add_argument("--num-blocks", type=int, help="how many blocks to take when choosing [default: what fits in memory]")
     p.add_argument("--listen", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MULTIADDR",
                    help="where to listen [default: /ip4/127.0.0.1/tcp/0; use /ip4/0.0.0.0/tcp/PORT to be reachable]")
     p.add_argument("--identity", help="key file; created on first use, same peer id on every restart")
@@ -140,6 +136,7 @@ def add_peer_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--cache-tokens", type=int, default=32768, help="KV cache budget: total tokens over all sessions")
     p.add_argument("--max-sessions", type=int, default=64)
+    p.add_argument("--record-ttl", type=float, default=60.0, help="seconds a DHT announcement lives (refreshed at 1/3)")
     p.add_argument("--session-timeout", type=float, default=600.0, help="seconds before an idle session is dropped")
     p.add_argument("--no-direct", dest="direct", action="store_false",
                    help="serve inference only over libp2p streams (no direct TCP port)")
@@ -158,12 +155,37 @@ def cmd_peer(args) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:  # libp2p logs every failed dial to a departed peer at ERROR
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     limits = Limits(cache_tokens=args.cache_tokens, max_sessions=args.max_sessions,
                     session_timeout=args.session_timeout)
-    opts = PeerOptions(args.model, parse_blocks(args.blocks), args.listen, args.identity, args.initial_peers,
-                       args.device, args.dtype, limits, args.threads, args.direct, args.data_port)
+    opts = PeerOptions(args.model, parse_blocks(args.blocks) if args.blocks else None, args.num_blocks, args.listen,
+                       args.identity, args.initial_peers, args.device, args.dtype, limits, args.threads, args.direct,
+                       args.data_port, args.record_ttl)
     asyncio.run(serve(opts))
     return 0
+
+
+def add_status_parser(sub) -> None:
+    p = sub.add_parser("status", help="which peers serve which blocks of a model; gaps in coverage")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
+    p.add_argument("--model", default=_default_model(), required=_default_model() is None,
+                   help="model directory (names the model)" + (" [default: the bundled model]" if _default_model() else ""))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args) -> int:
+    import asyncio
+
+    from peer.model import Checkpoint
+
+    from .status import format_status, swarm_status
+
+    ckpt = Checkpoint(args.model)
+    status = asyncio.run(swarm_status(ckpt.model_id, ckpt.config.num_hidden_layers, args.initial_peers))
+    print(json.dumps(status) if args.json else format_status(status))
+    return 0 if status["complete"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_peer_parser(sub)
+    add_status_parser(sub)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
+    if args.command != "peer":  # peers configure their own, more talkative logging
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # its dial retries are not the user's business
     try:
         return args.func(args)
     except KeyboardInterrupt:

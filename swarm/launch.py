@@ -17,7 +17,8 @@ class PeerProcess:
     def __init__(self, model: str | Path, blocks: tuple[int, int], *extra: str, threads: int = 1,
                  log_file: str | Path | None = None, timeout: float = 120.0):
         self.blocks = blocks
-        cmd = [sys.executable, "-m", "swarm.cli", "peer", "--model", str(model), "--blocks", f"{blocks[0]}:{blocks[1]}",
+        span = ["--blocks", f"{blocks[0]}:{blocks[1]}"] if blocks else []
+        cmd = [sys.executable, "-m", "swarm.cli", "peer", "--model", str(model), *span,
                "--threads", str(threads), *extra]
         self.log = open(log_file, "a") if log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
+from peer.dht import SwarmDHT
 from peer.model import Checkpoint, StepLayout
 from peer.p2p import P2PNode
-from peer.transport import dial
+from peer.transport import dial, fetch_info
 
 from .client import BackgroundLoop, ChainSession, Hop, RemoteError
 from .generate import load_tokenizer
-from .routing import PeerInfo, fetch_info, parse_route, peer_id_of, plan_route, to_hops
+from .routing import PeerInfo, parse_route, peer_id_of, plan_route, to_hops
 
 log = logging.getLogger("specswarm.client")
 FAILURES = (RemoteError, ConnectionError, EOFError, OSError, asyncio.TimeoutError)
@@ -31,7 +32,8 @@ FAILURES = (RemoteError, ConnectionError, EOFError, OSError, asyncio.TimeoutErro
 class SwarmModel:
     def __init__(self, model_dir: str | Path, initial_peers: list[str], route: str | None = None,
                  push: bool = True, dtype: str = "float32", device: str = "cpu", wire_dtype: str = "float32",
-                 timeout: float = 60.0, transport: str = "tcp", ban_seconds: float = 60.0, max_failovers: int = 5):
+                 timeout: float = 60.0, transport: str = "tcp", ban_seconds: float = 60.0, max_failovers: int = 5,
+                 discovery: bool = True):
         if not initial_peers:
             raise ValueError("give at least one --initial-peers multiaddr")
         if transport not in ("tcp", "libp2p"):
@@ -46,9 +48,12 @@ class SwarmModel:
         self.peers: dict[str, PeerInfo] = {}
         self.banned: dict[str, float] = {}  # peer id -> monotonic time the ban ends
         self.failovers = 0
+        self.dht = None
         self.bg = BackgroundLoop()
         try:
             self.node = self.bg.run(P2PNode.start())
+            if discovery:
+                self.dht = self.bg.run(SwarmDHT.start(self.node, self.initial_peers))
             self.route = self.bg.run(self._plan())
         except BaseException:
             self.close()
@@ -56,9 +61,16 @@ class SwarmModel:
 
     # --- knowing the swarm ------------------------------------------------------------------------
     async def _refresh(self) -> None:
-        """Ask every known peer what it serves (and time the answer)."""
+        """Find the model's peers (DHT records plus the initial peers), ask each what it serves, time it."""
+        records = {}
+        if self.dht is not None:
+            try:
+                records = {r.peer_id: r for r in await self.dht.find(self.model_id) if r.state == "online" and r.addrs}
+            except Exception as e:  # noqa: BLE001 - discovery failing must not hide the peers we know
+                log.warning("DHT lookup failed: %s", e)
         addrs = {peer_id_of(a): a for a in self.initial_peers}
         addrs.update({pid: p.addr for pid, p in self.peers.items()})
+        addrs.update({pid: r.addrs[0] for pid, r in records.items()})
 
         async def ask(pid: str, addr: str):
             try:
@@ -67,15 +79,20 @@ class SwarmModel:
                 log.info("peer %s is not answering: %s", pid[-8:], e)
                 return pid, addr, None
 
-        want = self.model_id.rsplit("-", 1)[-1]
         for pid, addr, answer in await asyncio.gather(*(ask(p, a) for p, a in addrs.items())):
             if answer is None:
                 self.peers.pop(pid, None)
                 continue
             info, rtt = answer
-            if info.model.rsplit("-", 1)[-1] != want:
+            if info.model != self.model_id:
+                if pid in records or pid in self.peers:
+                    continue
                 raise RemoteError("wrong_model", f"serves model {info.model}, but the client loaded {self.model_id}", pid)
-            self.peers[pid] = PeerInfo(pid, addr, info.blocks, info.data_addr, rtt_ms=rtt, model=info.model)
+            rec = records.get(pid)
+            load = 1.0 - info.free_cache_tokens / max(rec.cache_tokens, 1) if rec and rec.cache_tokens else 0.0
+            self.peers[pid] = PeerInfo(pid, addr, info.blocks, info.data_addr, rtt_ms=rtt, model=info.model,
+                                       throughput=rec.throughput if rec else None, rtts=dict(rec.rtts) if rec else {},
+                                       load=max(0.0, min(load, 1.0)))
 
     def _usable(self) -> dict[str, PeerInfo]:
         now = time.monotonic()
@@ -142,6 +159,8 @@ class SwarmModel:
         node = getattr(self, "node", None)
         if node is not None:
             try:
+                if self.dht is not None:
+                    self.bg.run(self.dht.close(), timeout=10)
                 self.bg.run(node.close(), timeout=10)
             except Exception:  # noqa: BLE001
                 pass

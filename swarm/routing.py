@@ -8,13 +8,9 @@ back to the client. A peer may serve any part of its span, so overlapping spans 
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
 from dataclasses import dataclass, field
-
-from peer.transport import INFERENCE_PROTOCOL
-from protocol import messages as m
 
 from .client import Hop, RemoteError, check_route
 
@@ -111,21 +107,3 @@ def to_hops(route: list[tuple[str, tuple[int, int]]], peers: dict[str, PeerInfo]
         hops.append(Hop(addr, pid, span))
     check_route(hops, num_blocks)
     return hops
-
-
-async def fetch_info(node, addr: str, timeout: float = 10.0) -> tuple[m.InfoReply, float]:
-    """Ask a peer what it serves; returns its reply and the round trip in ms."""
-    loop = asyncio.get_running_loop()
-    stream = await asyncio.wait_for(node.open_stream(addr, INFERENCE_PROTOCOL), timeout)
-    try:
-        t0 = loop.time()
-        await stream.send(m.encode(m.Info()))
-        reply = m.decode(await asyncio.wait_for(stream.recv(), timeout))
-        rtt_ms = 1000 * (loop.time() - t0)
-    finally:
-        await stream.close()
-    if isinstance(reply, m.Error):
-        raise RemoteError(reply.code, reply.message, addr)
-    if not isinstance(reply, m.InfoReply):
-        raise RemoteError("bad_reply", f"expected InfoReply, got {type(reply).__name__}", addr)
-    return reply, rtt_ms

@@ -16,9 +16,8 @@ from protocol import framing
 from protocol import messages as m
 from swarm.generate import LocalModel, generate
 from swarm.launch import PeerProcess, start_peers
-from peer.transport import parse_tcp_addr
+from peer.transport import fetch_info, parse_tcp_addr
 from swarm.remote import SwarmModel
-from swarm.routing import fetch_info
 
 SPANS = [(0, 3), (3, 5), (5, 8)]
 

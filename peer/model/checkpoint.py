@@ -47,10 +47,10 @@ class Checkpoint:
 
     @property
     def model_id(self) -> str:
-        """Names the model for peers and clients: directory name + a hash of config and tensor layout."""
+        """Names the model for peers and clients: a hash of config.json and the tensor layout (not the path)."""
         h = hashlib.sha256((self.path / "config.json").read_bytes())
         h.update(json.dumps(sorted(self.weight_map.items())).encode())
-        return f"{self.path.resolve().name}-{h.hexdigest()[:12]}"
+        return h.hexdigest()[:16]
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"

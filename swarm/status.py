@@ -1,0 +1,68 @@
+"""`swarm status`: who serves which blocks of a model, how fast, how far from here, and what is missing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from peer.dht import SwarmDHT
+from peer.p2p import P2PNode
+from peer.transport import fetch_info
+
+
+async def swarm_status(model_id: str, num_blocks: int, initial_peers: list[str], timeout: float = 5.0) -> dict:
+    node = await P2PNode.start()
+    try:
+        dht = await SwarmDHT.start(node, initial_peers)
+        try:
+            records = await dht.find(model_id, include_offline=True)
+        finally:
+            await dht.close()
+
+        async def ping(addr: str):
+            try:
+                return (await fetch_info(node, addr, timeout))[1]
+            except (ConnectionError, OSError, EOFError, asyncio.TimeoutError):
+                return None
+
+        live = [r for r in records if r.state != "offline" and r.addrs]
+        rtts = dict(zip((r.peer_id for r in live), await asyncio.gather(*(ping(r.addrs[0]) for r in live))))
+    finally:
+        await node.close()
+    peers = []
+    for r in records:
+        peers.append(dict(peer_id=r.peer_id, blocks=[r.start, r.end], state=r.state, throughput=r.throughput,
+                          free_cache_tokens=r.cache_tokens, rtt_ms=rtts.get(r.peer_id), reachable=rtts.get(r.peer_id) is not None,
+                          addrs=r.addrs, data_addr=r.data_addr, expires_in_s=round(r.expires - time.time(), 1)))
+    coverage = [sum(1 for p in peers if p["state"] == "online" and p["reachable"] and p["blocks"][0] <= b < p["blocks"][1])
+                for b in range(num_blocks)]
+    gaps = _runs([b for b, n in enumerate(coverage) if n == 0])
+    return dict(model=model_id, num_blocks=num_blocks, peers=peers, coverage=coverage, gaps=gaps,
+                complete=not gaps)
+
+
+def _runs(blocks: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for b in blocks:
+        if runs and runs[-1][1] == b:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1])
+    return runs
+
+
+def format_status(status: dict) -> str:
+    lines = [f"model {status['model']}: {len(status['peers'])} peers, {status['num_blocks']} blocks",
+             f"{'peer':<14} {'blocks':>7} {'state':<8} {'tok/s/block':>11} {'rtt ms':>7} {'free cache':>10}  address"]
+    for p in status["peers"]:
+        rtt = f"{p['rtt_ms']:.1f}" if p["rtt_ms"] is not None else "-"
+        lines.append(f"…{p['peer_id'][-12:]:<13} {p['blocks'][0]:>3}:{p['blocks'][1]:<3} {p['state']:<8} "
+                     f"{p['throughput']:>11.0f} {rtt:>7} {p['free_cache_tokens']:>10}  {p['addrs'][0] if p['addrs'] else ''}")
+    cov = " ".join(str(n) for n in status["coverage"])
+    lines.append(f"online peers per block: {cov}")
+    if status["gaps"]:
+        lines.append("GAPS: no reachable online peer serves blocks " +
+                     ", ".join(f"{a}:{b}" for a, b in status["gaps"]) + " — generation is impossible until one joins")
+    else:
+        lines.append("every block is served")
+    return "\n".join(lines)
