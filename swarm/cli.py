@@ -36,6 +36,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR",
                    help="peers to start from (their 'listening on' multiaddrs, with /p2p/<peer id>)")
     p.add_argument("--route", help="explicit chain PEER:A:B,PEER:B:C,... (PEER: a peer id or its unique end)")
+    p.add_argument("--no-dht", dest="discovery", action="store_false",
+                   help="use only the --initial-peers, do not look for more peers in the DHT")
     p.add_argument("--no-push", dest="push", action="store_false",
                    help="client-mediated: carry hidden states between peers through the client (2n hops)")
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -70,7 +72,7 @@ def cmd_generate(args) -> int:
         from .remote import SwarmModel
 
         model = SwarmModel(args.model, args.initial_peers, args.route, args.push, args.dtype, args.device,
-                           args.wire_dtype, args.timeout, args.transport)
+                           args.wire_dtype, args.timeout, args.transport, discovery=args.discovery)
     try:
         return _generate(args, model, params, time.perf_counter() - t0)
     finally:

@@ -53,54 +53,69 @@ def check_route(route: list[Hop], num_blocks: int) -> None:
 
 
 class ChainSession:
+    """Sessions on every hop of a route. Steps may overlap: each reply resolves the future of its
+    (hop, step id); an error or a lost connection fails every pending step (the caller fails over)."""
+
     def __init__(self, dial: Callable[[str], Awaitable[Stream]], route: list[Hop], push: bool = True,
                  wire_dtype: str = "float32", timeout: float = 60.0):
         self.dial, self.route, self.push = dial, route, push
         self.wire_dtype, self.timeout = wire_dtype, timeout
         self.ids = [new_session_id() for _ in route]
         self.channels: list[Channel] = []
-        self.inbox: asyncio.Queue = asyncio.Queue()
         self._readers: list[asyncio.Task] = []
+        self._waiters: dict[tuple[int, object], asyncio.Future] = {}  # (hop, step id or "open") -> reply
+        self._failed: RemoteError | None = None
         self._step = 0
 
     async def open(self, max_length: int) -> None:
         streams = await asyncio.gather(*(self.dial(hop.addr) for hop in self.route))
         self.channels = [Channel(s, str(hop)) for s, hop in zip(streams, self.route)]
         self._readers = [asyncio.create_task(self._read(i, c)) for i, c in enumerate(self.channels)]
+        opened = [self._expect(i, "open") for i in range(len(self.route))]
         for i, (hop, channel) in enumerate(zip(self.route, self.channels)):
             nxt = None
             if self.push and i + 1 < len(self.route):
                 nxt = m.NextHop(self.route[i + 1].addr, self.ids[i + 1])
             await channel.send(m.Open(self.ids[i], max_length, hop.blocks, self.wire_dtype, nxt))
-        pending = set(range(len(self.route)))
-        while pending:
-            i, msg = await self._next()
-            if isinstance(msg, m.Opened):
-                pending.discard(i)
+        for fut in opened:
+            await self._wait(fut)
+
+    def _expect(self, hop: int, key) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        if self._failed is not None:
+            fut.set_exception(self._failed)
+        else:
+            self._waiters[(hop, key)] = fut
+        return fut
+
+    def _fail(self, error: RemoteError) -> None:
+        self._failed = self._failed or error
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._waiters.clear()
 
     async def _read(self, i: int, channel: Channel) -> None:
         try:
             while True:
-                await self.inbox.put((i, m.decode(await channel.stream.recv())))
+                msg = m.decode(await channel.stream.recv())
+                if isinstance(msg, m.Error):
+                    self._fail(RemoteError(msg.code, msg.message, msg.peer or str(self.route[i])))
+                    continue
+                key = "open" if isinstance(msg, m.Opened) else msg.step if isinstance(msg, m.Result) else None
+                fut = self._waiters.pop((i, key), None)
+                if fut is not None and not fut.done():  # no waiter: a reply to an abandoned step
+                    fut.set_result(getattr(msg, "hidden", None))
         except Exception as e:  # noqa: BLE001 - EOF, reset, garbage: the hop is gone
-            await self.inbox.put((i, m.Error("disconnected", f"connection lost: {e or type(e).__name__}",
-                                             peer=str(self.route[i]))))
+            self._fail(RemoteError("disconnected", f"connection lost: {e or type(e).__name__}", str(self.route[i])))
 
-    async def _next(self) -> tuple[int, object]:
+    async def _wait(self, fut: asyncio.Future):
         try:
-            i, msg = await asyncio.wait_for(self.inbox.get(), self.timeout)
+            return await asyncio.wait_for(fut, self.timeout)
         except asyncio.TimeoutError:
-            raise RemoteError("timeout", f"no answer within {self.timeout:.0f} s") from None
-        if isinstance(msg, m.Error):
-            raise RemoteError(msg.code, msg.message, msg.peer or str(self.route[i]))
-        return i, msg
-
-    async def _result_from(self, hop: int, step: int) -> torch.Tensor:
-        while True:
-            i, msg = await self._next()
-            if isinstance(msg, m.Result) and i == hop and msg.step == step:
-                return msg.hidden
-            # anything else is a stale answer to an abandoned step: drop it
+            error = RemoteError("timeout", f"no answer within {self.timeout:.0f} s")
+            self._fail(error)
+            raise error from None
 
     def _message(self, hop: int, step: int, hidden, layout: StepLayout, compact) -> m.Step:
         parents = list(layout.parents) if layout.parents is not None else None
@@ -118,14 +133,16 @@ class ChainSession:
         first = self._step + 1
         self._step += len(steps)
         if self.push:
+            last = self._expect(len(self.route) - 1, self._step)
             for n, (hidden, layout, compact) in enumerate(steps):
                 await self.channels[0].send(self._message(0, first + n, hidden, layout, compact))
-            return await self._result_from(len(self.route) - 1, self._step)
+            return await self._wait(last)
         inputs = [hidden for hidden, _, _ in steps]
         for i, channel in enumerate(self.channels):
+            futures = [self._expect(i, first + n) for n in range(len(steps))]
             for n, (_, layout, compact) in enumerate(steps):
                 await channel.send(self._message(i, first + n, inputs[n], layout, compact))
-            inputs = [await self._result_from(i, first + n) for n in range(len(steps))]
+            inputs = [await self._wait(f) for f in futures]
         return inputs[-1]
 
     async def close(self) -> None:

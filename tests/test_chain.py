@@ -64,7 +64,8 @@ def test_explicit_route_and_sampling(swarm3):
 def test_bad_route_is_refused_clearly(swarm3):
     path, peers = swarm3
     out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--model", str(path), "--prompt", "x",
-                          "--initial-peers", peers[0].addr, peers[2].addr], capture_output=True, text=True, timeout=120)
+                          "--initial-peers", peers[0].addr, peers[2].addr, "--no-dht"], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 2 and "do not cover blocks [0, 8) (they serve 0:3, 5:8)" in out.stderr
 
 

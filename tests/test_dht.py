@@ -221,8 +221,8 @@ def test_live_dht_refuses_bad_values():
 
 
 def test_close_goes_offline_and_vanished_peers_expire(monkeypatch):
-    ttl = 2.0
-    monkeypatch.setattr(dht_module, "EPOCH", 3.0)  # provider keys roll over during the test, too
+    ttl = 4.0
+    monkeypatch.setattr(dht_module, "EPOCH", ttl)  # provider keys roll over during the test, too
 
     async def body(nodes, dhts):
         client, closing, vanishing = dhts[4], dhts[1], dhts[2]
@@ -231,8 +231,8 @@ def test_close_goes_offline_and_vanished_peers_expire(monkeypatch):
         both = {nodes[1].peer_id: (0, 4), nodes[2].peer_id: (4, 8)}
         assert ranges(await poll(lambda: client.find(MODEL), lambda recs: ranges(recs) == both)) == both
         first = {r.peer_id: r.issued for r in await client.find(MODEL)}
-        # republished before expiry, across epochs: visible all along for 3 TTLs
-        deadline = time.monotonic() + 3 * ttl
+        # republished before expiry, across epochs: visible all along for 1.5 TTLs
+        deadline = time.monotonic() + 1.5 * ttl
         while time.monotonic() < deadline:
             assert ranges(await client.find(MODEL)) == both
             await asyncio.sleep(0.1)

@@ -1,0 +1,85 @@
+"""Kill -9 the peer serving the middle span during a 200-token generation, N times; count identical outputs.
+
+Starts peers for spans 1/3, 2/3 (twice: one is the spare) and 3/3 of the model; before each run a new
+spare for the middle span joins, so a replica is always there when the victim dies. Each run must
+finish and match `--local` token for token.
+
+    python scripts/failover_drill.py                  # bundled model, 10 runs, push
+    python scripts/failover_drill.py --runs 3 --no-push --model DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from swarm.cli import DEFAULT_MODEL  # noqa: E402
+from swarm.generate import LocalModel, generate  # noqa: E402
+from swarm.launch import PeerProcess, even_spans, start_peers  # noqa: E402
+from swarm.remote import SwarmModel  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--kill-at", type=int, default=100, help="kill after this many tokens")
+    ap.add_argument("--prompt", default="def fibonacci(n):")
+    ap.add_argument("--no-push", dest="push", action="store_false")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    local = LocalModel.load(args.model)
+    prompt = local.tokenizer.encode(args.prompt).ids
+    reference = generate(local, prompt, args.tokens, stop_at_eos=False).tokens
+    first, middle, last = even_spans(local.head.cfg.num_hidden_layers, 3)
+    results = []
+    with tempfile.TemporaryDirectory() as logs:
+        peers = start_peers(args.model, [first, middle, middle, last], log_dir=logs)
+        model = SwarmModel(args.model, [peers[0].addr], push=args.push, timeout=20)
+        try:
+            for run in tqdm(range(args.runs), desc="failover runs", file=sys.stderr):
+                spare = PeerProcess(args.model, middle, "--initial-peers", peers[0].addr,
+                                    log_file=Path(logs) / f"spare{run}.log")
+                by_id = {p.peer_id: p for p in peers}
+                victim = next(h.peer_id for h in model.route if h.blocks == middle)
+                count = [0]
+
+                def kill(token):
+                    count[0] += 1
+                    if count[0] == args.kill_at:
+                        by_id[victim].kill()
+
+                before, t0 = model.failovers, time.perf_counter()
+                try:
+                    out = generate(model, prompt, args.tokens, stop_at_eos=False, on_token=kill).tokens
+                    ok = out == reference
+                except Exception as e:  # noqa: BLE001 - a failed run is a result, not a crash
+                    ok, out = False, repr(e)
+                results.append(dict(run=run, identical=ok, failovers=model.failovers - before,
+                                    seconds=round(time.perf_counter() - t0, 2)))
+                peers = [p for p in peers if p.peer_id != victim] + [spare]
+        finally:
+            model.close()
+            for p in peers:
+                p.stop()
+    passed = sum(r["identical"] for r in results)
+    if args.json:
+        print(json.dumps(dict(model=args.model, push=args.push, runs=results, passed=passed)))
+    else:
+        for r in results:
+            print(f"run {r['run']}: {'identical' if r['identical'] else 'DIFFERENT'}, {r['failovers']} failover(s), "
+                  f"{r['seconds']} s")
+        print(f"{passed}/{len(results)} runs finished identical to --local")
+    sys.exit(0 if passed == len(results) else 1)
+
+
+if __name__ == "__main__":
+    main()
