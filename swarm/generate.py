@@ -57,7 +57,9 @@ class LocalSession:
     blocks: BlockRange
     cache: KVCache
 
-    def __call__(self, hidden: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, layout: StepLayout, compact=None) -> torch.Tensor:
+        if compact is not None:  # keep only the accepted path of the previous tree step
+            self.cache.compact(*compact)
         return self.blocks(hidden, self.cache, layout)
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -167,12 +168,23 @@ class SwarmModel:
         self.bg.close()
 
 
+class Abandoned(RuntimeError):
+    """A pipelined step that was in flight behind a failed one; send it again if still wanted."""
+
+
 class RemoteBlocks:
-    """`RunBlocks` over the swarm for one generation; replays its history onto a new route on failure."""
+    """`RunBlocks` over the swarm for one generation; replays its history onto a new route on failure.
+
+    Several steps may be in flight (pipelined speculation). If one fails, the oldest in-flight step
+    fails over and retries; the younger ones raise `Abandoned` so the caller re-sends them in order.
+    History holds completed steps only, in order, which is what the new route must replay.
+    """
 
     def __init__(self, model: SwarmModel, max_length: int):
         self.model, self.max_length = model, max_length
         self.history: list[tuple[torch.Tensor, StepLayout, object]] = []
+        self._inflight: list[int] = []
+        self._sent = 0
         self.chain = model.bg.run(self._open())
 
     async def _open(self) -> ChainSession:
@@ -181,20 +193,31 @@ class RemoteBlocks:
         except FAILURES as e:
             return await self.model.recover(ChainSession(None, self.model.route), e, self.max_length, [])
 
-    def __call__(self, hidden: torch.Tensor, layout: StepLayout, compact=None) -> torch.Tensor:
-        out = self.model.bg.run(self._step(hidden, layout, compact))
-        self.history.append((hidden, layout, compact))
-        return out.to(self.model.head.embed_tokens.weight.dtype)
+    def submit(self, hidden: torch.Tensor, layout: StepLayout, compact=None) -> Future:
+        self._sent += 1
+        self._inflight.append(self._sent)
+        return asyncio.run_coroutine_threadsafe(self._step(self._sent, hidden, layout, compact), self.model.bg.loop)
 
-    async def _step(self, hidden, layout, compact):
-        for attempt in range(self.model.max_failovers + 1):
-            try:
-                return await self.chain.step(hidden, layout, compact)
-            except FAILURES as e:
-                if attempt == self.model.max_failovers:
-                    raise
-                log.warning("step failed (%s); failing over", e)
-                self.chain = await self.model.recover(self.chain, e, self.max_length, self.history)
+    def __call__(self, hidden: torch.Tensor, layout: StepLayout, compact=None) -> torch.Tensor:
+        return self.submit(hidden, layout, compact).result().to(self.model.head.embed_tokens.weight.dtype)
+
+    async def _step(self, number: int, hidden, layout, compact):
+        try:
+            for attempt in range(self.model.max_failovers + 1):
+                chain = self.chain
+                try:
+                    out = await chain.step(hidden, layout, compact)
+                    self.history.append((hidden, layout, compact))
+                    return out
+                except FAILURES as e:
+                    if number != self._inflight[0]:
+                        raise Abandoned(f"step behind a failed one: {e}") from e
+                    if attempt == self.model.max_failovers:
+                        raise
+                    log.warning("step failed (%s); failing over", e)
+                    self.chain = await self.model.recover(chain, e, self.max_length, self.history)
+        finally:
+            self._inflight.remove(number)
 
     def close(self) -> None:
         try:

@@ -133,7 +133,7 @@ def ranges(records) -> dict[str, tuple[int, int]]:
     return {r.peer_id: (r.start, r.end) for r in records}
 
 
-def test_find_sees_every_announcer():
+def test_find_sees_every_announcer(monkeypatch):
     async def body(nodes, dhts):
         client = dhts[4]
         spans = [(0, 4), (2, 6), (4, 8), (0, 8)]
@@ -142,29 +142,33 @@ def test_find_sees_every_announcer():
             await dhts[i].announce(PeerRecord(model=MODEL, start=start, end=end, throughput=10.0 + i,
                                               cache_tokens=1000 * i, data_addr=f"tcp://127.0.0.1:{7000 + i}"))
             print(f"announce {i}: {(time.perf_counter() - t0) * 1000:.0f} ms")
-        await dhts[3].announce(PeerRecord(model="other-model", start=0, end=2))  # its m-abc record goes offline
-        expected = {nodes[i].peer_id: spans[i] for i in range(3)}
+        expected = {nodes[i].peer_id: spans[i] for i in range(4)}
         t0 = time.perf_counter()
-        found = await poll(lambda: client.find(MODEL), lambda recs: ranges(recs) == expected)
+        found = await poll(lambda: client.find(MODEL), lambda recs: ranges(recs) == expected, within=5)
         print(f"first complete find after {(time.perf_counter() - t0) * 1000:.0f} ms")
         assert ranges(found) == expected
-        for rec in found:
-            i = [n.peer_id for n in nodes].index(rec.peer_id)
-            assert (rec.throughput, rec.cache_tokens, rec.data_addr) == (10.0 + i, 1000 * i, f"tcp://127.0.0.1:{7000 + i}")
+        for i, rec in enumerate(sorted(found, key=lambda r: [n.peer_id for n in nodes].index(r.peer_id))):
+            assert (rec.throughput, rec.cache_tokens) == (10.0 + i, 1000 * i)
+            assert rec.data_addr == f"tcp://127.0.0.1:{7000 + i}"
             assert rec.state == "online" and rec.addrs == nodes[i].addrs and rec.model == MODEL
+            assert rec.expires - rec.issued == pytest.approx(120.0) and rec.version == dht_module.PROTOCOL_VERSION
         for _ in range(3):
             t0 = time.perf_counter()
-            await client.find(MODEL)
+            assert ranges(await client.find(MODEL)) == expected
             print(f"find: {(time.perf_counter() - t0) * 1000:.0f} ms")
-        assert ranges(await client.find(MODEL, range(6, 8))) == {nodes[2].peer_id: (4, 8)}
-        assert set(ranges(await client.find(MODEL, range(3, 5)))) == set(expected)
-        assert ranges(await dhts[1].find("other-model")) == {nodes[3].peer_id: (0, 2)}
+        assert ranges(await client.find(MODEL, range(6, 8))) == {nodes[2].peer_id: (4, 8), nodes[3].peer_id: (0, 8)}
+        assert set(ranges(await client.find(MODEL, range(0, 1)))) == {nodes[0].peer_id, nodes[3].peer_id}
         assert await client.find("no-such-model") == []
-        # a new announcement replaces the old one everywhere (newest wins), the announcer's own find too
+        with monkeypatch.context() as patch:  # as in a swarm of over 20 nodes: one lookup per record
+            patch.setattr(dht_module, "BUCKET_SIZE", 0)
+            assert ranges(await client.find(MODEL)) == expected
+        # a peer moving to another model leaves this one at once; a new range replaces the old (newest wins)
+        await dhts[3].announce(PeerRecord(model="other-model", start=0, end=2))
         await dhts[1].announce(PeerRecord(model=MODEL, start=6, end=10))
-        for d in (client, dhts[1]):
-            found = await poll(lambda: d.find(MODEL), lambda recs: ranges(recs).get(nodes[1].peer_id) == (6, 10))
-            assert ranges(found)[nodes[1].peer_id] == (6, 10)
+        expected = {nodes[0].peer_id: (0, 4), nodes[1].peer_id: (6, 10), nodes[2].peer_id: (4, 8)}
+        for d in (client, dhts[1], dhts[3]):  # a client, the announcer itself, the peer that left
+            assert ranges(await d.find(MODEL)) == expected
+        assert ranges(await dhts[0].find("other-model")) == {nodes[3].peer_id: (0, 2)}
     run_swarm(body)
 
 

@@ -1,11 +1,16 @@
-"""Greedy speculative decoding (local) is token-identical to plain greedy decoding."""
+"""Speculative decoding (local target): greedy is token-identical to plain greedy in every mode, and
+sampling reproduces the target's distribution (a chi-square test that catches a biased sampler)."""
+
+import math
 
 import pytest
 import torch
 
+import swarm.speculative as spec
 from conftest import make_checkpoint
 from swarm.generate import LocalModel, generate
-from swarm.speculative import Drafter, speculative_generate, verify_greedy
+from swarm.sampling import SamplingParams
+from swarm.speculative import Drafter, SpecConfig, speculative_generate, verify, verify_greedy_tree
 
 
 @pytest.fixture(scope="module")
@@ -18,45 +23,151 @@ def pair(tiny, tmp_path_factory):
 PROMPT = [5, 17, 42, 99, 3, 250]
 
 
-def spec(target, draft, k, n=40, prompt=PROMPT, eos=()):
-    drafter = Drafter(draft, len(prompt) + n + k + 1)
-    session = target.session(len(prompt) + n + k + 1)
-    return speculative_generate(target.head, session, drafter, prompt, n, k, eos)
+def run_spec(target, draft, cfg, n=40, prompt=PROMPT, eos=(), seed=0):
+    length = len(prompt) + n + 2 * (cfg.k or cfg.k_max) + 2
+    return speculative_generate(target.head, target.session(length), Drafter(draft, length), prompt, n, cfg, seed, eos)
 
 
-@pytest.mark.parametrize("k", [0, 1, 4, 8])
-def test_random_draft_output_equals_plain_greedy(pair, k):
+MODES = {
+    "k1": SpecConfig(k=1, pipeline=False), "k4": SpecConfig(k=4, pipeline=False), "k8": SpecConfig(k=8, pipeline=False),
+    "adaptive": SpecConfig(pipeline=False), "pipelined-k4": SpecConfig(k=4), "pipelined-adaptive": SpecConfig(),
+    "tree": SpecConfig(k=4, tree_width=3, pipeline=False), "tree-adaptive": SpecConfig(tree_width=2, pipeline=False),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("drafter", ["random", "perfect"])
+def test_greedy_output_equals_plain_greedy(pair, mode, drafter):
     target, draft = pair
     plain = generate(target, PROMPT, 40, stop_at_eos=False).tokens
-    res = spec(target, draft, k)
+    res = run_spec(target, draft if drafter == "random" else target, MODES[mode])
     assert res.tokens == plain
     assert res.rounds == len(res.accepted_per_round) and sum(res.accepted_per_round) == res.accepted
-    assert res.drafted <= k * res.rounds
-
-
-@pytest.mark.parametrize("k", [1, 4, 8])
-def test_perfect_draft_commits_k_plus_one_per_round(pair, k):
-    target, _ = pair
-    plain = generate(target, PROMPT, 40, stop_at_eos=False).tokens
-    res = spec(target, target, k)  # the target drafting for itself is always right
-    assert res.tokens == plain
-    assert res.acceptance_rate == 1.0
-    assert res.rounds == -(-40 // (k + 1))
+    if drafter == "perfect":
+        assert res.acceptance_rate == 1.0
+        if mode in ("k4", "k8"):
+            k = MODES[mode].k
+            assert res.rounds == -(-40 // (k + 1))
 
 
 def test_stops_at_eos_like_plain_decoding(pair):
     target, draft = pair
     plain = generate(target, PROMPT, 40, stop_at_eos=False).tokens
-    eos = plain[17]  # pretend the 18th token is end-of-sequence
-    res = spec(target, draft, 4, eos=(eos,))
+    eos = plain[17]
+    res = run_spec(target, target, SpecConfig(k=4), eos=(eos,))
     assert res.tokens == plain[:plain.index(eos) + 1] and res.stopped_by == "eos"
 
 
-def test_verify_greedy():
-    logits = torch.full((4, 10), -1.0)
+def test_verify_greedy_and_tree():
+    p = torch.zeros(4, 10)
     for row, tok in enumerate([3, 5, 7, 9]):
-        logits[row, tok] = 1.0
-    assert verify_greedy([3, 5, 7], logits) == (3, 9)
-    assert verify_greedy([3, 6, 7], logits) == (1, 5)
-    assert verify_greedy([0, 5, 7], logits) == (0, 3)
-    assert verify_greedy([], logits[:1]) == (0, 3)
+        p[row, tok] = 1.0
+    q = torch.zeros(3, 10)
+    assert verify([3, 5, 7], q + p[:3], p) == (3, 9)
+    assert verify([3, 6, 7], torch.nn.functional.one_hot(torch.tensor([3, 6, 7]), 10).float(), p) == (1, 5)
+    tokens = [1, 3, 4, 5, 9]  # node 0 = last token; 1 -> {3 (node1), 4 (node2)}; node1 -> 5 (node3); node2 -> 9
+    parents = [-1, 0, 0, 1, 2]
+    assert verify_greedy_tree(tokens, parents, [4, 0, 9, 0, 2]) == ([0, 2, 4], 2)
+    assert verify_greedy_tree(tokens, parents, [3, 5, 0, 8, 0]) == ([0, 1, 3], 8)
+    assert verify_greedy_tree(tokens, parents, [7, 0, 0, 0, 0]) == ([0], 7)
+
+
+def test_adaptive_k_prefers_long_drafts_when_trips_are_expensive():
+    cheap, costly = spec.AdaptiveK(k_max=8), spec.AdaptiveK(k_max=8)
+    for k in (4, 2, 4, 2):
+        cheap.observe(k, k - 1, k + 1, 0.001 + 0.001 * (k + 1), 0.0005 * k)  # local: every token costs
+        costly.observe(k, k - 1, k + 1, 0.100 + 0.001 * (k + 1), 0.0005 * k)  # a WAN trip dominates
+    assert costly.choose() > cheap.choose()
+    assert costly.choose() >= 4
+
+
+# --- sampling is lossless: a chi-square test on the joint law of the first two tokens ----------------
+
+def chi2_critical(df: int, alpha_z: float = 3.09) -> float:
+    """Wilson-Hilferty: the chi-square quantile at the normal quantile z (3.09: significance 0.001)."""
+    return df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory):
+    import transformers
+
+    def build(seed, layers):
+        cfg = transformers.LlamaConfig(vocab_size=6, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                       num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)
+        torch.manual_seed(seed)
+        path = tmp_path_factory.mktemp(f"v6-{seed}")
+        transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+        return LocalModel.load(path)
+
+    return build(1, 2), build(2, 1)
+
+
+def generate_logits(model, ids):
+    session = model.session(len(ids))
+    from peer.model import StepLayout
+
+    return model.head.logits(session(model.head.embed(torch.tensor(ids)), StepLayout(0, len(ids))))[-1]
+
+
+def chi_square_stat(counts: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    keep = expected >= 5
+    stat = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    return stat, chi2_critical(int(keep.sum()) - 1)
+
+
+def joint_of_verify(verify_fn, n=20000, vocab=6, seed=0):
+    """Two draft tokens from q, verified against p by `verify_fn`: the joint law of the first two
+    committed tokens, counted, beside what the target alone would give (p1(a) * p2(b | a))."""
+    g = torch.Generator().manual_seed(seed)
+    p1 = torch.softmax(torch.randn(vocab, generator=g) * 2, -1)
+    p2 = torch.softmax(torch.randn(vocab, vocab, generator=g) * 2, -1)  # p2[a] = law of the 2nd token given a
+    q1 = torch.softmax(torch.randn(vocab, generator=g) * 2, -1)  # a draft that disagrees a lot
+    q2 = torch.softmax(torch.randn(vocab, vocab, generator=g) * 2, -1)
+    p3 = torch.full((vocab,), 1.0 / vocab)
+    counts = torch.zeros(vocab, vocab)
+    for _ in range(n):
+        x1 = int(torch.multinomial(q1, 1, generator=g))
+        x2 = int(torch.multinomial(q2[x1], 1, generator=g))
+        accepted, extra = verify_fn([x1, x2], torch.stack([q1, q2[x1]]), torch.stack([p1, p2[x1], p3]), g)
+        first = x1 if accepted >= 1 else extra
+        second = x2 if accepted >= 2 else (extra if accepted == 1 else None)
+        if second is None:  # the round ended after one token: the next token comes from the target
+            second = int(torch.multinomial(p2[first], 1, generator=g))
+        counts[first, second] += 1
+    return counts, (p1[:, None] * p2) * n
+
+
+def test_rejection_sampling_reproduces_the_target_law():
+    stat, critical = chi_square_stat(*joint_of_verify(verify))
+    assert stat < critical, f"chi2 {stat:.1f} >= {critical:.1f} (significance 0.001): verify is biased"
+
+
+def test_the_chi_square_test_catches_a_biased_sampler():
+    """The classic bug: on rejection, resample from p instead of from norm(max(p - q, 0))."""
+
+    def biased(drafts, q, p, generator=None, relaxed=None):
+        for i, x in enumerate(drafts):
+            if float(torch.rand((), generator=generator)) < min(1.0, float(p[i, x] / q[i, x])):
+                continue
+            return i, int(torch.multinomial(p[i], 1, generator=generator))
+        return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=generator))
+
+    stat, critical = chi_square_stat(*joint_of_verify(biased))
+    assert stat > critical, f"chi2 {stat:.1f} < {critical:.1f}: the test did not notice the bias"
+
+
+def test_end_to_end_sampling_follows_the_target(small_vocab):
+    """Whole speculative generations (drafter, target, verify): the first token's law is the target's."""
+    target, draft = small_vocab
+    params, prompt, n = SamplingParams(temperature=1.0), [1, 2, 3], 400
+    expected = torch.softmax(generate_logits(target, prompt), -1) * n
+    counts = torch.zeros(6)
+    length = len(prompt) + 8
+    for seed in range(n):
+        res = speculative_generate(target.head, target.session(length), Drafter(draft, length), prompt, 3,
+                                   SpecConfig(k=2, pipeline=False, params=params), seed=seed)
+        assert res.ks[0] == 2  # the first token went through draft + verification
+        counts[res.tokens[0]] += 1
+    stat, critical = chi_square_stat(counts, expected)
+    assert stat < critical, f"chi2 {stat:.1f} >= {critical:.1f}"
