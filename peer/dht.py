@@ -1,14 +1,18 @@
 """Discovery records over the libp2p Kademlia DHT (py-libp2p 0.8.1), usable from asyncio.
 
-A serving peer publishes one signed, expiring `PeerRecord`: model, peer id, multiaddrs, block range
+A serving peer announces one signed, expiring `PeerRecord`: model, peer id, multiaddrs, block range
 [start, end), throughput, free cache, state, public keys, RTTs. A client that knows only the model id
 finds every peer of the model, hence all peers of every block. This module knows nothing of tensors,
 sessions or routing: it publishes records, finds them, and checks that they are honest.
 
+Record: canonical JSON, a newline, then the hex Ed25519 signature (by the peer's libp2p key) of a
+domain tag + the JSON. It carries `issued` (the newest wins) and `expires` (the DHT has no TTL).
+`SwarmDHT` republishes the announced record every ttl/2 and, on close(), publishes it "offline".
+
 Keys. A Kademlia value is one value per key (last writer wins), so no key has two writers:
-  * value /specswarm/<sha256(model)[:32]>/<peer id>: that peer's signed record. Strict validation
-    is on, and honest nodes store only what `_RecordValidator` accepts: signed by the key that hashes
-    to the peer id, matching its key, well-formed, <= 16 KiB, unexpired; `select` keeps the newest.
+  * value /specswarm/<sha256(model)[:32]>/<peer id>: that peer's record. Strict validation is on,
+    and honest nodes store only what `_RecordValidator` accepts: signed by the key that hashes to the
+    peer id, matching its key, well-formed, <= 16 KiB, unexpired; `select` keeps the newest.
   * provider key sha256("specswarm/providers/<model>/<epoch>"): who has a record for the model.
     py-libp2p keeps provider entries 48 h and at most 20 per key, so the key changes every EPOCH s;
     a peer provides the epochs of now and now + ttl, which covers its record's life. Provider entries
@@ -19,13 +23,15 @@ Keys. A Kademlia value is one value per key (last writer wins), so no key has tw
 py-libp2p quirks handled (with a few private calls into its stores; pinned by libp2p<0.9):
   * get_value/find_providers answer from the local store whenever it has anything (a stale record,
     an old provider list) without asking the network: we ask the closest peers, and add our store.
-  * FIND_NODE refuses keys over 50 bytes: value keys are looked up by their sha256.
+  * FIND_NODE refuses keys over 50 bytes: value keys are looked up by their sha256 (and are kept out
+    of py-libp2p's own republisher, which would look them up raw).
   * ADD_PROVIDER is fire-and-forget and may be dropped: we ask each closest peer whether it lists us,
     send ADD_PROVIDER if not, and ask again; the next republish retries what is still missing.
   * stored values are served without re-validation, and a bad peer serves anything: `find` verifies
     every value. The DHT's warning on every normally closed stream (StreamEOF) is filtered out.
 Limits: at most 20 peers per model and epoch are visible (shard the provider key to go beyond), and
-Sybil peers can fill those slots; clocks must agree to within a fraction of the TTL.
+Sybil peers can fill those slots; clocks must agree to within a fraction of the TTL; in a swarm of
+over 20 DHT nodes a find costs one lookup per peer found (below that, one lookup finds them all).
 """
 
 from __future__ import annotations
@@ -38,14 +44,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import multiaddr
 import trio
 from libp2p.crypto.keys import KeyPair, KeyType, PrivateKey
 from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.kad_dht import DHTMode, KadDHT
-from libp2p.kad_dht.common import PROTOCOL_ID
+from libp2p.kad_dht.common import BUCKET_SIZE, PROTOCOL_ID
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -72,6 +79,8 @@ class RecordError(ValueError):
 
 @dataclass
 class PeerRecord:
+    """What a peer says about itself, for one model. `sign()` it to publish, `verify()` what you read."""
+
     model: str
     start: int  # blocks [start, end)
     end: int
@@ -245,7 +254,8 @@ class SwarmDHT:
         self._runner: asyncio.Future | None = None
 
     @classmethod
-    async def start(cls, node: P2PNode, bootstrap: list[str] | tuple[str, ...] = (), ttl: float = 120.0) -> SwarmDHT:
+    async def start(cls, node: P2PNode, bootstrap: Sequence[str] = (), ttl: float = 120.0) -> SwarmDHT:
+        """Run a KadDHT (server mode, strict validation) in `node`, joined through `bootstrap` multiaddrs."""
         self = cls(node, ttl)
         logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_not_eof_warning)
         peers = []
@@ -336,7 +346,7 @@ class SwarmDHT:
 
     async def _republish_trio(self) -> None:
         while True:
-            await trio.sleep(min(1.0, self.ttl / 4))
+            await trio.sleep(min(1.0, self.ttl / 10))
             if self._record is not None and time.time() >= self._due:
                 try:
                     await self._publish_trio()
@@ -386,19 +396,23 @@ class SwarmDHT:
 
     async def _find_trio(self, model: str) -> list[PeerRecord]:
         store, key = self.dht.provider_store, provider_key(model, int(time.time() // EPOCH))
-        answers = await self._each_trio(await self._closest_trio(key),
-                                        lambda peer: store._get_providers_from_peer_with_closers(peer, key))
+        closest = await self._closest_trio(key)
+        answers = await self._each_trio(closest, lambda peer: store._get_providers_from_peer_with_closers(peer, key))
         providers = {p.peer_id for p in store.get_providers(key)}
         providers.update(p.peer_id for answer in answers if answer for p in answer[0])
-        records = await self._each_trio(list(providers), lambda peer_id: self._get_record_trio(model, peer_id),
+        # A lookup that found fewer than k peers found them all: they are the closest to any key.
+        everyone = closest if len(closest) < BUCKET_SIZE - 1 else None
+        records = await self._each_trio(list(providers), lambda pid: self._get_record_trio(model, pid, everyone),
                                         timeout=3 * RPC_TIMEOUT)
         return [r for r in records if r is not None]
 
-    async def _get_record_trio(self, model: str, peer_id: ID) -> PeerRecord | None:
-        """The newest valid record of `peer_id` for `model`, from our store and the closest peers."""
+    async def _get_record_trio(self, model: str, peer_id: ID, peers: list[ID] | None = None) -> PeerRecord | None:
+        """The newest valid record of `peer_id` for `model`, from our store and the closest peers
+        (those of its key, looked up unless given)."""
         store, key_bytes = self.dht.value_store, record_key(model, str(peer_id)).encode()
-        answers = await self._each_trio(await self._closest_trio(hashlib.sha256(key_bytes).digest()),
-                                        lambda peer: store._get_from_peer(peer, key_bytes, return_record=True))
+        if peers is None:
+            peers = await self._closest_trio(hashlib.sha256(key_bytes).digest())
+        answers = await self._each_trio(peers, lambda peer: store._get_from_peer(peer, key_bytes, return_record=True))
         best = None
         for answer in [store.get(key_bytes), *answers]:
             if answer is None:
