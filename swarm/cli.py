@@ -25,6 +25,10 @@ def _default_model() -> str | None:
     return str(DEFAULT_MODEL) if (DEFAULT_MODEL / "config.json").exists() else None
 
 
+def _default_draft() -> str | None:
+    return str(DEFAULT_DRAFT) if (DEFAULT_DRAFT / "config.json").exists() else None
+
+
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt",
                        description="Generate a continuation of a prompt. --local runs the whole model in this "
@@ -52,6 +56,18 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--draft", default=_default_draft(),
+                   help="draft model directory for speculative decoding" + (" [default: the bundled draft]" if _default_draft() else ""))
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                   help="draft locally, verify through the target [default: on through the swarm, off with --local]")
+    p.add_argument("--k", type=int, default=None, help="fixed draft length [default: adaptive]")
+    p.add_argument("--k-max", type=int, default=8, help="longest draft the adaptive choice may pick")
+    p.add_argument("--tree", type=int, default=1, metavar="WIDTH",
+                   help="draft a tree with WIDTH candidates for the next token (greedy only) [default: 1, a chain]")
+    p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
+                   help="wait for each round's verdict before sending the next")
+    p.add_argument("--relaxed", type=float, default=None, metavar="TAU",
+                   help="LOSSY: also accept drafts close to the target's best (0 < TAU < 1); output may differ from the target's")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -101,13 +117,34 @@ def _generate(args, model, params: SamplingParams, load_seconds: float) -> int:
             sys.stdout.flush()
             shown = text
 
-    result = generate(model, prompt, args.max_new_tokens, params, args.seed, not args.ignore_eos, on_token)
+    speculative = args.speculative if args.speculative is not None else (not args.local and bool(args.draft))
+    spec_fields = {}
+    if speculative:
+        from .speculative import SpecConfig, generate_speculative
+
+        if not args.draft:
+            raise SystemExit("swarm generate: --speculative needs --draft DIR")
+        if args.relaxed is not None:
+            print(f"WARNING: --relaxed {args.relaxed} is lossy: the output may differ from the target model's own",
+                  file=sys.stderr)
+        cfg = SpecConfig(k=args.k, k_max=args.k_max, tree_width=args.tree, pipeline=args.pipeline,
+                         relaxed=args.relaxed, params=params)
+        draft = LocalModel.load(args.draft, args.dtype, args.device)
+        result = generate_speculative(model, draft, prompt, args.max_new_tokens, cfg, args.seed, not args.ignore_eos,
+                                      lambda tokens: [on_token(t) for t in tokens])
+        spec_fields = {"rounds": result.rounds, "tokens_per_round": round(result.tokens_per_round, 3),
+                       "acceptance_rate": round(result.acceptance_rate, 4), "k": args.k if args.k else "adaptive",
+                       "draft": str(args.draft), "lossy": args.relaxed is not None}
+        mode = cfg.mode
+    else:
+        result = generate(model, prompt, args.max_new_tokens, params, args.seed, not args.ignore_eos, on_token)
+        mode = "plain"
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)
     if args.json:
         extra = {} if args.local else {"route": [str(h) for h in model.route], "push": args.push,
                                        "wire_dtype": args.wire_dtype, "transport": args.transport}
         print(json.dumps({
-            "mode": "local" if args.local else ("push" if args.push else "client-mediated"),
+            "mode": mode, "where": "local" if args.local else ("push" if args.push else "client-mediated"), **spec_fields,
             "model": str(args.model), "device": args.device, "dtype": args.dtype, **extra,
             "prompt_tokens": result.prompt_tokens, "tokens": result.tokens, "new_tokens": len(result.tokens),
             "text": text, "stopped_by": result.stopped_by, "seconds": round(result.seconds, 6),
@@ -117,8 +154,9 @@ def _generate(args, model, params: SamplingParams, load_seconds: float) -> int:
     else:
         sys.stdout.write("\n")
         where = "local" if args.local else "route " + " -> ".join(str(h) for h in model.route)
-        print(f"[{len(result.tokens)} tokens in {result.seconds:.2f} s, {result.tokens_per_s:.1f} tokens/s, "
-              f"{where}, {args.device}/{args.dtype}]", file=sys.stderr)
+        per_round = f", {result.tokens_per_round:.2f} tokens/round" if speculative else ""
+        print(f"[{len(result.tokens)} tokens in {result.seconds:.2f} s, {result.tokens_per_s:.1f} tokens/s{per_round}, "
+              f"{mode}, {where}, {args.device}/{args.dtype}]", file=sys.stderr)
     return 0
 
 

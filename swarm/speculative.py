@@ -311,3 +311,20 @@ def speculative_generate(head: ModelHead, run: RunBlocks, drafter: Drafter, prom
             break
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def generate_speculative(model, draft: LocalModel, prompt: list[int], max_new_tokens: int, cfg: SpecConfig = SpecConfig(),
+                         seed: int = 0, stop_at_eos: bool = True,
+                         on_tokens: Callable[[list[int]], None] | None = None) -> SpeculativeResult:
+    """Speculative decoding with a LocalModel or a SwarmModel as the target (sessions opened and closed here)."""
+    if draft.head.cfg.vocab_size != model.head.cfg.vocab_size:
+        raise ValueError(f"the draft's vocabulary ({draft.head.cfg.vocab_size}) differs from the target's "
+                         f"({model.head.cfg.vocab_size}); they must share a tokenizer")
+    eos = tuple(model.head.cfg.eos_token_ids) if stop_at_eos else ()
+    length = len(prompt) + max_new_tokens + 2 * max(cfg.k or 0, cfg.k_max) * max(1, cfg.tree_width) + 2
+    session = model.session(length)
+    try:
+        return speculative_generate(model.head, session, Drafter(draft, length), prompt, max_new_tokens, cfg, seed,
+                                    eos, on_tokens)
+    finally:
+        session.close()

@@ -34,7 +34,7 @@ def swarm3(tiny, tmp_path_factory):
 
 def cli(*args):
     out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--prompt", "def fibonacci(n):",
-                          "--max-new-tokens", "24", "--ignore-eos", "--json", *args],
+                          "--max-new-tokens", "24", "--ignore-eos", "--json", "--no-speculative", *args],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -48,7 +48,8 @@ def test_three_peers_greedy_equals_local(swarm3, push, transport):
     remote = cli("--model", str(path), "--initial-peers", *[p.addr for p in peers], "--transport", transport,
                  *([] if push else ["--no-push"]))
     assert remote["tokens"] == local["tokens"]
-    assert remote["mode"] == ("push" if push else "client-mediated") and remote["transport"] == transport
+    assert remote["where"] == ("push" if push else "client-mediated") and remote["transport"] == transport
+    assert remote["mode"] == "plain"
     assert [r.split(":", 1)[1] for r in remote["route"]] == ["0:3", "3:5", "5:8"]
 
 
@@ -59,6 +60,25 @@ def test_explicit_route_and_sampling(swarm3):
     remote = cli("--model", str(path), "--initial-peers", *[p.addr for p in peers], "--route", route,
                  "--temperature", "0.8", "--seed", "3")
     assert remote["tokens"] == local["tokens"]
+
+
+@pytest.mark.parametrize("flags", [["--k", "4"], [], ["--tree", "2", "--no-pipeline"], ["--no-push", "--k", "8"]])
+def test_speculative_through_the_chain_equals_local(swarm3, tmp_path_factory, flags):
+    path, peers = swarm3
+    draft = tmp_path_factory.getbasetemp() / "chain-draft"
+    if not draft.exists():
+        from conftest import make_checkpoint
+
+        make_checkpoint(draft, "llama3", seed=5, num_hidden_layers=2)
+    local = cli("--model", str(path), "--local")
+    spec = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--prompt", "def fibonacci(n):",
+                           "--max-new-tokens", "24", "--ignore-eos", "--json", "--model", str(path), "--draft", str(draft),
+                           "--initial-peers", *[p.addr for p in peers], "--speculative", *flags],
+                          capture_output=True, text=True, timeout=180)
+    assert spec.returncode == 0, spec.stderr
+    got = json.loads(spec.stdout)
+    assert got["tokens"] == local["tokens"] and got["mode"].startswith("speculative")
+    assert got["rounds"] >= 1 and got["tokens_per_round"] >= 1.0 and 0 <= got["acceptance_rate"] <= 1
 
 
 def test_bad_route_is_refused_clearly(swarm3):
