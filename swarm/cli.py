@@ -228,6 +228,98 @@ def cmd_status(args) -> int:
     return 0 if status["complete"] else 1
 
 
+def _add_chat_args(p) -> None:
+    p.add_argument("--model", default=_default_model(), required=_default_model() is None,
+                   help="model directory" + (" [default: the bundled model]" if _default_model() else ""))
+    p.add_argument("--draft", default=_default_draft(), help="draft model directory [default: the bundled draft]")
+    p.add_argument("--no-speculative", dest="speculative", action="store_false")
+    p.add_argument("--k", type=int, default=None, help="fixed draft length [default: adaptive]")
+    p.add_argument("--tree", type=int, default=1, metavar="WIDTH")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=96, help="per reply")
+    p.add_argument("--prompt", nargs="+", help="answer these prompts and exit (no interaction)")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def _chat(args, model) -> int:
+    from .chat import Chat, run_interactive, run_scripted
+    from .speculative import SpecConfig
+
+    draft = LocalModel.load(args.draft) if args.speculative and args.draft else None
+    cfg = SpecConfig(k=args.k, tree_width=args.tree, params=SamplingParams(args.temperature, args.top_p))
+    chat = Chat(model, draft, cfg, args.max_new_tokens)
+    if args.prompt or not sys.stdin.isatty():
+        run_scripted(chat, args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()])
+    else:
+        run_interactive(chat)
+    return 0
+
+
+def add_chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat with the model through the swarm (streaming, live stats)")
+    p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR")
+    p.add_argument("--local", action="store_true", help="no swarm: every block in this process")
+    _add_chat_args(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args) -> int:
+    set_threads(args.threads)
+    if not args.local and not args.initial_peers:
+        raise SystemExit("swarm chat: give --initial-peers MULTIADDR (a peer's 'listening on' line) or --local")
+    if args.local:
+        return _chat(args, LocalModel.load(args.model))
+    from .remote import SwarmModel
+
+    model = SwarmModel(args.model, args.initial_peers)
+    try:
+        return _chat(args, model)
+    finally:
+        model.close()
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="start a local swarm of three peers on the bundled model, then chat",
+                       description="Starts three `swarm peer` processes on 127.0.0.1 (each a third of the model's "
+                                   "blocks, stopped on exit), then a chat through them.")
+    p.add_argument("--peers", type=int, default=3)
+    _add_chat_args(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    import tempfile
+
+    from .launch import PeerProcess, even_spans
+    from .remote import SwarmModel
+
+    set_threads(args.threads or 1)
+    from peer.model import Checkpoint
+
+    spans = even_spans(Checkpoint(args.model).config.num_hidden_layers, args.peers)
+    logs = tempfile.mkdtemp(prefix="specswarm-demo-")
+    print(f"starting {args.peers} peers on 127.0.0.1 (logs in {logs}) ...", file=sys.stderr)
+    peers: list = []
+    try:
+        peers.append(PeerProcess(args.model, spans[0], log_file=f"{logs}/peer0.log"))
+        for i, span in enumerate(spans[1:], 1):
+            peers.append(PeerProcess(args.model, span, "--initial-peers", peers[0].addr, log_file=f"{logs}/peer{i}.log"))
+        for p, span in zip(peers, spans):
+            print(f"  peer …{p.peer_id[-8:]} serves blocks {span[0]}:{span[1]} at {p.addr}", file=sys.stderr)
+        model = SwarmModel(args.model, [peers[0].addr])
+        try:
+            if not args.prompt and not sys.stdin.isatty():
+                args.prompt = ["def fibonacci(n):"]
+            return _chat(args, model)
+        finally:
+            model.close()
+    finally:
+        for p in peers:
+            p.stop()
+        print("stopped the demo peers", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swarm", description="specswarm: LLM inference over a swarm of peers "
                                                                "with distributed speculative decoding")
@@ -235,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     add_generate_parser(sub)
     add_peer_parser(sub)
     add_status_parser(sub)
+    add_chat_parser(sub)
+    add_demo_parser(sub)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     if args.command != "peer":  # peers configure their own, more talkative logging
