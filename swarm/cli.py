@@ -117,7 +117,9 @@ def _generate(args, model, params: SamplingParams, load_seconds: float) -> int:
             sys.stdout.flush()
             shown = text
 
-    speculative = args.speculative if args.speculative is not None else (not args.local and bool(args.draft))
+    # on by default through the swarm, with the bundled draft only for the bundled model (same tokenizer)
+    paired = args.draft != _default_draft() or args.model == _default_model()
+    speculative = args.speculative if args.speculative is not None else (not args.local and bool(args.draft) and paired)
     spec_fields = {}
     if speculative:
         from .speculative import SpecConfig, generate_speculative
@@ -246,7 +248,8 @@ def _chat(args, model) -> int:
     from .chat import Chat, run_interactive, run_scripted
     from .speculative import SpecConfig
 
-    draft = LocalModel.load(args.draft) if args.speculative and args.draft else None
+    paired = args.draft != _default_draft() or args.model == _default_model()  # the bundled draft fits the bundled model
+    draft = LocalModel.load(args.draft) if args.speculative and args.draft and paired else None
     cfg = SpecConfig(k=args.k, tree_width=args.tree, params=SamplingParams(args.temperature, args.top_p))
     chat = Chat(model, draft, cfg, args.max_new_tokens)
     if args.prompt or not sys.stdin.isatty():
