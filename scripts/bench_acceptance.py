@@ -24,7 +24,7 @@ from peer.model import StepLayout  # noqa: E402
 from swarm.cli import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
 from swarm.generate import LocalModel, generate  # noqa: E402
 from swarm.prompts import humaneval_prompts  # noqa: E402
-from swarm.speculative import Drafter, speculative_generate  # noqa: E402
+from swarm.speculative import Drafter, SpecConfig, speculative_generate  # noqa: E402
 
 
 def draft_agreement(draft: LocalModel, prompt: list[int], reference: list[int]) -> int:
@@ -66,8 +66,9 @@ def main() -> None:
         totals["plain_s"] += plain.seconds
         totals["agree"] += draft_agreement(draft, prompt, plain.tokens)
         for k in ks:
-            length = len(prompt) + n_new + k + 1
-            res = speculative_generate(target.head, target.session(length), Drafter(draft, length), prompt, n_new, k)
+            length = len(prompt) + n_new + 2 * k + 2
+            res = speculative_generate(target.head, target.session(length), Drafter(draft, length), prompt, n_new,
+                                       SpecConfig(k=k, pipeline=False))
             stats = per_k[k]
             stats["mismatches"] += res.tokens != plain.tokens
             for key in ("rounds", "drafted", "accepted", "seconds"):
