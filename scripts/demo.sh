@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job: sets up .venv on first use, then generates code with the bundled model.
+# The main job: sets up .venv on first use, then starts a local swarm of three peers on the bundled
+# model and chats through it (interactive on a terminal; otherwise answers one prompt and exits).
+# Extra arguments go to `swarm demo` (e.g. --prompt "def quicksort(xs):" --max-new-tokens 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-exec swarm generate --local --prompt "${1:-def fibonacci(n):}" --max-new-tokens "${2:-48}"
+exec swarm demo "$@"
