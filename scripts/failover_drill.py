@@ -43,7 +43,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as logs:
         peers = start_peers(args.model, [first, middle, middle, last], log_dir=logs)
-        model = SwarmModel(args.model, [peers[0].addr], push=args.push, timeout=20)
+        model = SwarmModel(args.model, [p.addr for p in peers], push=args.push, timeout=20)
         try:
             for run in tqdm(range(args.runs), desc="failover runs", file=sys.stderr):
                 spare = PeerProcess(args.model, middle, "--initial-peers", peers[0].addr,
@@ -66,6 +66,7 @@ def main() -> None:
                 results.append(dict(run=run, identical=ok, failovers=model.failovers - before,
                                     seconds=round(time.perf_counter() - t0, 2)))
                 peers = [p for p in peers if p.peer_id != victim] + [spare]
+                model.initial_peers.append(spare.addr)
         finally:
             model.close()
             for p in peers:
