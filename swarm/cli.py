@@ -294,7 +294,7 @@ def add_demo_parser(sub) -> None:
 def cmd_demo(args) -> int:
     import tempfile
 
-    from .launch import PeerProcess, even_spans
+    from .launch import even_spans, start_peers
     from .remote import SwarmModel
 
     set_threads(args.threads or 1)
@@ -303,11 +303,8 @@ def cmd_demo(args) -> int:
     spans = even_spans(Checkpoint(args.model).config.num_hidden_layers, args.peers)
     logs = tempfile.mkdtemp(prefix="specswarm-demo-")
     print(f"starting {args.peers} peers on 127.0.0.1 (logs in {logs}) ...", file=sys.stderr)
-    peers: list = []
+    peers = start_peers(args.model, spans, log_dir=logs)
     try:
-        peers.append(PeerProcess(args.model, spans[0], log_file=f"{logs}/peer0.log"))
-        for i, span in enumerate(spans[1:], 1):
-            peers.append(PeerProcess(args.model, span, "--initial-peers", peers[0].addr, log_file=f"{logs}/peer{i}.log"))
         for p, span in zip(peers, spans):
             print(f"  peer …{p.peer_id[-8:]} serves blocks {span[0]}:{span[1]} at {p.addr}", file=sys.stderr)
         model = SwarmModel(args.model, [peers[0].addr])

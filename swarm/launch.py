@@ -72,17 +72,22 @@ def even_spans(num_blocks: int, n_peers: int) -> list[tuple[int, int]]:
 
 def start_peers(model: str | Path, spans: list[tuple[int, int]], *extra: str, threads: int = 1,
                 log_dir: str | Path | None = None) -> list[PeerProcess]:
-    """Start one peer per span, in parallel; stops them all if any fails."""
-    results: list = [None] * len(spans)
+    """One peer per span: the first one, then the others in parallel bootstrapping from it (one swarm,
+    one DHT: a client that knows any of them finds all). Stops them all if any fails."""
+    def log(i: int):
+        return Path(log_dir) / f"peer{i}.log" if log_dir else None
+
+    first = PeerProcess(model, spans[0], *extra, threads=threads, log_file=log(0))
+    results: list = [first] + [None] * (len(spans) - 1)
 
     def launch(i: int) -> None:
-        log = Path(log_dir) / f"peer{i}.log" if log_dir else None
         try:
-            results[i] = PeerProcess(model, spans[i], *extra, threads=threads, log_file=log)
+            results[i] = PeerProcess(model, spans[i], *extra, "--initial-peers", first.addr, threads=threads,
+                                     log_file=log(i))
         except Exception as e:  # noqa: BLE001
             results[i] = e
 
-    threads_ = [threading.Thread(target=launch, args=(i,)) for i in range(len(spans))]
+    threads_ = [threading.Thread(target=launch, args=(i,)) for i in range(1, len(spans))]
     for t in threads_:
         t.start()
     for t in threads_:
