@@ -32,7 +32,7 @@ from swarm.speculative import SpecConfig, generate_speculative  # noqa: E402
 MODES = {
     "spec k=2": SpecConfig(k=2, pipeline=False), "spec k=4": SpecConfig(k=4, pipeline=False),
     "spec k=8": SpecConfig(k=8, pipeline=False), "spec adaptive": SpecConfig(pipeline=False),
-    "spec adaptive+pipeline": SpecConfig(), "spec tree(2) k=4": SpecConfig(k=4, tree_width=2, pipeline=False),
+    "spec adaptive+pipeline": SpecConfig(pipeline=True), "spec tree(2) k=4": SpecConfig(k=4, tree_width=2, pipeline=False),
 }
 
 

@@ -64,8 +64,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--k-max", type=int, default=8, help="longest draft the adaptive choice may pick")
     p.add_argument("--tree", type=int, default=1, metavar="WIDTH",
                    help="draft a tree with WIDTH candidates for the next token (greedy only) [default: 1, a chain]")
-    p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
-                   help="wait for each round's verdict before sending the next")
+    p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=False,
+                   help="send the next round before this one's verdict (pays over slow links; off by default: "
+                        "on loopback the wasted verification costs more than it saves)")
     p.add_argument("--relaxed", type=float, default=None, metavar="TAU",
                    help="LOSSY: also accept drafts close to the target's best (0 < TAU < 1); output may differ from the target's")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

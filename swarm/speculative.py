@@ -41,7 +41,7 @@ class SpecConfig:
     k: int | None = None  # None: adaptive
     k_max: int = 8
     tree_width: int = 1  # > 1: draft a tree with this many candidates for the first token (greedy only)
-    pipeline: bool = True
+    pipeline: bool = False  # measured: pays only when the trip dwarfs compute (a WAN); a loss on loopback
     relaxed: float | None = None  # LOSSY: accept near-best drafts (0 < tau < 1)
     params: SamplingParams = SamplingParams()
 
@@ -166,7 +166,8 @@ class AdaptiveK:
     Accepted drafts per round follow a truncated geometric law with per-token acceptance a, so a
     round of k drafts commits E(k) = (1 - a^(k+1)) / (1 - a) tokens. A round costs
     T(k) = t0 + t1 * (k + 1) + c * k: t0 is the trip through the chain, t1 the verify cost per token
-    (a least-squares line through recent rounds), c the draft cost per token. k = argmax E(k) / T(k).
+    (a least-squares line through recent rounds' times without drafting), c the draft cost per token.
+    k = argmax over 1..k_max of E(k) / T(k).
     """
 
     def __init__(self, k_max: int = 8, k_start: int = 4, memory: float = 0.9):
@@ -198,8 +199,8 @@ class AdaptiveK:
     def choose(self) -> int:
         if len(self.points) < 2:  # two different sizes first, to see the slope
             return self.k_start if not self.points else max(1, self.k_start // 2)
-        a = min(self.acceptance, 0.999)
-        return max(range(self.k_max + 1), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / self.round_time(k))
+        a = min(self.acceptance, 0.999)  # k >= 1 always: a round without drafts would teach us nothing
+        return max(range(1, self.k_max + 1), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / self.round_time(k))
 
 
 @dataclass
@@ -297,7 +298,8 @@ def speculative_generate(head: ModelHead, run: RunBlocks, drafter: Drafter, prom
         new = new[:max_new_tokens - len(result.tokens)]
         depth = len(drafts) // cfg.tree_width if parents is not None else len(drafts)  # a tree: its depth
         if adaptive:
-            adaptive.observe(depth, accepted, len(ids), time.perf_counter() - t0, drafter.seconds - d0)
+            drafting = drafter.seconds - d0  # the round's own trip and verify time, without drafting
+            adaptive.observe(depth, accepted, len(ids), time.perf_counter() - t0 - drafting, drafting)
         result.rounds += 1
         result.drafted += depth
         result.accepted += accepted

@@ -62,7 +62,7 @@ def test_explicit_route_and_sampling(swarm3):
     assert remote["tokens"] == local["tokens"]
 
 
-@pytest.mark.parametrize("flags", [["--k", "4"], [], ["--tree", "2", "--no-pipeline"], ["--no-push", "--k", "8"]])
+@pytest.mark.parametrize("flags", [["--k", "4", "--pipeline"], [], ["--tree", "2"], ["--no-push", "--k", "8", "--pipeline"]])
 def test_speculative_through_the_chain_equals_local(swarm3, tmp_path_factory, flags):
     path, peers = swarm3
     draft = tmp_path_factory.getbasetemp() / "chain-draft"

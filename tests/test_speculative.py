@@ -30,7 +30,8 @@ def run_spec(target, draft, cfg, n=40, prompt=PROMPT, eos=(), seed=0):
 
 MODES = {
     "k1": SpecConfig(k=1, pipeline=False), "k4": SpecConfig(k=4, pipeline=False), "k8": SpecConfig(k=8, pipeline=False),
-    "adaptive": SpecConfig(pipeline=False), "pipelined-k4": SpecConfig(k=4), "pipelined-adaptive": SpecConfig(),
+    "adaptive": SpecConfig(pipeline=False), "pipelined-k4": SpecConfig(k=4, pipeline=True),
+    "pipelined-adaptive": SpecConfig(pipeline=True),
     "tree": SpecConfig(k=4, tree_width=3, pipeline=False), "tree-adaptive": SpecConfig(tree_width=2, pipeline=False),
 }
 
@@ -54,7 +55,7 @@ def test_stops_at_eos_like_plain_decoding(pair):
     target, draft = pair
     plain = generate(target, PROMPT, 40, stop_at_eos=False).tokens
     eos = plain[17]
-    res = run_spec(target, target, SpecConfig(k=4), eos=(eos,))
+    res = run_spec(target, target, SpecConfig(k=4, pipeline=True), eos=(eos,))
     assert res.tokens == plain[:plain.index(eos) + 1] and res.stopped_by == "eos"
 
 
