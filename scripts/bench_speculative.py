@@ -53,8 +53,9 @@ def main() -> None:
               for name in ["local plain", "plain push", *MODES]}
     with tempfile.TemporaryDirectory() as logs:
         peers = start_peers(args.model, even_spans(cfg.num_hidden_layers, args.peers), log_dir=logs)
-        model = SwarmModel(args.model, [p.addr for p in peers])
+        model = None
         try:
+            model = SwarmModel(args.model, [p.addr for p in peers])
             for text in tqdm(humaneval_prompts(args.prompts), desc=f"{args.peers} peers", file=sys.stderr):
                 prompt = local.tokenizer.encode(text).ids[-context:]
                 ref = generate(local, prompt, args.new_tokens, stop_at_eos=False)
@@ -69,7 +70,8 @@ def main() -> None:
                     for key in ("rounds", "drafted", "accepted"):
                         t[key] += getattr(res, key, 0)
         finally:
-            model.close()
+            if model is not None:
+                model.close()
             for p in peers:
                 p.stop()
     plain = totals["plain push"]["tokens"] / totals["plain push"]["seconds"]

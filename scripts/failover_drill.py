@@ -43,8 +43,9 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as logs:
         peers = start_peers(args.model, [first, middle, middle, last], log_dir=logs)
-        model = SwarmModel(args.model, [p.addr for p in peers], push=args.push, timeout=20)
+        model = None
         try:
+            model = SwarmModel(args.model, [p.addr for p in peers], push=args.push, timeout=20)
             for run in tqdm(range(args.runs), desc="failover runs", file=sys.stderr):
                 spare = PeerProcess(args.model, middle, "--initial-peers", peers[0].addr,
                                     log_file=Path(logs) / f"spare{run}.log")
@@ -68,7 +69,8 @@ def main() -> None:
                 peers = [p for p in peers if p.peer_id != victim] + [spare]
                 model.initial_peers.append(spare.addr)
         finally:
-            model.close()
+            if model is not None:
+                model.close()
             for p in peers:
                 p.stop()
     passed = sum(r["identical"] for r in results)

@@ -5,9 +5,10 @@ What it does, in order (all seeded, so a rerun with the same flags on the same m
 same files up to floating-point non-determinism of the kernels):
 
 1. `collect_files`   - every `*.py` file of the running Python's standard library
-                       (`sysconfig.get_paths()["stdlib"]`, `site-packages` skipped), minus any file
-                       that contains a HumanEval prompt's `def name(...)` signature line verbatim, split
-                       into train / held-out by a hash of the relative path.
+                       (`sysconfig.get_paths()["stdlib"]`; `site-packages` and, unless
+                       `--include-tests`, the test suites skipped), minus any file that contains a
+                       HumanEval prompt's `def name(...)` signature line verbatim, split into train /
+                       held-out by a hash of the relative path.
 2. `train_tokenizer` - a byte-level BPE tokenizer (HF `tokenizers`) on the train files only, with one
                        special token `<|endoftext|>` (bos = eos = file separator). Nothing is added
                        automatically on encode.
@@ -16,16 +17,18 @@ same files up to floating-point non-determinism of the kernels):
 4. `distill_draft`   - a much smaller Llama with the same tokenizer, trained to match the target's
                        next-token distributions (KL(target || draft), optionally mixed with CE), so that
                        it agrees with the target's greedy choices as often as possible.
-5. `evaluate`        - held-out loss (nats/token) of both models and the draft's teacher-forced greedy
-                       agreement with the target; a greedy sample from both.
+5. `evaluate`        - held-out loss (nats/token) of both models, the draft's teacher-forced greedy
+                       agreement with the target, an offline replay of greedy speculative decoding on
+                       HumanEval prompts, and a greedy sample from both.
 6. `save_hf`         - standard Hugging Face checkpoints (config.json, model.safetensors,
                        tokenizer.json, ...) in `swarm/models/code-target/` and `.../code-draft/`, plus
                        `swarm/models/MODEL_CARD.md` with every number of the run.
 
-Presets: `--preset cpu` (default) takes about 30-50 minutes on 2 CPU cores (AVX-512 with bf16),
-depending on what else the machine is doing; `--preset gpu` is meant for one CUDA GPU (larger target,
-more tokens; expected to take minutes on an H100-class card, not run yet). CUDA is used automatically when available. A smoke run that checks the whole
-pipeline in well under a minute:
+Presets: `--preset cpu` (default) takes about 40 minutes on 2 otherwise idle CPU cores (AVX-512 with
+bf16; the target trains at ~4.8k tokens/s) and up to ~65 minutes when the cores are shared (~2.6k
+tokens/s); `--preset gpu` is meant for one CUDA GPU (larger target, more tokens; expected to take
+minutes on an H100-class card, not run yet). CUDA is used automatically when available. A smoke run
+that checks the whole pipeline in about a minute:
 
     python scripts/train_model.py --max-files 60 --vocab-size 512 --steps 10 --draft-steps 10 \
         --eval-tokens 4096 --no-compile --out-dir /tmp/smoke-models
@@ -51,7 +54,7 @@ import shlex
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other work this roughly doubled
@@ -102,13 +105,15 @@ class Preset:
 
 
 PRESETS = {
-    # Sized from measurements on this 2-core CPU (AVX-512 with bf16; bf16 autocast ~2.2x faster than
-    # fp32; shared with other work, so 2-4k tokens/s for the target): a 4-layer target gets more tokens
-    # in the time budget than a 6-layer one, which matters more in this heavily under-trained regime.
+    # Sized from measurements on a 2-core CPU (AVX-512 with bf16; bf16 autocast ~2.2x faster than fp32,
+    # torch.compile ~1.2-1.4x): the target trains at ~4.8k tokens/s idle, ~2.6k when the cores are
+    # shared. A 4-layer target sees more tokens in the budget than a 6-layer one, which matters more in
+    # this heavily under-trained regime. The draft's steps are few on purpose: distilling longer raises
+    # agreement but closes the loss gap to the target (gap ~= KL(target || draft)).
     "cpu": Preset(
         vocab_size=4096, context=1024, batch_size=4,
         target=ModelShape(256, 4, 4, 704), draft=ModelShape(256, 1, 4, 704),
-        target_steps=1500, draft_steps=600, target_lr=2e-3, draft_lr=2e-3,
+        target_steps=2200, draft_steps=600, target_lr=2e-3, draft_lr=2e-3,
     ),
     # For one CUDA GPU (not run here): ~16 M-parameter target, ~50 M tokens (~5 epochs of the stdlib).
     # Saved in fp32 if both models fit in 64 MB, otherwise bf16 (see --save-dtype).
@@ -158,29 +163,32 @@ def collect_files(args) -> dict:
     stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
     paths = sorted(p for p in stdlib.rglob("*.py")
                    if "site-packages" not in p.relative_to(stdlib).parts and p.is_file())
-    n_found = len(paths)
-    if not args.include_tests:
-        # The test suites (test/, */tests/, idlelib/idle_test/) are ~60 % of the stdlib and mostly
-        # unittest boilerplate and odd literals; without them the model learns ordinary code faster.
-        paths = [p for p in paths if not TEST_DIRS.intersection(p.relative_to(stdlib).parts[:-1])]
     problems = load_humaneval_prompts(args.humaneval)
     sigs = humaneval_signatures(problems)
-    entry_re = None
-    train, heldout, dropped, skipped, near = [], [], [], [], []
+    train, heldout, dropped, skipped, n_used, test_hits = [], [], [], [], 0, []
     for p in tqdm(paths, desc="reading stdlib", unit="file", mininterval=2):
         rel = p.relative_to(stdlib).as_posix()
+        # The test suites (test/, */tests/, idlelib/idle_test/) are ~60 % of the stdlib and mostly
+        # unittest boilerplate and odd literals; without them the model learns ordinary code faster.
+        is_test = bool(TEST_DIRS.intersection(p.relative_to(stdlib).parts[:-1]))
         try:
             raw = p.read_bytes()
             text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError):
-            skipped.append((rel, "not utf-8 / unreadable"))
+            if args.include_tests or not is_test:
+                skipped.append((rel, "not utf-8 / unreadable"))
             continue
+        hits = [s for s in sigs if s in text]
+        if is_test and not args.include_tests:
+            if hits:
+                test_hits.append((rel, hits[0]))  # reported only: these files are not used anyway
+            continue
+        n_used += 1
         if len(raw) > args.max_file_bytes:
             skipped.append((rel, f"larger than {args.max_file_bytes} bytes"))
             continue
         if not text.strip():
             continue  # empty __init__.py etc.
-        hits = [s for s in sigs if s in text]
         if hits:
             dropped.append((rel, hits[0]))
             continue
@@ -188,19 +196,21 @@ def collect_files(args) -> dict:
     if args.max_files:  # smoke runs only
         train, heldout = train[: args.max_files], heldout[: max(2, args.max_files // 10)]
     info = dict(
-        stdlib=str(stdlib), python=platform.python_version(), n_found=n_found, n_used=len(paths),
-        include_tests=args.include_tests,
+        stdlib=str(stdlib), python=platform.python_version(), n_found=len(paths), n_used=n_used,
+        include_tests=args.include_tests, test_hits=test_hits,
         n_signatures=len(sigs), dropped=dropped, skipped=skipped,
         train_files=[r for r, _ in train], heldout_files=[r for r, _ in heldout],
         train_bytes=sum(len(t.encode()) for _, t in train),
         heldout_bytes=sum(len(t.encode()) for _, t in heldout),
     )
-    log.info("stdlib %s: %d *.py files, %d outside test directories; %d dropped (HumanEval signature), %d skipped; "
+    log.info("stdlib %s: %d *.py files, %d used; %d dropped (HumanEval signature), %d skipped; "
              "train %d files (%.1f MB), held-out %d files (%.1f MB)",
-             stdlib, n_found, len(paths), len(dropped), len(skipped), len(train), info["train_bytes"] / 1e6,
+             stdlib, len(paths), n_used, len(dropped), len(skipped), len(train), info["train_bytes"] / 1e6,
              len(heldout), info["heldout_bytes"] / 1e6)
     for rel, sig in dropped:
         log.info("  dropped %s  (contains %r)", rel, sig)
+    for rel, sig in test_hits:
+        log.info("  (test suite, not used anyway) %s contains %r", rel, sig)
     return dict(train=train, heldout=heldout, info=info, humaneval_prompts=[q["prompt"] for q in problems])
 
 
@@ -618,6 +628,7 @@ def write_model_card(path: Path, r: dict):
                  f", {data['n_used']} of them outside the test suites (files under a directory named `test`, `tests` or "
                  f"`idle_test` are not used: they are mostly unittest boilerplate and deliberately odd code)")
     dropped = "\n".join(f"  - `{rel}` (contains `{sig}`)" for rel, sig in data["dropped"]) or "  - none"
+    test_hits = "".join(f"\n  - (test suite, excluded anyway) `{rel}` contains `{sig}`" for rel, sig in data["test_hits"])
     skipped = "\n".join(f"  - `{rel}` ({why})" for rel, why in data["skipped"]) or "  - none"
     samples = "\n\n".join(
         f"Prompt `{json.dumps(pr)}`, 48 tokens, greedy:\n\ntarget:\n```python\n{s['target']}\n```\ndraft:\n```python\n{s['draft']}\n```"
@@ -654,7 +665,7 @@ Both directories are standard Hugging Face checkpoints (`model_type` `llama`,
   {data['n_signatures']} distinct `def name(...)` signature lines (each line of a prompt that starts with
   `def <name>(`, entry points and helpers, stripped of surrounding whitespace). A file containing any of
   these lines verbatim is dropped before the split. This dropped {len(data['dropped'])} file(s):
-{dropped}
+{dropped}{test_hits}
 - Other files skipped:
 {skipped}
 - **Split.** A file is held out when `int(sha1(relative_path).hexdigest(), 16) % 100 < {r['heldout_pct']}`
@@ -803,7 +814,8 @@ def main(argv=None):
     t_steps = args.steps or p.target_steps
     d_steps = args.draft_steps or p.draft_steps
     p.eval_every = min(p.eval_every, max(1, t_steps // 2))
-    command = "python scripts/train_model.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(["python scripts/train_model.py",
+                        *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))])
     log.info("command: %s", command)
     log.info("device %s, amp %s, preset %s: %s", dev, amp, args.preset, asdict(p))
 

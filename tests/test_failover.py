@@ -14,8 +14,9 @@ def test_kill_middle_peer_repeatedly(tiny, tmp_path, push):
     path = tiny("llama2").path
     reference = generate(LocalModel.load(path), PROMPT, 200, stop_at_eos=False).tokens
     peers = start_peers(path, [(0, 3), (3, 6), (3, 6), (6, 8)], log_dir=tmp_path)
-    model = SwarmModel(path, [p.addr for p in peers], push=push, timeout=20)
+    model = None
     try:
+        model = SwarmModel(path, [p.addr for p in peers], push=push, timeout=20)
         for run in range(3 if push else 2):
             by_id = {p.peer_id: p for p in peers}
             victim_id = model.route[1].peer_id
@@ -33,6 +34,7 @@ def test_kill_middle_peer_repeatedly(tiny, tmp_path, push):
             peers = [p for p in peers if p.peer_id != victim_id] + [spare]
             model.initial_peers.append(spare.addr)
     finally:
-        model.close()
+        if model is not None:
+            model.close()
         for p in peers:
             p.stop()
