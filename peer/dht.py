@@ -60,6 +60,7 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from peer.p2p import P2PNode
+from protocol.messages import is_tcp_addr
 
 log = logging.getLogger("specswarm.dht")
 NAMESPACE = "specswarm"
@@ -180,7 +181,7 @@ _RULES = {  # field -> is its value acceptable (an exception means no)
     "model": _str, "peer_id": lambda v: _str(v, 128),
     "start": lambda v: _int(v, 0, 1_000_000), "end": lambda v: _int(v, 1, 1_000_001),
     "addrs": lambda v: type(v) is list and len(v) <= 32 and all(map(_maddr, v)),
-    "data_addr": lambda v: v is None or _str(v),
+    "data_addr": lambda v: v is None or is_tcp_addr(v),
     "throughput": lambda v: _num(v) and v >= 0, "cache_tokens": _int,
     "state": lambda v: v in STATES, "version": lambda v: _int(v, 0, 2**31),
     "public_key": lambda v: _hex(v, 512), "x25519": lambda v: v is None or (_hex(v, 64) and len(v) == 64),

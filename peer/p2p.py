@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import socket
 import threading
 from pathlib import Path
@@ -179,13 +180,20 @@ class P2PStream:
                 raise EOFError(f"stream to {self.remote_peer_id} is closed ({exc!r})") from exc
 
     async def _recv_trio(self) -> bytes:
-        head = await self._read_exactly(framing.HEADER_SIZE, True)
-        try:
-            length = framing.parse_header(head, self._node.max_frame)
-        except framing.FrameTooLarge:
-            await self._s.reset()  # the framing is lost: stop the sender rather than drain its body
-            raise
-        return await self._read_exactly(length, False)
+        first = await self._read_exactly(1, True)  # waiting for a frame to start has no limit...
+        timeout = self._node.frame_timeout
+        with trio.move_on_after(timeout if timeout is not None else math.inf) as scope:  # ...its rest has
+            head = first + await self._read_exactly(framing.HEADER_SIZE - 1, False)
+            try:
+                length = framing.parse_header(head, self._node.max_frame)
+            except framing.FrameTooLarge:
+                await self._s.reset()  # the framing is lost: stop the sender rather than drain its body
+                raise
+            return await self._read_exactly(length, False)
+        if scope.cancelled_caught:
+            with trio.CancelScope(shield=True):
+                await self._s.reset()
+            raise TimeoutError(f"a frame from {self.remote_peer_id} took over {timeout:.0f} s to arrive")
 
     async def _read_exactly(self, n: int, frame_start: bool) -> bytes:
         chunks, got = [], 0
@@ -219,6 +227,7 @@ class P2PNode:
 
     def __init__(self, key_pair: KeyPair, max_frame: int):
         self.key_pair, self.max_frame = key_pair, max_frame
+        self.frame_timeout: float | None = 30.0  # seconds from a frame's first byte to its last (slowloris)
         self.peer_id: str = str(ID.from_pubkey(key_pair.public_key))
         self.addrs: list[str] = []  # full multiaddrs with /p2p/<peer id>, filled in by start()
         self._handlers: dict[str, Handler] = {}

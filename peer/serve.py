@@ -96,7 +96,8 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
     set_threads(opts.threads)
     ckpt = Checkpoint(opts.model)
     cfg = ckpt.config
-    node = await P2PNode.start(opts.identity, opts.listen)
+    node = await P2PNode.start(opts.identity, opts.listen, max_frame=opts.limits.max_frame)
+    node.frame_timeout = opts.limits.frame_timeout or None
     dht = tcp_server = reaper = server = None
     try:
         dht = await SwarmDHT.start(node, opts.initial_peers, ttl=opts.record_ttl)
@@ -111,13 +112,15 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
                  *span, cfg.num_hidden_layers, ckpt.model_id, time.perf_counter() - t0, opts.device, opts.dtype,
                  opts.limits.cache_tokens, opts.limits.cache_tokens * blocks.bytes_per_token() / 2**20)
         server = BlockServer(blocks, ckpt.model_id, opts.limits, open_stream=lambda addr: dial(node, addr),
-                             name=node.peer_id)
+                             name=node.peer_id, key_pair=node.key_pair)
         node.set_stream_handler(INFERENCE_PROTOCOL, lambda s: server.handle(s, s.remote_peer_id[-8:]))
         if opts.direct:
             host = _host_of(node.addrs[0]) if node.addrs else "127.0.0.1"
-            tcp_server, server.data_addr = await listen_tcp(server.handle, host, opts.data_port)
+            tcp_server, server.data_addr = await listen_tcp(server.handle, host, opts.data_port, opts.limits.max_frame,
+                                                            opts.limits.frame_timeout or None)
             log.info("direct inference streams on %s", server.data_addr)
         record.state, record.data_addr = "online", server.data_addr
+        record.x25519 = server.static.public.hex()  # the signed record vouches for it too
         await dht.announce(record)
         for addr in node.addrs:
             print(f"listening on {addr}", flush=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from peer.tcp import TcpStream
+from peer.tcp import DEFAULT_FRAME_TIMEOUT, TcpStream
 from protocol import messages as m
 from protocol.framing import DEFAULT_MAX_FRAME
 
@@ -31,12 +31,13 @@ async def dial(node, addr: str, max_frame: int = DEFAULT_MAX_FRAME):
     return await node.open_stream(addr, INFERENCE_PROTOCOL)
 
 
-async def listen_tcp(handler, host: str, port: int = 0, max_frame: int = DEFAULT_MAX_FRAME):
+async def listen_tcp(handler, host: str, port: int = 0, max_frame: int = DEFAULT_MAX_FRAME,
+                     frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT):
     """Serve `await handler(stream, name)` for every direct connection; returns (server, its tcp:// address)."""
 
     async def on_connect(reader, writer):
         peer = writer.get_extra_info("peername")
-        await handler(TcpStream(reader, writer, max_frame), f"tcp:{peer[0]}:{peer[1]}" if peer else "tcp")
+        await handler(TcpStream(reader, writer, max_frame, frame_timeout), f"tcp:{peer[0]}:{peer[1]}" if peer else "tcp")
 
     server = await asyncio.start_server(on_connect, host, port)
     bound = server.sockets[0].getsockname()

@@ -38,6 +38,10 @@ class ErrorCode:
     TOO_MANY_SESSIONS = "too_many_sessions"
     NEXT_HOP = "next_hop_failed"
     INTERNAL = "internal"
+    BAD_SEAL = "bad_seal"  # a sealed frame failed authentication or is malformed
+    REPLAYED = "replayed"  # a sealed frame's counter is not above the last accepted one
+    RATE_LIMITED = "rate_limited"
+    ENCRYPTION_REQUIRED = "encryption_required"
 
 
 class ProtocolError(ValueError):
@@ -55,6 +59,7 @@ class Kind(IntEnum):
     RESULT = 6
     CLOSE = 7
     ERROR = 8
+    CONTROL = 9  # a hop's instructions for one push step, inside its onion layer
 
 
 # --- field checks: each returns the value or raises ProtocolError(BAD_REQUEST) ----------------------
@@ -100,6 +105,21 @@ def _int_list(h: dict, key: str, lo: int, hi: int, max_len: int, optional: bool 
     return v
 
 
+def _hex(h: dict, key: str, length: int, optional: bool = True):
+    v = _str(h, key, length, optional)
+    if v is not None and (len(v) != length or any(c not in "0123456789abcdef" for c in v)):
+        raise _bad(f"field {key!r} must be {length} lowercase hex characters")
+    return v
+
+
+def is_tcp_addr(v) -> bool:
+    """'tcp://HOST:PORT' with a port in 1..65535 (what peers offer as their direct address)."""
+    if not isinstance(v, str) or not v.startswith("tcp://") or len(v) > 256:
+        return False
+    host, sep, port = v[6:].rpartition(":")
+    return bool(sep and host and port.isdigit() and port.isascii() and 0 < int(port) < 65536)
+
+
 def _span(h: dict, key: str = "blocks") -> tuple[int, int]:
     v = _int_list(h, key, 0, 1 << 20, 2, optional=False)
     if len(v) != 2 or v[0] >= v[1]:
@@ -130,18 +150,27 @@ class InfoReply:
     free_cache_tokens: int
     dtype: str
     data_addr: str | None = None  # "tcp://host:port": a direct stream for inference traffic, if offered
+    # encrypted sessions: the peer's X25519 key (hex), signed by its libp2p identity key (hex, serialized)
+    x25519: str | None = None
+    x25519_sig: str | None = None
+    public_key: str | None = None
 
     def header(self) -> dict:
         h = dict(model=self.model, blocks=list(self.blocks), num_blocks=self.num_blocks,
                  free_cache_tokens=self.free_cache_tokens, dtype=self.dtype)
-        if self.data_addr:
-            h["data_addr"] = self.data_addr
+        for key in ("data_addr", "x25519", "x25519_sig", "public_key"):
+            if getattr(self, key):
+                h[key] = getattr(self, key)
         return h
 
     @classmethod
     def parse(cls, h, tensor):
+        data_addr = _str(h, "data_addr", 256, optional=True)
+        if data_addr is not None and not is_tcp_addr(data_addr):
+            raise _bad("field 'data_addr' must be tcp://HOST:PORT")
         return cls(_str(h, "model"), _span(h), _int(h, "num_blocks", 1), _int(h, "free_cache_tokens"),
-                   _str(h, "dtype", 16), _str(h, "data_addr", 256, optional=True))
+                   _str(h, "dtype", 16), data_addr, _hex(h, "x25519", 64),
+                   _hex(h, "x25519_sig", 128), _str(h, "public_key", 512, optional=True))
 
 
 @dataclass
@@ -150,6 +179,7 @@ class NextHop:
 
     addr: str
     session: str
+    link: str | None = None  # sealed sessions: hex secret of the push link's key (the next hop gets it too)
 
 
 @dataclass
@@ -160,11 +190,16 @@ class Open:
     blocks: tuple[int, int]
     wire_dtype: str = "float32"
     next: NextHop | None = None  # None: results come back to the opener (client-mediated or last hop)
+    prev_link: str | None = None  # sealed sessions in push mode: hex secret of the link from the previous hop
 
     def header(self) -> dict:
         h = dict(session=self.session, max_length=self.max_length, blocks=list(self.blocks), wire_dtype=self.wire_dtype)
         if self.next:
             h["next"] = {"addr": self.next.addr, "session": self.next.session}
+            if self.next.link:
+                h["next"]["link"] = self.next.link
+        if self.prev_link:
+            h["prev_link"] = self.prev_link
         return h
 
     @classmethod
@@ -173,11 +208,11 @@ class Open:
         if nxt is not None:
             if not isinstance(nxt, dict):
                 raise _bad("field 'next' must be an object")
-            nxt = NextHop(_str(nxt, "addr", 1024), _session(nxt))
+            nxt = NextHop(_str(nxt, "addr", 1024), _session(nxt), _hex(nxt, "link", 64))
         wire = _str(h, "wire_dtype", 16)
         if wire not in ("float32", "float16", "bfloat16"):
             raise _bad(f"unsupported wire dtype {wire!r}")
-        return cls(_session(h), _int(h, "max_length", 1), _span(h), wire, nxt)
+        return cls(_session(h), _int(h, "max_length", 1), _span(h), wire, nxt, _hex(h, "prev_link", 64))
 
 
 @dataclass
@@ -229,6 +264,33 @@ class Step:
                 raise _bad("field 'compact' must be an object")
             compact = (_int(compact, "start"), _int_list(compact, "path", 0, MAX_INT, 4096, optional=False))
         return cls(_session(h), _int(h, "step"), _int(h, "start"), tensor, parents, compact)
+
+
+@dataclass
+class Control:
+    """One hop's own instructions for a push step (its layout), sealed for it alone in an onion layer."""
+
+    KIND = Kind.CONTROL
+    session: str
+    step: int
+    start: int
+    parents: list[int] | None = None
+    compact: tuple[int, list[int]] | None = None
+
+    def header(self) -> dict:
+        h = dict(session=self.session, step=self.step, start=self.start)
+        if self.parents is not None:
+            h["parents"] = list(self.parents)
+        if self.compact is not None:
+            h["compact"] = {"start": self.compact[0], "path": list(self.compact[1])}
+        return h
+
+    @classmethod
+    def parse(cls, h, tensor):
+        if tensor is not None:
+            raise _bad("a control message carries no tensor")
+        step = Step.parse(h, torch.empty(0))
+        return cls(step.session, step.step, step.start, step.parents, step.compact)
 
 
 @dataclass
@@ -285,8 +347,8 @@ class Error:
                    _str(h, "peer", 256, optional=True))
 
 
-MESSAGES = {cls.KIND: cls for cls in (Info, InfoReply, Open, Opened, Step, Result, Close, Error)}
-Message = Info | InfoReply | Open | Opened | Step | Result | Close | Error
+MESSAGES = {cls.KIND: cls for cls in (Info, InfoReply, Open, Opened, Step, Result, Close, Error, Control)}
+Message = Info | InfoReply | Open | Opened | Step | Result | Close | Error | Control
 
 
 def encode(msg: Message) -> bytes:

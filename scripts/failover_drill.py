@@ -6,6 +6,7 @@ finish and match `--local` token for token.
 
     python scripts/failover_drill.py                  # bundled model, 10 runs, push
     python scripts/failover_drill.py --runs 3 --no-push --model DIR
+    python scripts/failover_drill.py --speculative    # adaptive greedy speculative decoding with the bundled draft
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swarm.cli import DEFAULT_MODEL  # noqa: E402
+from swarm.cli import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
 from swarm.generate import LocalModel, generate  # noqa: E402
 from swarm.launch import PeerProcess, even_spans, start_peers  # noqa: E402
 from swarm.remote import SwarmModel  # noqa: E402
+from swarm.speculative import SpecConfig, generate_speculative  # noqa: E402
 
 
 def main() -> None:
@@ -34,9 +36,14 @@ def main() -> None:
     ap.add_argument("--kill-at", type=int, default=100, help="kill after this many tokens")
     ap.add_argument("--prompt", default="def fibonacci(n):")
     ap.add_argument("--no-push", dest="push", action="store_false")
+    ap.add_argument("--speculative", action="store_true", help="speculative decoding (adaptive k, pipelining auto)")
+    ap.add_argument("--draft", default=str(DEFAULT_DRAFT))
+    ap.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --speculative: force pipelining on/off [default: the cost model decides]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     local = LocalModel.load(args.model)
+    draft = LocalModel.load(args.draft) if args.speculative else None
     prompt = local.tokenizer.encode(args.prompt).ids
     reference = generate(local, prompt, args.tokens, stop_at_eos=False).tokens
     first, middle, last = even_spans(local.head.cfg.num_hidden_layers, 3)
@@ -53,14 +60,19 @@ def main() -> None:
                 victim = next(h.peer_id for h in model.route if h.blocks == middle)
                 count = [0]
 
-                def kill(token):
-                    count[0] += 1
-                    if count[0] == args.kill_at:
+                def kill(tokens):
+                    before = count[0]
+                    count[0] += len(tokens) if isinstance(tokens, list) else 1
+                    if before < args.kill_at <= count[0]:
                         by_id[victim].kill()
 
                 before, t0 = model.failovers, time.perf_counter()
                 try:
-                    out = generate(model, prompt, args.tokens, stop_at_eos=False, on_token=kill).tokens
+                    if draft is not None:
+                        out = generate_speculative(model, draft, prompt, args.tokens, SpecConfig(pipeline=args.pipeline),
+                                                   stop_at_eos=False, on_tokens=kill).tokens
+                    else:
+                        out = generate(model, prompt, args.tokens, stop_at_eos=False, on_token=kill).tokens
                     ok = out == reference
                 except Exception as e:  # noqa: BLE001 - a failed run is a result, not a crash
                     ok, out = False, repr(e)
@@ -75,7 +87,7 @@ def main() -> None:
                 p.stop()
     passed = sum(r["identical"] for r in results)
     if args.json:
-        print(json.dumps(dict(model=args.model, push=args.push, runs=results, passed=passed)))
+        print(json.dumps(dict(model=args.model, push=args.push, speculative=args.speculative, runs=results, passed=passed)))
     else:
         for r in results:
             print(f"run {r['run']}: {'identical' if r['identical'] else 'DIFFERENT'}, {r['failovers']} failover(s), "

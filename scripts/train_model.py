@@ -40,6 +40,7 @@ Requires: torch, transformers, tokenizers, safetensors, tqdm and the HumanEval p
 from __future__ import annotations
 
 import argparse
+import ast
 import gzip
 import hashlib
 import importlib.util
@@ -113,7 +114,7 @@ PRESETS = {
     "cpu": Preset(
         vocab_size=4096, context=1024, batch_size=4,
         target=ModelShape(256, 4, 4, 704), draft=ModelShape(256, 1, 4, 704),
-        target_steps=2200, draft_steps=600, target_lr=2e-3, draft_lr=2e-3,
+        target_steps=2200, draft_steps=1000, target_lr=2e-3, draft_lr=2e-3,
     ),
     # For one CUDA GPU (not run here): ~16 M-parameter target, ~50 M tokens (~5 epochs of the stdlib).
     # Saved in fp32 if both models fit in 64 MB, otherwise bf16 (see --save-dtype).
@@ -212,6 +213,42 @@ def collect_files(args) -> dict:
     for rel, sig in test_hits:
         log.info("  (test suite, not used anyway) %s contains %r", rel, sig)
     return dict(train=train, heldout=heldout, info=info, humaneval_prompts=[q["prompt"] for q in problems])
+
+
+def thin_docstrings(text: str, keep: float, rng: random.Random) -> tuple[str, int, int]:
+    """Remove each module/class/function docstring of `text` with probability 1 - keep.
+
+    The stdlib documents most functions, so a model trained on it as is answers "def f(x):" with a
+    docstring and, being tiny, loops in its prose. Keeping only a fraction of docstrings makes code the
+    likelier continuation of a bare signature while prompts that end in a docstring (HumanEval's) still
+    look like training data. Only docstrings that occupy whole lines are removed; a body left empty gets
+    `pass`. Returns (text, docstrings seen, docstrings removed); unparsable files are returned as is.
+    """
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return text, 0, 0
+    lines = text.splitlines(keepends=True)
+    cuts, seen = [], 0
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) or not node.body:
+            continue
+        first = node.body[0]
+        if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)):
+            continue
+        seen += 1
+        if rng.random() < keep:
+            continue
+        a, b = first.lineno - 1, first.end_lineno - 1
+        head, tail = lines[a].encode(), lines[b].encode()
+        if head[: first.col_offset].strip() or tail[first.end_col_offset:].strip():
+            continue  # shares a line with other code (one-liners, `"doc"; x = 1`)
+        fill = [" " * first.col_offset + "pass\n"] if len(node.body) == 1 and not isinstance(node, ast.Module) else []
+        cuts.append((a, b, fill))
+    for a, b, fill in sorted(cuts, reverse=True):
+        lines[a: b + 1] = fill
+    return "".join(lines), seen, len(cuts)
 
 
 def train_tokenizer(train_texts: list[str], vocab_size: int):
@@ -617,13 +654,19 @@ def write_model_card(path: Path, r: dict):
                 f"tied embeddings - **{n / 1e6:.2f} M parameters**")
 
     def hist(h):
-        rows = ["| step | tokens | train loss (EMA) | held-out loss | " + ("agreement |" if "agree" in h[0] else ""),
+        rows = ["| step | tokens | train loss (EMA) | held-out loss |" + (" agreement |" if "agree" in h[0] else ""),
                 "|---|---|---|---|" + ("---|" if "agree" in h[0] else "")]
         for e in h:
-            rows.append(f"| {e['step']} | {e['tokens'] / 1e6:.2f} M | {e['train_loss_ema']:.3f} | {e['heldout']:.3f} | "
-                        + (f"{100 * e['agree']:.1f} % |" if "agree" in e else ""))
+            rows.append(f"| {e['step']} | {e['tokens'] / 1e6:.2f} M | {e['train_loss_ema']:.3f} | {e['heldout']:.3f} |"
+                        + (f" {100 * e['agree']:.1f} % |" if "agree" in e else ""))
         return "\n".join(rows)
 
+    docs_note = ("each module/class/function docstring that occupies whole lines was kept with probability "
+                 f"{data['docstring_keep']} (seeded per file) and otherwise removed (`pass` where a body became "
+                 f"empty): {data['docstrings_removed']} of {data['docstrings_seen']} removed. The stdlib documents "
+                 "most functions, so without this a bare `def f(x):` is continued with a docstring, in which a model "
+                 "this small loops; held-out files are untouched."
+                 if "docstring_keep" in data else "none (all docstrings kept).")
     test_note = ("" if data["include_tests"] else
                  f", {data['n_used']} of them outside the test suites (files under a directory named `test`, `tests` or "
                  f"`idle_test` are not used: they are mostly unittest boilerplate and deliberately odd code)")
@@ -637,7 +680,9 @@ def write_model_card(path: Path, r: dict):
 
 Two tiny Llama models trained from scratch on Python source, sharing one tokenizer, made to exercise
 the swarm's speculative decoding: `code-draft` proposes tokens, `code-target` verifies them. They write
-recognisable Python but are far too small to solve programming tasks.
+Python-shaped code (indentation, docstrings, `def`/`class`, `self.x(...)` calls) but lose the thread
+within a few lines, and greedy decoding soon repeats itself; they are far too small to solve
+programming tasks.
 
 Both directories are standard Hugging Face checkpoints (`model_type` `llama`,
 `LlamaForCausalLM`, `tie_word_embeddings: true`, so `model.safetensors` has no `lm_head.weight`):
@@ -653,7 +698,8 @@ Both directories are standard Hugging Face checkpoints (`model_type` `llama`,
 - Seed: {r['seed']} (data order, initialisation); preset `{r['preset_name']}`.
 - Hardware: {r['hardware']}; autocast: {r['amp']}; torch.compile: {r['compile']}.
 - Wall-clock time: {r['total_minutes']:.1f} min in all (tokenizer {r['tokenizer_seconds']:.0f} s, target
-  {t['seconds'] / 60:.1f} min, draft {d['seconds'] / 60:.1f} min, evaluation {r['eval_seconds']:.0f} s).
+  {t['seconds'] / 60:.1f} min, draft {d['seconds'] / 60:.1f} min, evaluation {r['eval_seconds']:.0f} s); the target trained at
+  {t['tokens'] / t['seconds'] / 1e3:.1f}k tokens/s, the draft's distillation ran at {d['tokens'] / d['seconds'] / 1e3:.1f}k tokens/s.
 - Library versions: torch {torch.__version__}, transformers {r['transformers']}, tokenizers {r['tokenizers']}.
 
 ## Data
@@ -672,6 +718,7 @@ Both directories are standard Hugging Face checkpoints (`model_type` `llama`,
   (relative to the stdlib directory, `/`-separated): {len(data['train_files'])} train files
   ({data['train_bytes'] / 1e6:.1f} MB, {r['train_tokens'] / 1e6:.2f} M tokens) and {len(data['heldout_files'])}
   held-out files ({data['heldout_bytes'] / 1e6:.2f} MB, {r['heldout_tokens'] / 1e6:.3f} M tokens).
+- **Docstrings thinned (train files only).** {docs_note}
 - Files are concatenated as `<|endoftext|> file <|endoftext|> file ...` (train files in sorted order) and cut
   into {p['context']}-token windows; every epoch starts at a new random offset and shuffles the windows.
 
@@ -753,6 +800,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-file-bytes", type=int, default=400_000)
     ap.add_argument("--include-tests", action="store_true",
                     help="also train on the stdlib test suites (test/, tests/, idle_test/ directories)")
+    ap.add_argument("--docstring-keep", type=float, default=0.25,
+                    help="keep each docstring of a train file with this probability (1 = keep all)")
     ap.add_argument("--max-files", type=int, default=0, help="smoke runs: use only this many train files")
     ap.add_argument("--vocab-size", type=int, help="override the preset")
     ap.add_argument("--steps", type=int, help="target optimizer steps (override the preset)")
@@ -824,6 +873,18 @@ def main(argv=None):
 
     # 1. data + tokenizer
     data = collect_files(args)
+    if args.docstring_keep < 1.0:  # train files only: held-out files stay as they are
+        seen = removed = 0
+        thinned = []
+        for rel, text in data["train"]:
+            text, n_seen, n_removed = thin_docstrings(text, args.docstring_keep, random.Random(f"{args.seed}:{rel}"))
+            thinned.append((rel, text))
+            seen, removed = seen + n_seen, removed + n_removed
+        data["train"] = thinned
+        data["info"].update(docstring_keep=args.docstring_keep, docstrings_seen=seen, docstrings_removed=removed,
+                            train_bytes=sum(len(t.encode()) for _, t in thinned))
+        log.info("docstrings: kept each with probability %.2f, removed %d of %d; train text now %.1f MB",
+                 args.docstring_keep, removed, seen, data["info"]["train_bytes"] / 1e6)
     t0 = time.time()
     tok = train_tokenizer([t for _, t in data["train"]], p.vocab_size)
     tok_seconds = time.time() - t0

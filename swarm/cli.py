@@ -50,6 +50,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--transport", default="tcp", choices=["tcp", "libp2p"],
                    help="carry inference traffic on peers' direct TCP ports (default, fastest) or on libp2p streams")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores)")
+    p.add_argument("--insecure", action="store_true",
+                   help="INSECURE, for benchmarks only: send hidden states and instructions in plaintext "
+                        "(sessions are sealed end to end by default)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -63,10 +66,11 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--k", type=int, default=None, help="fixed draft length [default: adaptive]")
     p.add_argument("--k-max", type=int, default=8, help="longest draft the adaptive choice may pick")
     p.add_argument("--tree", type=int, default=1, metavar="WIDTH",
-                   help="draft a tree with WIDTH candidates for the next token (greedy only) [default: 1, a chain]")
-    p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=False,
-                   help="send the next round before this one's verdict (pays over slow links; off by default: "
-                        "on loopback the wasted verification costs more than it saves)")
+                   help="allow draft trees up to WIDTH candidates for the next token (greedy only: sampling falls back "
+                        "to chains); with adaptive k the cost model picks chain or tree, width and depth [default: 1, chains]")
+    p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,
+                   help="send the next round before this one's verdict, assuming full acceptance [default: the cost "
+                        "model decides per round from what pipelined rounds saved and cost: on over slow links, off on loopback]")
     p.add_argument("--relaxed", type=float, default=None, metavar="TAU",
                    help="LOSSY: also accept drafts close to the target's best (0 < TAU < 1); output may differ from the target's")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -86,8 +90,12 @@ def cmd_generate(args) -> int:
     if args.local:
         model = LocalModel.load(args.model, args.dtype, args.device)
     else:
+        from . import client
         from .remote import SwarmModel
 
+        if args.insecure:
+            print("WARNING: --insecure: hidden states and instructions travel in PLAINTEXT", file=sys.stderr)
+            client.SEALED_BY_DEFAULT = False
         model = SwarmModel(args.model, args.initial_peers, args.route, args.push, args.dtype, args.device,
                            args.wire_dtype, args.timeout, args.transport, discovery=args.discovery)
     try:
@@ -136,6 +144,7 @@ def _generate(args, model, params: SamplingParams, load_seconds: float) -> int:
         result = generate_speculative(model, draft, prompt, args.max_new_tokens, cfg, args.seed, not args.ignore_eos,
                                       lambda tokens: [on_token(t) for t in tokens])
         spec_fields = {"rounds": result.rounds, "tokens_per_round": round(result.tokens_per_round, 3),
+                       "wasted_rounds": result.wasted_rounds,
                        "acceptance_rate": round(result.acceptance_rate, 4), "k": args.k if args.k else "adaptive",
                        "draft": str(args.draft), "lossy": args.relaxed is not None}
         mode = cfg.mode
@@ -181,6 +190,18 @@ def add_peer_parser(sub) -> None:
     p.add_argument("--max-sessions", type=int, default=64)
     p.add_argument("--record-ttl", type=float, default=60.0, help="seconds a DHT announcement lives (refreshed at 1/3)")
     p.add_argument("--session-timeout", type=float, default=600.0, help="seconds before an idle session is dropped")
+    p.add_argument("--max-sessions-per-client", type=int, default=16,
+                   help="sessions one client (libp2p peer id, or IP on the direct port) may hold")
+    p.add_argument("--max-session-tokens", type=int, default=8192, help="cache tokens (max length) of one session")
+    p.add_argument("--max-frame", type=int, default=64 * 1024 * 1024, help="largest frame accepted, in bytes")
+    p.add_argument("--frame-timeout", type=float, default=30.0,
+                   help="seconds a started frame may take to arrive in full (slow senders are dropped; 0: no limit)")
+    p.add_argument("--max-rate", type=float, default=1000.0,
+                   help="frames per second per connection, sustained (above it reading slows down; 0: unlimited)")
+    p.add_argument("--burst", type=int, default=2000, help="frames a connection may send at once above --max-rate")
+    p.add_argument("--max-connections", type=int, default=512, help="open inference streams in total")
+    p.add_argument("--require-encryption", action="store_true",
+                   help="refuse plaintext sessions (clients seal by default; see docs/security.md)")
     p.add_argument("--no-direct", dest="direct", action="store_false",
                    help="serve inference only over libp2p streams (no direct TCP port)")
     p.add_argument("--data-port", type=int, default=0, help="direct TCP port for inference streams [default: any]")
@@ -201,7 +222,10 @@ def cmd_peer(args) -> int:
     if not args.verbose:  # libp2p logs every failed dial to a departed peer at ERROR
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     limits = Limits(cache_tokens=args.cache_tokens, max_sessions=args.max_sessions,
-                    session_timeout=args.session_timeout)
+                    session_timeout=args.session_timeout, max_sessions_per_client=args.max_sessions_per_client,
+                    max_session_tokens=args.max_session_tokens, max_frame=args.max_frame,
+                    frame_timeout=args.frame_timeout, rate=args.max_rate, burst=args.burst,
+                    max_connections=args.max_connections, require_encryption=args.require_encryption)
     opts = PeerOptions(args.model, parse_blocks(args.blocks) if args.blocks else None, args.num_blocks, args.listen,
                        args.identity, args.initial_peers, args.device, args.dtype, limits, args.threads, args.direct,
                        args.data_port, args.record_ttl)
@@ -321,6 +345,49 @@ def cmd_demo(args) -> int:
         print("stopped the demo peers", file=sys.stderr)
 
 
+def add_measure_parser(sub) -> None:
+    p = sub.add_parser("measure", help="per-hop RTT, compute per block, ms/token plain vs speculative, with predictions",
+                       description="Measure a swarm (or an emulated WAN with --emulate) and print the simulator's "
+                                   "prediction beside every end-to-end measurement.")
+    p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR")
+    p.add_argument("--emulate", choices=["loopback", "lan", "metro", "continental", "intercontinental", "heterogeneous"],
+                   help="instead of --initial-peers: start --peers peers here behind delay proxies of this profile")
+    p.add_argument("--matrix", help="instead of --initial-peers: a JSON one-way latency matrix in ms (client first)")
+    p.add_argument("--peers", type=int, default=2, help="peers of an emulated WAN")
+    p.add_argument("--model", default=_default_model(), required=_default_model() is None)
+    p.add_argument("--draft", default=_default_draft())
+    p.add_argument("--no-speculative", dest="speculative", action="store_false")
+    p.add_argument("--prompts", type=int, default=3, help="first N HumanEval prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--k", type=int, nargs="*", default=[2, 4, 8], help="fixed draft lengths to sweep")
+    p.add_argument("--no-adaptive", dest="adaptive", action="store_false")
+    p.add_argument("--pipeline", action="store_true", help="also adaptive + pipelined")
+    p.add_argument("--tree", type=int, default=0, metavar="WIDTH", help="also a greedy tree of this width")
+    p.add_argument("--relaxed", type=float, default=None, metavar="TAU", help="also relaxed acceptance (lossy)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--reps", type=int, default=5, help="repetitions of each ping and compute probe")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="one JSON object: an entry per measured quantity")
+    p.add_argument("--plot", metavar="FILE.png", help="bar chart of measured vs predicted ms/token (matplotlib)")
+    p.set_defaults(func=cmd_measure)
+
+
+def cmd_measure(args) -> int:
+    from .measure import run_cli
+
+    return run_cli(args)
+
+
+def add_simulate_parser(sub) -> None:
+    from .simulate import add_arguments, run
+
+    p = sub.add_parser("simulate", help="predict ms/token from RTTs, compute, draft cost and acceptance",
+                       description="The analytic model of swarm.simulate, from `swarm measure --json` output or flags.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swarm", description="specswarm: LLM inference over a swarm of peers "
                                                                "with distributed speculative decoding")
@@ -330,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     add_status_parser(sub)
     add_chat_parser(sub)
     add_demo_parser(sub)
+    add_measure_parser(sub)
+    add_simulate_parser(sub)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     if args.command != "peer":  # peers configure their own, more talkative logging

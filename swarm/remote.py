@@ -122,8 +122,12 @@ class SwarmModel:
             log.warning("banned peer %s for %.0f s after: %s", pid[-8:], self.ban_seconds, error)
 
     # --- sessions ---------------------------------------------------------------------------------
+    async def dial(self, addr: str):
+        """Open an inference stream to a route address (swarm.wan's emulated WAN maps it to its own link)."""
+        return await dial(self.node, addr)
+
     async def open_chain(self, max_length: int) -> ChainSession:
-        chain = ChainSession(lambda addr: dial(self.node, addr), self.route, self.push, self.wire_dtype, self.timeout)
+        chain = ChainSession(self.dial, self.route, self.push, self.wire_dtype, self.timeout)
         try:
             await chain.open(max_length)
         except BaseException:
@@ -176,7 +180,8 @@ class RemoteBlocks:
     """`RunBlocks` over the swarm for one generation; replays its history onto a new route on failure.
 
     Several steps may be in flight (pipelined speculation). If one fails, the oldest in-flight step
-    fails over and retries; the younger ones raise `Abandoned` so the caller re-sends them in order.
+    fails over and retries; the younger ones wait for it and retry on the new route in order (or raise
+    `Abandoned`, for the caller to re-send, when there is no new route to go to).
     History holds completed steps only, in order, which is what the new route must replay.
     """
 
@@ -185,6 +190,8 @@ class RemoteBlocks:
         self.history: list[tuple[torch.Tensor, StepLayout, object]] = []
         self._inflight: list[int] = []
         self._sent = 0
+        self._recovering: int | None = None  # the step failing over (it replays, then retries)
+        self._held: set[int] = set()  # steps waiting to go strictly in order behind a failover
         self.chain = model.bg.run(self._open())
 
     async def _open(self) -> ChainSession:
@@ -204,6 +211,8 @@ class RemoteBlocks:
     async def _step(self, number: int, hidden, layout, compact):
         try:
             for attempt in range(self.model.max_failovers + 1):
+                if self._recovering not in (None, number) or self._held:
+                    await self._wait_turn(number)  # a failover is under way: no step may overtake its retry
                 chain = self.chain
                 try:
                     out = await chain.step(hidden, layout, compact)
@@ -211,13 +220,28 @@ class RemoteBlocks:
                     return out
                 except FAILURES as e:
                     if number != self._inflight[0]:
-                        raise Abandoned(f"step behind a failed one: {e}") from e
+                        # an older step is failing over: let it finish, then go again on its new route, in order
+                        await self._wait_turn(number)
+                        if self.chain is chain or attempt == self.model.max_failovers:
+                            raise Abandoned(f"step behind a failed one: {e}") from e
+                        continue
                     if attempt == self.model.max_failovers:
                         raise
                     log.warning("step failed (%s); failing over", e)
+                    self._recovering = number
                     self.chain = await self.model.recover(chain, e, self.max_length, self.history)
         finally:
             self._inflight.remove(number)
+            self._held.discard(number)
+            if self._recovering == number:
+                self._recovering = None
+
+    async def _wait_turn(self, number: int) -> None:
+        """Wait until every older step has finished (steps then go one by one, in order, until none waits)."""
+        self._held.add(number)
+        while self._inflight[0] != number:
+            await asyncio.sleep(0.005)
+        self._held.discard(number)
 
     def close(self) -> None:
         try:

@@ -38,3 +38,39 @@ def test_kill_middle_peer_repeatedly(tiny, tmp_path, push):
             model.close()
         for p in peers:
             p.stop()
+
+
+def test_kill_middle_peer_during_speculative_decoding(tiny, tmp_path):
+    """Adaptive greedy speculative decoding, pipelining forced so that rounds are in flight when the peer
+    dies: the output still equals --local token for token. (scripts/failover_drill.py --speculative runs
+    the default, cost-model-chosen pipelining, on the bundled pair.)"""
+    from conftest import make_checkpoint
+    from swarm.speculative import SpecConfig, generate_speculative
+
+    path = tiny("llama2").path
+    draft = LocalModel.load(make_checkpoint(tmp_path / "draft", "llama2", seed=11, num_hidden_layers=2).path)
+    reference = generate(LocalModel.load(path), PROMPT, 120, stop_at_eos=False).tokens
+    peers = start_peers(path, [(0, 3), (3, 6), (3, 6), (6, 8)], log_dir=tmp_path)
+    model = None
+    try:
+        model = SwarmModel(path, [p.addr for p in peers], timeout=20)
+        by_id = {p.peer_id: p for p in peers}
+        victim_id = model.route[1].peer_id
+        count = [0]
+
+        def kill_at_50(tokens):
+            before = count[0]
+            count[0] += len(tokens)
+            if before < 50 <= count[0]:
+                by_id[victim_id].kill()
+
+        res = generate_speculative(model, draft, PROMPT, 120, SpecConfig(pipeline=True), stop_at_eos=False,
+                                   on_tokens=kill_at_50)
+        assert res.tokens == reference, "output changed after a failover during speculative decoding"
+        assert model.failovers >= 1 and model.route[1].peer_id != victim_id
+        assert res.rounds > 1 and res.drafted > 0
+    finally:
+        if model is not None:
+            model.close()
+        for p in peers:
+            p.stop()
