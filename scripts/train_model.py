@@ -780,7 +780,7 @@ Draft:
 
 ## Speculative figures
 
-_To be filled from `scripts/bench_acceptance.py` (tokens committed per round, acceptance rate, speed-up)._
+_To be filled from `python scripts/bench_acceptance.py` (tokens committed per round for k = 2, 4, 8, draft agreement)._
 """
     path.write_text(text)
     log.info("wrote %s", path)
