@@ -68,8 +68,11 @@ class InProcessSwarm:
         return Run()
 
     def close(self):
-        for listener in self.listeners:
+        async def stop(listener):  # asyncio servers must be closed on their own loop's thread
             listener.close()
+
+        for listener in self.listeners:
+            self.bg.run(stop(listener))
         for s in self.servers:
             self.bg.run(s.close())
         self.bg.close()
