@@ -60,3 +60,18 @@ async def fetch_info(node, addr: str, timeout: float = 10.0) -> tuple[m.InfoRepl
     if not isinstance(reply, m.InfoReply):
         raise ConnectionError(f"{addr} answered Info with {type(reply).__name__}")
     return reply, rtt_ms
+
+
+def data_addrs(maddrs: list[str], timeout: float = 30.0) -> list[str | None]:
+    """The direct data-port address (`tcp://...`) each peer advertises, or None where it has none.
+    Blocking: asks over a throwaway libp2p node (for scripts, tests and the WAN emulator)."""
+    from peer.p2p import P2PNode  # the libp2p stack is heavy; only load it when asked
+
+    async def ask():
+        node = await P2PNode.start()
+        try:
+            return [(await fetch_info(node, a, timeout))[0].data_addr for a in maddrs]
+        finally:
+            await node.close()
+
+    return asyncio.run(ask())

@@ -246,12 +246,7 @@ class Step:
     wire_dtype: str | None = None
 
     def header(self) -> dict:
-        h = dict(session=self.session, step=self.step, start=self.start)
-        if self.parents is not None:
-            h["parents"] = list(self.parents)
-        if self.compact is not None:
-            h["compact"] = {"start": self.compact[0], "path": list(self.compact[1])}
-        return h
+        return _layout_header(self)
 
     @classmethod
     def parse(cls, h, tensor):
@@ -266,6 +261,16 @@ class Step:
         return cls(_session(h), _int(h, "step"), _int(h, "start"), tensor, parents, compact)
 
 
+def _layout_header(msg) -> dict:
+    """Header of a message that carries a step's layout (Step, Control)."""
+    h = dict(session=msg.session, step=msg.step, start=msg.start)
+    if msg.parents is not None:
+        h["parents"] = list(msg.parents)
+    if msg.compact is not None:
+        h["compact"] = {"start": msg.compact[0], "path": list(msg.compact[1])}
+    return h
+
+
 @dataclass
 class Control:
     """One hop's own instructions for a push step (its layout), sealed for it alone in an onion layer."""
@@ -278,12 +283,7 @@ class Control:
     compact: tuple[int, list[int]] | None = None
 
     def header(self) -> dict:
-        h = dict(session=self.session, step=self.step, start=self.start)
-        if self.parents is not None:
-            h["parents"] = list(self.parents)
-        if self.compact is not None:
-            h["compact"] = {"start": self.compact[0], "path": list(self.compact[1])}
-        return h
+        return _layout_header(self)
 
     @classmethod
     def parse(cls, h, tensor):

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
-from peer.transport import parse_tcp_addr  # noqa: E402
+from peer.transport import data_addrs, parse_tcp_addr  # noqa: E402
 from protocol import crypto, framing  # noqa: E402
 from protocol import messages as m  # noqa: E402
 
@@ -248,16 +248,7 @@ def main() -> int:
             make_checkpoint(model, "llama2")
         peer = PeerProcess(model, (0, 8), "--max-sessions", "16", "--max-sessions-per-client", "8",
                            "--cache-tokens", "4096", "--max-session-tokens", "256")
-        from peer.p2p import P2PNode
-        from peer.transport import fetch_info
-
-        async def data_addr():
-            node = await P2PNode.start()
-            try:
-                return (await fetch_info(node, peer.addr))[0].data_addr
-            finally:
-                await node.close()
-        args.addr, args.pid = asyncio.run(data_addr()), peer.proc.pid
+        args.addr, args.pid = data_addrs([peer.addr])[0], peer.proc.pid
     try:
         honest: dict = {}
         thread = None

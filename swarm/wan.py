@@ -325,17 +325,9 @@ class WanSwarm:
 
     @staticmethod
     def _data_addrs(maddrs: list[str]) -> list[str]:
-        from peer.p2p import P2PNode
-        from peer.transport import fetch_info
+        from peer.transport import data_addrs
 
-        async def ask():
-            node = await P2PNode.start()
-            try:
-                return [(await fetch_info(node, a, 30.0))[0].data_addr for a in maddrs]
-            finally:
-                await node.close()
-
-        addrs = asyncio.run(ask())
+        addrs = data_addrs(maddrs)
         if not all(addrs):
             raise RuntimeError("every emulated peer needs its direct data port (do not pass --no-direct)")
         return addrs

@@ -22,7 +22,7 @@ from libp2p.peer.id import ID
 from peer.model import BlockRange, Checkpoint
 from peer.server import BlockServer, Limits, RateLimit, new_session_id
 from peer.tcp import TcpStream
-from peer.transport import dial, listen_tcp, parse_tcp_addr
+from peer.transport import data_addrs, dial, listen_tcp, parse_tcp_addr
 from protocol import crypto, framing
 from protocol import messages as m
 from swarm.client import BackgroundLoop, ChainSession, Hop, RemoteError
@@ -303,18 +303,7 @@ def hardened_peer(tiny, tmp_path_factory):
     peer = PeerProcess(tiny("llama2").path, (0, 8), "--max-sessions", "8", "--max-sessions-per-client", "4",
                        "--cache-tokens", "4096", "--max-session-tokens", "256", "--frame-timeout", "1",
                        "--max-connections", "64", log_file=tmp_path_factory.mktemp("logs") / "peer.log")
-
-    async def data_addr():
-        from peer.p2p import P2PNode
-        from peer.transport import fetch_info
-
-        node = await P2PNode.start()
-        try:
-            return (await fetch_info(node, peer.addr))[0].data_addr
-        finally:
-            await node.close()
-
-    yield tiny("llama2").path, peer, asyncio.run(data_addr())
+    yield tiny("llama2").path, peer, data_addrs([peer.addr])[0]
     peer.stop()
 
 
