@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -42,8 +43,14 @@ def status(path, addr):
 
 def test_five_peers_choose_blocks_that_cover_the_model(swarm5):
     path, peers = swarm5
-    code, st = status(path, peers[-1].addr)
-    assert code == 0 and st["complete"] and st["gaps"] == []
+    deadline = time.time() + 30  # records spread through the DHT asynchronously: wait for the last ones
+    while True:
+        code, st = status(path, peers[-1].addr)
+        online = [p for p in st["peers"] if p["state"] == "online"]
+        if (code == 0 and len(online) == 5) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert code == 0 and st["complete"] and st["gaps"] == [], st
     assert len([p for p in st["peers"] if p["state"] == "online"]) == 5
     assert all(n >= 1 for n in st["coverage"]) and len(st["coverage"]) == 8
     spans = sorted(tuple(p["blocks"]) for p in st["peers"])
