@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peer.model import StepLayout  # noqa: E402
-from swarm.cli import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
-from swarm.generate import LocalModel, generate  # noqa: E402
-from swarm.prompts import humaneval_prompts  # noqa: E402
-from swarm.speculative import Drafter, SpecConfig, speculative_generate  # noqa: E402
+from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.decode.generate import LocalModel, generate  # noqa: E402
+from swarm.bench.prompts import humaneval_prompts  # noqa: E402
+from swarm.decode.speculative import Drafter, SpecConfig, speculative_generate  # noqa: E402
 
 
 def draft_agreement(draft: LocalModel, prompt: list[int], reference: list[int]) -> int:

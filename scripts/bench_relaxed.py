@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peer.model import StepLayout  # noqa: E402
-from swarm.cli import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
-from swarm.generate import LocalModel  # noqa: E402
-from swarm.prompts import humaneval_prompts  # noqa: E402
-from swarm.speculative import SpecConfig, generate_speculative  # noqa: E402
+from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.decode.generate import LocalModel  # noqa: E402
+from swarm.bench.prompts import humaneval_prompts  # noqa: E402
+from swarm.decode.speculative import SpecConfig, generate_speculative  # noqa: E402
 
 
 def log_likelihood(model: LocalModel, prompt: list[int], output: list[int]) -> float:

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peer.model import Checkpoint  # noqa: E402
 from protocol import crypto  # noqa: E402
-from swarm import client  # noqa: E402
-from swarm.generate import generate  # noqa: E402
+from swarm.client import chain as client  # noqa: E402
+from swarm.decode.generate import generate  # noqa: E402
 from swarm.launch import even_spans, start_peers  # noqa: E402
-from swarm.remote import SwarmModel  # noqa: E402
+from swarm.client.swarm_model import SwarmModel  # noqa: E402
 
 
 def aead_mb_per_s(size: int = 1 << 20, reps: int = 50) -> float:

@@ -1,7 +1,7 @@
 """Speculative vs plain decoding through a local swarm, side by side, on HumanEval prompts.
 
 Starts N peer processes on 127.0.0.1 serving the bundled target (or --model; --wan PROFILE puts
-swarm.wan's delay proxies on every link), then for every prompt runs, interleaved in an order that
+swarm.bench.wan.proxy's delay proxies on every link), then for every prompt runs, interleaved in an order that
 rotates per prompt so background load hits all alike: plain greedy through the chain, speculative with
 every fixed k (1, 2, 3, 4, 6, 8), k=4 pipelined, a greedy tree, and the cost model (`AdaptiveK`) without
 pipelining, with pipelining forced, as by default (it decides), and allowed trees; and --local plain
@@ -12,7 +12,7 @@ it does between a chat's turns.
 
     python scripts/bench_speculative.py                      # 3 peers, 10 prompts, 64 tokens
     python scripts/bench_speculative.py --peers 2 --prompts 20 --json
-    python scripts/bench_speculative.py --wan continental --prompts 3   # through swarm.wan's delay proxies
+    python scripts/bench_speculative.py --wan continental --prompts 3   # through swarm.bench.wan.proxy's delay proxies
     python scripts/bench_speculative.py --modes "spec k=4" "adaptive (default)"
 """
 
@@ -28,12 +28,12 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swarm.cli import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
-from swarm.generate import LocalModel, generate  # noqa: E402
+from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.decode.generate import LocalModel, generate  # noqa: E402
 from swarm.launch import even_spans, start_peers  # noqa: E402
-from swarm.prompts import humaneval_prompts  # noqa: E402
-from swarm.remote import SwarmModel  # noqa: E402
-from swarm.speculative import SpecConfig, generate_speculative  # noqa: E402
+from swarm.bench.prompts import humaneval_prompts  # noqa: E402
+from swarm.client.swarm_model import SwarmModel  # noqa: E402
+from swarm.decode.speculative import SpecConfig, generate_speculative  # noqa: E402
 
 MODES = {
     **{f"spec k={k}": SpecConfig(k=k, pipeline=False) for k in (1, 2, 3, 4, 6, 8)},
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=10, help="first N HumanEval prompts")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--wan", default=None, metavar="PROFILE",
-                    help="emulate a WAN between client and peers (a swarm.wan profile: lan, metro, continental, ...)")
+                    help="emulate a WAN between client and peers (a swarm.bench.wan.proxy profile: lan, metro, continental, ...)")
     ap.add_argument("--modes", nargs="+", default=None, choices=list(MODES), help="speculative modes to run [all]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -68,7 +68,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as logs:
         wan, peers, model = None, [], None
         if args.wan:
-            from swarm.wan import WanSwarm
+            from swarm.bench.wan.proxy import WanSwarm
 
             wan = WanSwarm(args.model, args.peers, args.wan, log_dir=logs)
         else:

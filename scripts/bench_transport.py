@@ -26,11 +26,11 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from swarm.cli import DEFAULT_MODEL  # noqa: E402
-from swarm.generate import LocalModel, generate  # noqa: E402
+from swarm.bundled import DEFAULT_MODEL  # noqa: E402
+from swarm.decode.generate import LocalModel, generate  # noqa: E402
 from swarm.launch import even_spans, start_peers  # noqa: E402
-from swarm.prompts import humaneval_prompts  # noqa: E402
-from swarm.remote import SwarmModel  # noqa: E402
+from swarm.bench.prompts import humaneval_prompts  # noqa: E402
+from swarm.client.swarm_model import SwarmModel  # noqa: E402
 
 
 def chain_bench(model_dir: str, n_peers: int, n_prompts: int, new_tokens: int, threads: int) -> dict:

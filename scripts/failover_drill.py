@@ -21,11 +21,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swarm.cli import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
-from swarm.generate import LocalModel, generate  # noqa: E402
+from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.decode.generate import LocalModel, generate  # noqa: E402
 from swarm.launch import PeerProcess, even_spans, start_peers  # noqa: E402
-from swarm.remote import SwarmModel  # noqa: E402
-from swarm.speculative import SpecConfig, generate_speculative  # noqa: E402
+from swarm.client.swarm_model import SwarmModel  # noqa: E402
+from swarm.decode.speculative import SpecConfig, generate_speculative  # noqa: E402
 
 
 def main() -> None:

@@ -255,8 +255,8 @@ def main() -> int:
         if args.honest and peer is not None:
             import threading
 
-            from swarm.generate import LocalModel, generate
-            from swarm.remote import SwarmModel
+            from swarm.decode.generate import LocalModel, generate
+            from swarm.client.swarm_model import SwarmModel
 
             reference = generate(LocalModel.load(model), [5, 6, 7, 8], 40, stop_at_eos=False).tokens
 

@@ -34,12 +34,12 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from swarm.cli import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
-from swarm.generate import LocalModel, generate  # noqa: E402
-from swarm.measure import Mode, format_report, load_prompts, measure, plot_report  # noqa: E402
-from swarm.sampling import SamplingParams  # noqa: E402
-from swarm.speculative import SpecConfig  # noqa: E402
-from swarm.wan import PROFILES, WanSwarm, load_matrix  # noqa: E402
+from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.decode.generate import LocalModel, generate  # noqa: E402
+from swarm.bench.measure import Mode, format_report, load_prompts, measure, plot_report  # noqa: E402
+from swarm.decode.sampling import SamplingParams  # noqa: E402
+from swarm.decode.speculative import SpecConfig  # noqa: E402
+from swarm.bench.wan.proxy import PROFILES, WanSwarm, load_matrix  # noqa: E402
 
 PETALS = ROOT.parent / "shared" / "anchors" / "petals"
 MAIN_MODES = ("spec adaptive", "spec adaptive+pipeline", "spec adaptive (auto pipeline)")  # on every prompt; the rest on --sweep-prompts

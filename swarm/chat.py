@@ -12,8 +12,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .generate import LocalModel, generate
-from .speculative import SpecConfig, generate_speculative
+from swarm.decode.generate import LocalModel, generate
+from swarm.decode.speculative import SpecConfig, generate_speculative
 
 
 class StopReply(Exception):

@@ -13,20 +13,12 @@ import torch
 from peer import set_threads
 from peer.model import CacheError, CheckpointError, ConfigError
 
-from .generate import LocalModel, generate, load_tokenizer
-from .sampling import SamplingParams
+from swarm.decode.generate import LocalModel, generate, load_tokenizer
+from swarm.decode.sampling import SamplingParams
 
-BUNDLED_MODELS = Path(__file__).parent / "models"
-DEFAULT_MODEL = BUNDLED_MODELS / "code-target"
-DEFAULT_DRAFT = BUNDLED_MODELS / "code-draft"
-
-
-def _default_model() -> str | None:
-    return str(DEFAULT_MODEL) if (DEFAULT_MODEL / "config.json").exists() else None
-
-
-def _default_draft() -> str | None:
-    return str(DEFAULT_DRAFT) if (DEFAULT_DRAFT / "config.json").exists() else None
+from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: F401 - re-exported for scripts
+from swarm.bundled import default_draft as _default_draft
+from swarm.bundled import default_model as _default_model
 
 
 def add_generate_parser(sub) -> None:
@@ -90,8 +82,8 @@ def cmd_generate(args) -> int:
     if args.local:
         model = LocalModel.load(args.model, args.dtype, args.device)
     else:
-        from . import client
-        from .remote import SwarmModel
+        from swarm.client import chain as client
+        from swarm.client.swarm_model import SwarmModel
 
         if args.insecure:
             print("WARNING: --insecure: hidden states and instructions travel in PLAINTEXT", file=sys.stderr)
@@ -131,7 +123,7 @@ def _generate(args, model, params: SamplingParams, load_seconds: float) -> int:
     speculative = args.speculative if args.speculative is not None else (not args.local and bool(args.draft) and paired)
     spec_fields = {}
     if speculative:
-        from .speculative import SpecConfig, generate_speculative
+        from swarm.decode.speculative import SpecConfig, generate_speculative
 
         if not args.draft:
             raise SystemExit("swarm generate: --speculative needs --draft DIR")
@@ -247,7 +239,7 @@ def cmd_status(args) -> int:
 
     from peer.model import Checkpoint
 
-    from .status import format_status, swarm_status
+    from swarm.client.status import format_status, swarm_status
 
     ckpt = Checkpoint(args.model)
     status = asyncio.run(swarm_status(ckpt.model_id, ckpt.config.num_hidden_layers, args.initial_peers))
@@ -270,8 +262,8 @@ def _add_chat_args(p) -> None:
 
 
 def _chat(args, model) -> int:
-    from .chat import Chat, run_interactive, run_scripted
-    from .speculative import SpecConfig
+    from swarm.chat import Chat, run_interactive, run_scripted
+    from swarm.decode.speculative import SpecConfig
 
     paired = args.draft != _default_draft() or args.model == _default_model()  # the bundled draft fits the bundled model
     draft = LocalModel.load(args.draft) if args.speculative and args.draft and paired else None
@@ -298,7 +290,7 @@ def cmd_chat(args) -> int:
         raise SystemExit("swarm chat: give --initial-peers MULTIADDR (a peer's 'listening on' line) or --local")
     if args.local:
         return _chat(args, LocalModel.load(args.model))
-    from .remote import SwarmModel
+    from swarm.client.swarm_model import SwarmModel
 
     model = SwarmModel(args.model, args.initial_peers)
     try:
@@ -319,8 +311,8 @@ def add_demo_parser(sub) -> None:
 def cmd_demo(args) -> int:
     import tempfile
 
-    from .launch import even_spans, start_peers
-    from .remote import SwarmModel
+    from swarm.launch import even_spans, start_peers
+    from swarm.client.swarm_model import SwarmModel
 
     set_threads(args.threads or 1)
     from peer.model import Checkpoint
@@ -374,16 +366,16 @@ def add_measure_parser(sub) -> None:
 
 
 def cmd_measure(args) -> int:
-    from .measure import run_cli
+    from swarm.bench.measure import run_cli
 
     return run_cli(args)
 
 
 def add_simulate_parser(sub) -> None:
-    from .simulate import add_arguments, run
+    from swarm.bench.simulate import add_arguments, run
 
     p = sub.add_parser("simulate", help="predict ms/token from RTTs, compute, draft cost and acceptance",
-                       description="The analytic model of swarm.simulate, from `swarm measure --json` output or flags.")
+                       description="The analytic model of swarm.bench.simulate, from `swarm measure --json` output or flags.")
     add_arguments(p)
     p.set_defaults(func=run)
 

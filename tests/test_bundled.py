@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from swarm.cli import DEFAULT_DRAFT, DEFAULT_MODEL
+from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL
 from swarm.launch import even_spans, start_peers
 
 PROMPT = "def fibonacci(n):"

@@ -14,10 +14,10 @@ from peer.server import new_session_id
 from peer.transport import INFERENCE_PROTOCOL
 from protocol import framing
 from protocol import messages as m
-from swarm.generate import LocalModel, generate
+from swarm.decode.generate import LocalModel, generate
 from swarm.launch import PeerProcess, start_peers
 from peer.transport import fetch_info, parse_tcp_addr
-from swarm.remote import SwarmModel
+from swarm.client.swarm_model import SwarmModel
 
 SPANS = [(0, 3), (3, 5), (5, 8)]
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from swarm.generate import LocalModel, generate
+from swarm.decode.generate import LocalModel, generate
 from swarm.launch import PeerProcess
-from swarm.remote import SwarmModel
+from swarm.client.swarm_model import SwarmModel
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 
 import pytest
 
-from swarm.generate import LocalModel, generate
+from swarm.decode.generate import LocalModel, generate
 from swarm.launch import PeerProcess, start_peers
-from swarm.remote import SwarmModel
+from swarm.client.swarm_model import SwarmModel
 
 PROMPT = [3, 14, 15, 92, 65]
 
@@ -45,7 +45,7 @@ def test_kill_middle_peer_during_speculative_decoding(tiny, tmp_path):
     dies: the output still equals --local token for token. (scripts/failover_drill.py --speculative runs
     the default, cost-model-chosen pipelining, on the bundled pair.)"""
     from conftest import make_checkpoint
-    from swarm.speculative import SpecConfig, generate_speculative
+    from swarm.decode.speculative import SpecConfig, generate_speculative
 
     path = tiny("llama2").path
     draft = LocalModel.load(make_checkpoint(tmp_path / "draft", "llama2", seed=11, num_hidden_layers=2).path)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from swarm.cli import DEFAULT_DRAFT, DEFAULT_MODEL
+from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL
 from swarm.launch import even_spans, start_peers
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").exists() or not (DEFAULT_DRAFT / "config.json").exists(),

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from swarm.sampling import SamplingParams, sample, token_probs
+from swarm.decode.sampling import SamplingParams, sample, token_probs
 
 
 def test_greedy_is_argmax_one_hot():

@@ -25,8 +25,10 @@ from peer.tcp import TcpStream
 from peer.transport import data_addrs, dial, listen_tcp, parse_tcp_addr
 from protocol import crypto, framing
 from protocol import messages as m
-from swarm.client import BackgroundLoop, ChainSession, Hop, RemoteError
-from swarm.generate import LocalModel, generate
+from swarm.client.background import BackgroundLoop
+from swarm.client.chain import ChainSession, RemoteError
+from swarm.client.route import Hop
+from swarm.decode.generate import LocalModel, generate
 from swarm.launch import PeerProcess
 
 SPANS = [(0, 3), (3, 5), (5, 8)]
@@ -319,7 +321,7 @@ FUZZ_FRAMES = int(os.environ.get("SPECSWARM_FUZZ_FRAMES", "20000"))  # scripts/f
 
 def test_fuzzed_peer_survives_and_serves_an_honest_generation(hardened_peer):
     path, peer, addr = hardened_peer
-    from swarm.remote import SwarmModel
+    from swarm.client.swarm_model import SwarmModel
 
     reference = generate(LocalModel.load(path), [5, 6, 7, 8], 40, stop_at_eos=False).tokens
     honest = {}

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-import swarm.speculative as spec
+import swarm.decode.speculative as spec
 from conftest import make_checkpoint
-from swarm.generate import LocalModel, generate
-from swarm.sampling import SamplingParams
-from swarm.speculative import Drafter, SpecConfig, speculative_generate, verify, verify_greedy_tree
+from swarm.decode.generate import LocalModel, generate
+from swarm.decode.sampling import SamplingParams
+from swarm.decode.speculative import Drafter, SpecConfig, speculative_generate, verify, verify_greedy_tree
 
 
 @pytest.fixture(scope="module")

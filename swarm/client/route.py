@@ -12,7 +12,36 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from .client import Hop, RemoteError, check_route
+
+@dataclass(frozen=True)
+class Hop:
+    addr: str  # where to dial the peer (a full multiaddr for libp2p)
+    peer_id: str
+    blocks: tuple[int, int]
+
+    def __str__(self) -> str:
+        return f"{self.peer_id}:{self.blocks[0]}:{self.blocks[1]}"
+
+
+def check_route(route: list[Hop], num_blocks: int) -> None:
+    """A route must cover [0, num_blocks) with consecutive spans."""
+    at = 0
+    for hop in route:
+        if hop.blocks[0] != at:
+            raise ValueError(f"route is not contiguous: {hop} starts at {hop.blocks[0]}, expected {at}")
+        at = hop.blocks[1]
+    if at != num_blocks:
+        raise ValueError(f"route covers blocks [0, {at}) of {num_blocks}")
+
+
+class NoRoute(RuntimeError):
+    """The known peers cannot make a chain (a gap in coverage, or an explicit route that does not fit)."""
+
+    code = "no_route"
+
+    def __init__(self, message: str):
+        super().__init__(f"{message} [no_route]")
+
 
 DEFAULT_MS_PER_BLOCK = 1.0  # when a peer has not published its throughput
 HOP_OVERHEAD_MS = 0.3  # framing, (de)serialisation and scheduling per hop, measured on loopback
@@ -91,8 +120,8 @@ def plan_route(peers: dict[str, PeerInfo], num_blocks: int) -> list[tuple[str, t
                     best[(end, info.peer_id)] = c
                     heapq.heappush(queue, (c, next(tie), end, info.peer_id, path + ((info.peer_id, (at, end)),)))
     covered = sorted(p.blocks for p in peers.values())
-    raise RemoteError("no_route", f"the known peers do not cover blocks [0, {num_blocks}) "
-                                  f"(they serve {', '.join(f'{a}:{b}' for a, b in covered) or 'nothing'})")
+    raise NoRoute(f"the known peers do not cover blocks [0, {num_blocks}) "
+                  f"(they serve {', '.join(f'{a}:{b}' for a, b in covered) or 'nothing'})")
 
 
 def to_hops(route: list[tuple[str, tuple[int, int]]], peers: dict[str, PeerInfo], transport: str,

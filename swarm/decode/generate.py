@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from peer.model import BlockRange, Checkpoint, KVCache, ModelHead, StepLayout
 
-from .sampling import SamplingParams, sample
+from swarm.decode.sampling import SamplingParams, sample
 
 
 class RunBlocks(Protocol):

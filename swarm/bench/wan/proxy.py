@@ -12,12 +12,12 @@ the chunk before it has left.
 
 One proxy per directed link (source, destination), nodes being the client (index 0 of a latency
 matrix) and peers 1..n. A route names peer j by its link from peer j-1, which is what the client
-puts in peer j-1's NextHop; the client itself dials peer j through its own link (`swarm.wan_client`
+puts in peer j-1's NextHop; the client itself dials peer j through its own link (`swarm.bench.wan.client`
 maps one address to the other). So in push mode a step crosses client->p1, p1->p2, ..., pn->client,
 each with its own delay, and client-mediated mode crosses client<->pj for every j. The libp2p
 control plane (Info, DHT) is not delayed: it is off the per-token path.
 
-The proxies run in a child process (`python -m swarm.wan proxy`), so the client's compute, which
+The proxies run in a child process (`python -m swarm.bench.wan.proxy proxy`), so the client's compute, which
 holds the GIL, never delays a forwarded byte.
 
 The proxies move bytes and know nothing of the protocol inside; `WanSwarm` asks each peer (Info) for
@@ -246,7 +246,7 @@ class ProxyProcess:
     """The delay proxies of one emulated WAN, in a child process."""
 
     def __init__(self, spec: list[dict]):
-        self.proc = subprocess.Popen([sys.executable, "-m", "swarm.wan", "proxy"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "swarm.bench.wan.proxy", "proxy"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
         self.proc.stdin.write(json.dumps(spec) + "\n")
@@ -300,7 +300,7 @@ class WanSwarm:
                  log_dir: str | Path | None = None, threads: int = 1):
         from peer.model import Checkpoint
 
-        from .launch import even_spans, start_peers
+        from swarm.launch import even_spans, start_peers
 
         if isinstance(links, str):
             links = PROFILES[links]
@@ -337,8 +337,8 @@ class WanSwarm:
         return [p.addr for p in self.peers]
 
     def model(self, **kwargs):
-        """A client (`swarm.wan_client.WanSwarmModel`) whose data plane crosses this WAN's links."""
-        from .wan_client import WanSwarmModel
+        """A client (`swarm.bench.wan.client.WanSwarmModel`) whose data plane crosses this WAN's links."""
+        from swarm.bench.wan.client import WanSwarmModel
 
         return WanSwarmModel(self.layout, self.model_dir, self.initial_peers, discovery=False, **kwargs)
 
@@ -356,7 +356,7 @@ class WanSwarm:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m swarm.wan", description="delay proxies of an emulated WAN")
+    ap = argparse.ArgumentParser(prog="python -m swarm.bench.wan.proxy", description="delay proxies of an emulated WAN")
     ap.add_argument("what", choices=["proxy"], help="proxy: read a JSON list of proxies on stdin, serve them")
     ap.parse_args(argv)
     spec = json.loads(sys.stdin.readline())

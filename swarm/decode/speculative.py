@@ -36,8 +36,8 @@ import torch
 
 from peer.model import ModelHead, StepLayout
 
-from .generate import GenerationResult, LocalModel, RunBlocks
-from .sampling import SamplingParams, token_probs
+from swarm.decode.generate import GenerationResult, LocalModel, RunBlocks
+from swarm.decode.sampling import SamplingParams, token_probs
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 `ChainSession` opens one session per hop. In push mode (the default) the client sends a step to the
 first peer only; each peer pushes its output to the next, and the last one answers the client:
 n + 1 one-way hops. In client-mediated mode (`push=False`, as Petals does) the client carries the
-hidden states from peer to peer itself: 2n hops. `swarm.remote` wraps sessions as the synchronous
-`RunBlocks` that `swarm.generate` drives, with failover.
+hidden states from peer to peer itself: 2n hops. `swarm.client.swarm_model` wraps sessions as the synchronous
+`RunBlocks` that `swarm.decode.generate` drives, with failover.
 
 Sessions are sealed end to end by default (protocol/crypto.py, docs/security.md). On each hop's
 stream the client first asks for the peer's X25519 key and checks that the peer id it dialled
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import threading
-from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import torch
@@ -30,6 +28,7 @@ from peer.model import StepLayout
 from peer.server import Channel, Stream, new_session_id
 from protocol import crypto
 from protocol import messages as m
+from swarm.client.route import Hop
 
 SEALED_BY_DEFAULT = True  # `swarm generate --insecure` turns it off (benchmarks only)
 
@@ -40,27 +39,6 @@ class RemoteError(RuntimeError):
     def __init__(self, code: str, message: str, peer: str | None = None):
         super().__init__(f"{peer or 'peer'}: {message} [{code}]")
         self.code, self.peer = code, peer
-
-
-@dataclass(frozen=True)
-class Hop:
-    addr: str  # where to dial the peer (a full multiaddr for libp2p)
-    peer_id: str
-    blocks: tuple[int, int]
-
-    def __str__(self) -> str:
-        return f"{self.peer_id}:{self.blocks[0]}:{self.blocks[1]}"
-
-
-def check_route(route: list[Hop], num_blocks: int) -> None:
-    """A route must cover [0, num_blocks) with consecutive spans."""
-    at = 0
-    for hop in route:
-        if hop.blocks[0] != at:
-            raise ValueError(f"route is not contiguous: {hop} starts at {hop.blocks[0]}, expected {at}")
-        at = hop.blocks[1]
-    if at != num_blocks:
-        raise ValueError(f"route covers blocks [0, {at}) of {num_blocks}")
 
 
 class ChainSession:
@@ -243,19 +221,3 @@ class ChainSession:
             await channel.close()
         for task in self._readers:
             task.cancel()
-
-
-class BackgroundLoop:
-    """An asyncio loop in its own thread, so synchronous generation code can call async network code."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="specswarm-client", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)

@@ -1,0 +1,51 @@
+"""How a client talks to the swarm: one `ClientConfig`, built once (from the CLI's flags, or in code).
+
+Knows the client's own settings and the shape of an address map; nothing of sampling, drafts,
+tokenizers or the command line. Every default is stated here and only here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+TRANSPORTS = ("tcp", "libp2p")
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class AddressMap(Protocol):
+    """Rewrites where the client and the peers reach each other (an emulated WAN puts a delay proxy
+    on every link). `route_addr` names a peer, by its direct address, the way the hop before it on a
+    chain must reach it; `dial_addr` is where the client itself dials a route address."""
+
+    def route_addr(self, direct: str) -> str: ...
+
+    def dial_addr(self, addr: str) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    push: bool = True  # peers push hidden states to the next peer (n + 1 hops); False: client-mediated (2n)
+    wire_dtype: str = "float32"  # hidden states on the wire; float32 keeps outputs identical to --local
+    transport: str = "tcp"  # "tcp": peers' direct data ports; "libp2p": libp2p streams
+    sealed: bool = True  # per-hop encryption (protocol.crypto); False is for benchmarks only
+    timeout: float = 60.0  # seconds to wait for a peer's answer
+    ban_seconds: float = 60.0  # how long a peer that failed a step is left out of routes
+    max_failovers: int = 5  # re-routes one step may try before giving up
+    discovery: bool = True  # look for peers in the DHT, not only the initial peers
+    route: str | None = None  # an explicit chain "PEER:A:B,PEER:B:C"; None: plan the fastest
+    addresses: AddressMap | None = None  # an emulated WAN's link map; None: reach peers directly
+
+    def __post_init__(self):
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout}")
+        if self.max_failovers < 0 or self.ban_seconds < 0:
+            raise ValueError("max_failovers and ban_seconds must be >= 0")
+
+    @property
+    def where(self) -> str:
+        return "push" if self.push else "client-mediated"
