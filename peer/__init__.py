@@ -1,4 +1,4 @@
-"""One node of the swarm: the model engine (`peer.model`), its libp2p node, the block server."""
+"""One node of the swarm: the model engine (`peer.model`), its libp2p node and DHT record, the block server."""
 
 import os
 

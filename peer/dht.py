@@ -1,13 +1,12 @@
 """Discovery records over the libp2p Kademlia DHT (py-libp2p 0.8.1), usable from asyncio.
 
-A serving peer announces one signed, expiring `PeerRecord`: model, peer id, multiaddrs, block range
-[start, end), throughput, free cache, state, public keys, RTTs. A client that knows only the model id
-finds every peer of the model, hence all peers of every block. This module knows nothing of tensors,
-sessions or routing: it publishes records, finds them, and checks that they are honest.
-
-Record: canonical JSON, a newline, then the hex Ed25519 signature (by the peer's libp2p key) of a
-domain tag + the JSON. It carries `issued` (the newest wins) and `expires` (the DHT has no TTL).
-`SwarmDHT` republishes the announced record every ttl/2 and, on close(), publishes it "offline".
+A serving peer announces one signed, expiring `PeerRecord` (peer/record.py: what it says and the
+rules that make it trustworthy). A client that knows only the model id finds every peer of the
+model, hence all peers of every block. This module is the DHT plumbing: it publishes records, finds
+them, and has every honest node check them; it knows nothing of tensors, sessions or routing, and
+not what makes a record valid beyond asking `PeerRecord.verify`. `SwarmDHT` republishes the
+announced record every ttl/2 (the DHT has no TTL: records carry their own expiry) and, on close(),
+publishes it "offline".
 
 Keys. A Kademlia value is one value per key (last writer wins), so no key has two writers:
   * value /specswarm/<sha256(model)[:32]>/<peer id>: that peer's record. Strict validation is on,
@@ -39,18 +38,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import multiaddr
 import trio
-from libp2p.crypto.keys import KeyPair, KeyType, PrivateKey
-from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.common import BUCKET_SIZE, PROTOCOL_ID
 from libp2p.network.stream.exceptions import StreamEOF
@@ -60,162 +54,11 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from peer.p2p import P2PNode
-from protocol.messages import is_tcp_addr
+from peer.record import MAX_TTL, NAMESPACE, STATES, PeerRecord, RecordError, provider_key, record_key
 
 log = logging.getLogger("specswarm.dht")
-NAMESPACE = "specswarm"
-PROTOCOL_VERSION = 1
-STATES = ("joining", "online", "leaving", "offline")
-MAX_RECORD_BYTES = 16 * 1024
-MAX_TTL = 600.0  # seconds a record may live (so a dead peer cannot look alive for longer)
 EPOCH = 600.0  # provider keys change every EPOCH s: the same in the whole swarm, and >= any ttl
-CLOCK_SKEW = 60.0  # tolerated for "expires too far in the future"
 RPC_TIMEOUT = 5.0  # per DHT request to one peer
-_DOMAIN = b"specswarm-peer-record/1\n"  # signatures by the peer key cannot be replayed elsewhere
-
-
-class RecordError(ValueError):
-    """A record that must not be trusted: unsigned, forged, expired, oversized or malformed."""
-
-
-@dataclass
-class PeerRecord:
-    """What a peer says about itself, for one model. `sign()` it to publish, `verify()` what you read."""
-
-    model: str
-    start: int  # blocks [start, end)
-    end: int
-    peer_id: str = ""  # filled in by sign() / announce()
-    addrs: list[str] = field(default_factory=list)
-    data_addr: str | None = None  # e.g. "tcp://host:port"
-    throughput: float = 0.0  # tokens/s
-    cache_tokens: int = 0
-    state: str = "online"
-    version: int = PROTOCOL_VERSION
-    public_key: str = ""  # hex of the libp2p-serialized public key; filled in by sign()
-    x25519: str | None = None  # hex, 32 bytes
-    rtts: dict[str, float] = field(default_factory=dict)  # peer id -> ms
-    issued: float = 0.0  # unix seconds; the newest record of a peer wins
-    expires: float = 0.0
-
-    @property
-    def blocks(self) -> range:
-        return range(self.start, self.end)
-
-    def sign(self, key_pair: KeyPair) -> bytes:
-        """The signed bytes stored in the DHT (peer_id/public_key taken from `key_pair`)."""
-        peer_id = str(ID.from_pubkey(key_pair.public_key))
-        if self.peer_id not in ("", peer_id):
-            raise RecordError(f"record claims peer {self.peer_id} but the key is {peer_id}'s")
-        rec = dataclasses.replace(self, peer_id=peer_id, public_key=key_pair.public_key.serialize().hex())
-        _check(dataclasses.asdict(rec))
-        return _seal(dataclasses.asdict(rec), key_pair.private_key)
-
-    @classmethod
-    def verify(cls, data: bytes, now: float | None = None) -> PeerRecord:
-        """The record in `data`; RecordError(reason) unless it is well-formed, signed by the key of
-        the peer it names, and unexpired at `now` (default: the current time)."""
-        if not isinstance(data, (bytes, bytearray)):
-            raise RecordError(f"not bytes: {type(data).__name__}")
-        if len(data) > MAX_RECORD_BYTES:
-            raise RecordError(f"oversized: {len(data)} > {MAX_RECORD_BYTES} bytes")
-        body, sep, sig_hex = bytes(data).rpartition(b"\n")
-        try:
-            sig = bytes.fromhex(sig_hex.decode("ascii")) if sep else b""
-        except ValueError:  # (UnicodeDecodeError is one)
-            sig = b""
-        if len(sig) != 64:
-            raise RecordError("unsigned (no signature after the body)")
-        try:
-            fields = json.loads(body)
-        except (ValueError, RecursionError):
-            raise RecordError("malformed: not JSON") from None
-        rec = _check(fields)
-        try:
-            key = deserialize_public_key(bytes.fromhex(rec.public_key))
-        except Exception:
-            raise RecordError("bad public key") from None
-        if key.get_type() != KeyType.Ed25519:
-            raise RecordError("not an Ed25519 key")
-        if str(ID.from_pubkey(key)) != rec.peer_id:
-            raise RecordError("public key does not match the peer id")
-        if not key.verify(_DOMAIN + body, sig):
-            raise RecordError("bad signature")
-        now = time.time() if now is None else now
-        if rec.expires <= now:
-            raise RecordError(f"expired {now - rec.expires:.1f} s ago")
-        if rec.expires > now + MAX_TTL + CLOCK_SKEW:
-            raise RecordError("expiry too far in the future")
-        return rec
-
-
-def _seal(fields: dict[str, Any], private_key: PrivateKey) -> bytes:
-    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    data = body + b"\n" + private_key.sign(_DOMAIN + body).hex().encode()
-    if len(data) > MAX_RECORD_BYTES:
-        raise RecordError(f"oversized: {len(data)} > {MAX_RECORD_BYTES} bytes")
-    return data
-
-
-def _int(v: Any, lo: int = 0, hi: int = 2**53) -> bool:
-    return type(v) is int and lo <= v < hi  # (not bool)
-
-
-def _num(v: Any) -> bool:
-    return type(v) in (int, float) and math.isfinite(v) and abs(v) < 2**53
-
-
-def _str(v: Any, n: int = 256) -> bool:
-    return type(v) is str and 0 < len(v) <= n
-
-
-def _hex(v: Any, n: int) -> bool:
-    return _str(v, n) and set(v) <= set("0123456789abcdef")
-
-
-def _maddr(v: Any) -> bool:
-    return _str(v) and multiaddr.Multiaddr(v) is not None  # raises if it is not one
-
-
-_RULES = {  # field -> is its value acceptable (an exception means no)
-    "model": _str, "peer_id": lambda v: _str(v, 128),
-    "start": lambda v: _int(v, 0, 1_000_000), "end": lambda v: _int(v, 1, 1_000_001),
-    "addrs": lambda v: type(v) is list and len(v) <= 32 and all(map(_maddr, v)),
-    "data_addr": lambda v: v is None or is_tcp_addr(v),
-    "throughput": lambda v: _num(v) and v >= 0, "cache_tokens": _int,
-    "state": lambda v: v in STATES, "version": lambda v: _int(v, 0, 2**31),
-    "public_key": lambda v: _hex(v, 512), "x25519": lambda v: v is None or (_hex(v, 64) and len(v) == 64),
-    "rtts": lambda v: type(v) is dict and len(v) <= 256 and all(_str(k, 128) and _num(ms) and ms >= 0
-                                                                 for k, ms in v.items()),
-    "issued": _num, "expires": _num,
-}
-
-
-def _check(d: Any) -> PeerRecord:
-    """A PeerRecord from decoded JSON, or RecordError naming the first bad field."""
-    if not isinstance(d, dict):
-        raise RecordError("malformed: not a JSON object")
-    if missing := [name for name in _RULES if name not in d]:
-        raise RecordError(f"malformed: missing {missing}")
-    for name, ok in _RULES.items():
-        try:
-            good = ok(d[name])
-        except Exception:
-            good = False
-        if not good:
-            raise RecordError(f"malformed: bad {name}: {d[name]!r}"[:200])
-    rec = PeerRecord(**{name: d[name] for name in _RULES})  # unknown keys (newer versions) are ignored
-    if rec.start >= rec.end or rec.issued > rec.expires:
-        raise RecordError("malformed: empty block range, or issued after it expires")
-    return rec
-
-
-def record_key(model: str, peer_id: str) -> str:
-    return f"/{NAMESPACE}/{hashlib.sha256(model.encode()).hexdigest()[:32]}/{peer_id}"
-
-
-def provider_key(model: str, epoch: int) -> bytes:
-    return hashlib.sha256(f"{NAMESPACE}/providers/{model}/{epoch}".encode()).digest()
 
 
 class _RecordValidator(Validator):

@@ -1,9 +1,8 @@
 """A libp2p node (py-libp2p: TCP + Noise + yamux) usable from asyncio.
 
-py-libp2p runs on trio. Each `P2PNode` runs its own trio loop in a dedicated thread, and every
-operation crosses over once, coarsely: a whole frame per `send`/`recv`, never one read at a time.
-Work goes to trio with `TrioToken.run_sync_soon`, results come back with
-`loop.call_soon_threadsafe` (about half the cost of an executor + `trio.from_thread.run`).
+py-libp2p runs on trio. Each `P2PNode` runs its own trio loop in a dedicated thread
+(`peer.trio_thread`), and every operation crosses over once, coarsely: a whole frame per
+`send`/`recv`, never one read at a time.
 
 It knows peer identities (Ed25519 key files), dialling and reusing connections (one per peer),
 streams by protocol name, and length-prefixed frames (`protocol.framing`). It knows nothing about
@@ -24,7 +23,6 @@ import errno
 import logging
 import math
 import socket
-import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -43,6 +41,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport a
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
 from libp2p.utils.address_validation import expand_wildcard_address
 
+from peer.trio_thread import TrioThread, unwrap
 from protocol import framing
 
 log = logging.getLogger("specswarm.p2p")
@@ -106,24 +105,6 @@ def _concrete(addrs: list[Any]) -> list[str]:
                 candidates.append(text.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1))
         out += [c for c in candidates if c not in out]
     return out
-
-
-def _settle(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, ok: bool, value: Any) -> None:
-    """From any thread: complete `fut` on `loop`; the first outcome wins; a closed loop has no waiters."""
-    def settle() -> None:
-        if not fut.done():
-            fut.set_result(value) if ok else fut.set_exception(value)
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:
-        pass
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """trio nurseries wrap errors in exception groups; callers want the one real error."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 class P2PStream:
@@ -222,7 +203,7 @@ class P2PStream:
                 self._done.set()
 
 
-class P2PNode:
+class P2PNode(TrioThread):
     """A libp2p host in its own trio thread. Create with `await P2PNode.start(...)`, end with `close()`."""
 
     def __init__(self, key_pair: KeyPair, max_frame: int):
@@ -232,7 +213,9 @@ class P2PNode:
         self.addrs: list[str] = []  # full multiaddrs with /p2p/<peer id>, filled in by start()
         self._handlers: dict[str, Handler] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._closed = False
+
+    def _name(self) -> str:
+        return f"p2p node {self.peer_id}"
 
     @classmethod
     async def start(cls, identity: str | Path | None = None, listen: list[str] | None = None,
@@ -241,13 +224,8 @@ class P2PNode:
         for problem in filter(None, map(_bind_problem, listen)):
             raise OSError(problem)
         node = cls(load_or_create_identity(identity), max_frame)
-        node._loop = loop = asyncio.get_running_loop()
-        started, node._stopped = loop.create_future(), loop.create_future()
-        node._thread = threading.Thread(target=node._thread_main, args=(listen, started),
-                                        name=f"p2p-trio-{node.peer_id[-6:]}", daemon=True)
-        node._thread.start()
         try:
-            await started
+            await node._start_thread(f"p2p-trio-{node.peer_id[-6:]}", listen)
         except BaseException:
             await node.close()
             raise
@@ -286,79 +264,14 @@ class P2PNode:
     async def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        try:
-            self._token.run_sync_soon(self._stop_event.set)
-        except (AttributeError, trio.RunFinishedError):  # trio has not started yet, or has finished
-            pass
-        await asyncio.shield(self._stopped)
-        self._thread.join()
+        await self._stop_thread()
         for task in list(self._tasks):
             task.cancel()
         log.info("peer %s stopped", self.peer_id)
 
-    # the asyncio -> trio crossing
-
-    def _submit(self, async_fn: Callable[..., Awaitable[Any]], *args: Any, cancel: bool = True) -> asyncio.Future:
-        """Start `async_fn(*args)` in the trio thread; the future gets its outcome. `cancel`: cancelling
-        the future cancels the trio side too (else that runs on and its outcome is dropped)."""
-        loop = asyncio.get_running_loop()
-        fut, scope = loop.create_future(), trio.CancelScope()
-        closed = ConnectionError(f"p2p node {self.peer_id} is closed")
-
-        async def runner() -> None:  # trio thread
-            try:
-                with scope:
-                    _settle(loop, fut, True, await async_fn(*args))
-            except trio.Cancelled:
-                _settle(loop, fut, False, closed)
-                raise
-            except BaseException as exc:  # reaches the caller, never the node's nursery
-                _settle(loop, fut, False, _unwrap(exc))
-
-        def spawn() -> None:  # trio thread
-            try:
-                self._nursery.start_soon(runner)
-            except RuntimeError:  # the nursery is closing
-                _settle(loop, fut, False, closed)
-
-        try:
-            if self._closed:
-                raise trio.RunFinishedError
-            self._token.run_sync_soon(spawn)
-        except trio.RunFinishedError:
-            fut.set_exception(closed)
-        if cancel:
-            fut.add_done_callback(lambda f: f.cancelled() and self._run_sync_soon(scope.cancel))
-        return fut
-
-    async def _call(self, async_fn: Callable[..., Awaitable[Any]], *args: Any, cancel: bool = True) -> Any:
-        fut = self._submit(async_fn, *args, cancel=cancel)
-        return await (fut if cancel else asyncio.shield(fut))
-
-    def _run_sync_soon(self, fn: Callable[[], Any]) -> None:
-        try:
-            self._token.run_sync_soon(fn)
-        except trio.RunFinishedError:
-            pass
-
     # the trio thread
 
-    def _thread_main(self, listen: list[str], started: asyncio.Future) -> None:
-        self._start_error: BaseException | None = None
-        try:
-            trio.run(self._trio_main, listen, lambda: _settle(self._loop, started, True, None))
-            _settle(self._loop, started, False, self._start_error or ConnectionError("p2p node closed while starting"))
-        except BaseException as exc:
-            if self.addrs:  # it was running, so nobody awaits this error: say it here
-                log.error("p2p node %s stopped unexpectedly: %r", self.peer_id, _unwrap(exc), exc_info=exc)
-            _settle(self._loop, started, False, _unwrap(exc))
-        finally:
-            _settle(self._loop, self._stopped, True, None)
-
     async def _trio_main(self, listen: list[str], on_started: Callable[[], None]) -> None:
-        self._stop_event = trio.Event()
-        self._token = trio.lowlevel.current_trio_token()  # after _stop_event: close() relies on the order
         try:
             maddrs = [multiaddr.Multiaddr(a) for a in listen]
         except Exception as exc:
@@ -398,7 +311,7 @@ class P2PNode:
         try:
             await net.dial_peer(peer_id)  # (identify then runs in the background, as for host.connect)
         except Exception as exc:
-            raise ConnectionError(f"could not connect to {what}: {_unwrap(exc)} "
+            raise ConnectionError(f"could not connect to {what}: {unwrap(exc)} "
                                   "(is the peer running, and its port reachable from here?)") from exc
 
     async def _open_stream_trio(self, peer_id: ID, protocol: str) -> P2PStream:
@@ -406,7 +319,7 @@ class P2PNode:
         try:
             net_stream = await self._host.new_stream(peer_id, [protocol])
         except Exception as exc:
-            raise ConnectionError(f"could not open a {protocol} stream to {peer_id}: {_unwrap(exc)}") from exc
+            raise ConnectionError(f"could not open a {protocol} stream to {peer_id}: {unwrap(exc)}") from exc
         return P2PStream(self, net_stream)
 
     async def _on_stream_trio(self, net_stream: Any) -> None:

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from peer import set_threads
-from peer.dht import PeerRecord, SwarmDHT
+from peer.dht import SwarmDHT
 from peer.model import Checkpoint
 from peer.p2p import P2PNode
-from peer.server import BlockServer, Limits
+from peer.record import PeerRecord
+from peer.limits import Limits
+from peer.server import BlockServer
 from peer.throughput import block_throughput, choose_blocks
 from peer.transport import INFERENCE_PROTOCOL, dial, fetch_info, listen_tcp
 

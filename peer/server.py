@@ -1,118 +1,47 @@
 """Serving inference sessions on a block range: the peer's request handler.
 
-A `BlockServer` owns one `BlockRange` and the sessions opened on it. It reads messages from any
+A `BlockServer` owns one `BlockRange` and the sessions opened on it. It reads frames from any
 stream it is handed (a client's session stream, or the push stream of the previous peer), runs
 steps, and sends each result either to the next peer (push mode) or back to the session's owner.
 Every error becomes an `Error` reply to whoever should hear it; the loop keeps serving.
 
-Sessions are sealed end to end by default (protocol/crypto.py, docs/security.md): a sealed OPEN
-frame sets up the session's keys; its steps arrive sealed from the client (c2p) or, in push mode,
-from the previous peer (a link key the client gave both ends) with this hop's own instructions in
-an onion layer only it can open; results and errors go back sealed for the client (p2c). A frame
-that fails authentication, or replays an old counter, gets a plaintext error to whoever sent it
-and changes nothing. Limits (sessions in total and per client, cache tokens, rate, connections,
-frame size and frame timeout) protect the peer from everyone else.
+Every frame takes one path in, `_receive`, which opens it with the codec its kind calls for
+(`protocol.sealing`: plaintext; the handshake of a sealed OPEN; the session's own codec for a sealed
+client frame; the push link's for a frame from the previous peer, whose onion layer holds this
+hop's instructions), and one path out, `Channel.send` with the codec of whoever it is for.
+Sessions are sealed end to end by default (docs/security.md). A frame that fails authentication,
+or replays an old counter, gets a plaintext error to whoever sent it and changes nothing; once a
+frame has proved which session it is about, its errors go to that session's owner (sealed, if the
+session is). Limits (sessions in total and per client, cache tokens, rate, connections, frame size
+and frame timeout) protect the peer from everyone else.
 
-Knows the model engine and the protocol; knows nothing about libp2p (streams are anything with
-`send(bytes)`, `recv() -> bytes`, `close()`), and nothing about clients' tokens.
+Knows the model engine, the protocol and channels; nothing about libp2p or sockets (streams are
+anything with `send(bytes)`, `recv() -> bytes`, `close()`), and nothing about clients' tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable
 
 import torch
 
+from peer.channel import Channel, Stream
+from peer.limits import Limits, RateLimit
 from peer.model import BlockRange, CacheError, KVCache, StepLayout
-from protocol import crypto
+from protocol import crypto, sealing
 from protocol import messages as m
-from protocol.crypto import OpenKey, SealError, SealKey, SessionKeys, StaticKey, Type
-from protocol.framing import DEFAULT_MAX_FRAME, FrameTooLarge
+from protocol.crypto import SealError, StaticKey, Type
+from protocol.framing import FrameTooLarge
 from protocol.messages import ErrorCode, ProtocolError
-
-from peer.transport import INFERENCE_PROTOCOL  # noqa: F401 - re-exported for callers
+from protocol.sealing import Codec, PeerHop, Sealed
 
 log = logging.getLogger("specswarm.peer")
 SEEN_HANDSHAKES = 1 << 17  # ephemeral keys remembered against replayed opens (32 bytes each, ~8 MiB)
-
-
-class Stream(Protocol):
-    async def send(self, payload: bytes) -> None: ...
-    async def recv(self) -> bytes: ...
-    async def close(self) -> None: ...
-
-
-@dataclass
-class Limits:
-    """What one peer grants; every field is a `swarm peer` flag (docs/security.md lists the defaults)."""
-
-    cache_tokens: int = 32768  # sum of max_length over open sessions
-    max_sessions: int = 64
-    max_step_tokens: int = 4096  # new positions per step
-    session_timeout: float = 600.0  # seconds idle before a session is dropped
-    max_sessions_per_client: int = 16  # per libp2p peer id, or per IP address on the direct port
-    max_session_tokens: int = 8192  # max_length of one session
-    max_frame: int = DEFAULT_MAX_FRAME  # bytes; checked from the header, before allocating
-    frame_timeout: float = 30.0  # seconds a started frame may take to arrive in full (slowloris)
-    rate: float = 1000.0  # frames per second per connection, sustained (0: unlimited)
-    burst: int = 2000  # frames a connection may send at once above the rate
-    max_connections: int = 512  # open streams in total
-    require_encryption: bool = False  # refuse plaintext sessions
-
-
-class RateLimit:
-    """A token bucket: `delay()` says how long to wait before serving one more frame."""
-
-    def __init__(self, rate: float, burst: int):
-        self.rate, self.burst = rate, max(1, burst)
-        self.tokens, self.at = float(self.burst), time.monotonic()
-
-    def delay(self) -> float:
-        if self.rate <= 0:
-            return 0.0
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        self.tokens -= 1.0
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-
-
-class Channel:
-    """A stream with a send lock: several tasks may reply on the same stream."""
-
-    def __init__(self, stream: Stream, name: str, client: str | None = None):
-        self.stream, self.name, self.client = stream, name, client or name
-        self._lock = asyncio.Lock()
-        self.closed = False
-
-    async def send(self, msg) -> None:
-        data = m.encode(msg)
-        async with self._lock:
-            await self.stream.send(data)
-
-    async def send_raw(self, data: bytes) -> None:
-        async with self._lock:
-            await self.stream.send(data)
-
-    async def send_sealed(self, key: SealKey, build) -> None:
-        """Seal `build()` (bytes, or a callable making them) with `key` and send it; sealing under the
-        send lock keeps counters in the order frames leave."""
-        async with self._lock:
-            await self.stream.send(key.seal(build() if callable(build) else build))
-
-    async def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            try:
-                await self.stream.close()
-            except Exception:  # noqa: BLE001 - the other side may already be gone
-                pass
 
 
 @dataclass
@@ -121,12 +50,30 @@ class Session:
     blocks: BlockRange  # the span this session asked for (all or part of the peer's)
     cache: KVCache
     owner: Channel
+    codec: Codec  # the owner's frames are opened and replies to it sealed with this (Plain, or a PeerHop)
     wire_dtype: str
     next: m.NextHop | None
+    link_in: Sealed | None = None  # sealed push mode: opens frames from the previous peer
+    link_out: Codec | None = None  # push mode: seals frames to the next peer
     last_used: float = field(default_factory=time.monotonic)
-    keys: SessionKeys | None = None  # sealed sessions: c2p/onion to open, p2c to seal
-    link_in: OpenKey | None = None  # push mode, sealed: frames from the previous peer
-    link_out: SealKey | None = None  # push mode, sealed: frames to the next peer
+
+    @property
+    def sealed(self) -> bool:
+        return self.codec.sealed
+
+
+Received = tuple[m.Message, memoryview, Codec, Session | None]  # what `BlockServer._receive` lets through
+
+
+class _Refusal:
+    """Who hears that a frame failed: its sender in plaintext, until the frame proves which session
+    it is about (then that session's owner) or completes a handshake (then the opener, sealed)."""
+
+    def __init__(self, channel: Channel, codec: Codec):
+        self.channel, self.codec = channel, codec
+        self.session: Session | None = None
+        self.session_id: str | None = None
+        self.step_id: int | None = None
 
 
 class BlockServer:
@@ -140,6 +87,7 @@ class BlockServer:
         self.links: dict[str, Channel] = {}  # next-peer address -> kept-open push stream
         self._link_locks: dict[str, asyncio.Lock] = {}
         self.max_elements = limits.max_step_tokens * blocks.cfg.hidden_size
+        self.plain = sealing.Plain(self.max_elements)
         self.connections = 0
         self._seen_ephemeral: OrderedDict[bytes, None] = OrderedDict()  # handshakes this process accepted
         self.static = StaticKey()  # this process's X25519 key; the libp2p identity signs it
@@ -149,14 +97,18 @@ class BlockServer:
     def used_tokens(self) -> int:
         return sum(s.cache.max_length for s in self.sessions.values())
 
+    @property
+    def free_tokens(self) -> int:
+        return max(0, self.limits.cache_tokens - self.used_tokens)
+
     # --- the stream loop --------------------------------------------------------------------------
     async def handle(self, stream: Stream, name: str = "stream", client: str | None = None) -> None:
         """Serve one incoming stream until it closes. Never raises."""
         channel = Channel(stream, name, client or getattr(stream, "remote_peer_id", None) or
                           getattr(stream, "remote_host", None))
         if self.connections >= self.limits.max_connections:
-            await self._reply(channel, m.Error(ErrorCode.TOO_MANY_SESSIONS, f"this peer already serves "
-                                               f"{self.connections} connections", peer=self.name))
+            await self._send(channel, self.plain, m.Error(ErrorCode.TOO_MANY_SESSIONS, f"this peer already serves "
+                                                          f"{self.connections} connections", peer=self.name))
             await channel.close()
             return
         self.connections += 1
@@ -168,7 +120,7 @@ class BlockServer:
                 except (EOFError, ConnectionError, asyncio.IncompleteReadError, TimeoutError, asyncio.TimeoutError):
                     break
                 except FrameTooLarge as e:  # the stream's framing is lost: say why, then hang up
-                    await self._reply(channel, m.Error(ErrorCode.BAD_REQUEST, str(e), peer=self.name))
+                    await self._send(channel, self.plain, m.Error(ErrorCode.BAD_REQUEST, str(e), peer=self.name))
                     break
                 wait = rate.delay()
                 if wait > 0:  # over its rate: stop reading this connection for a while (backpressure)
@@ -183,155 +135,120 @@ class BlockServer:
                 self._drop(sid, "its client disconnected")
 
     async def _dispatch(self, channel: Channel, data: bytes) -> None:
-        if crypto.is_envelope(data):
-            return await self._dispatch_sealed(channel, data)
-        session_id = step_id = None
+        refusal = _Refusal(channel, self.plain)
         try:
-            msg = m.decode(data, self.max_elements)
-            session_id, step_id = getattr(msg, "session", None), getattr(msg, "step", None)
+            msg, onion, codec, session = self._receive(channel, data, refusal)
             if isinstance(msg, m.Info):
                 public_key, sig = self.identity
-                await channel.send(m.InfoReply(self.model_id, (self.blocks.start, self.blocks.end),
-                                               self.blocks.cfg.num_hidden_layers, self.free_tokens,
-                                               str(self.blocks.dtype).removeprefix("torch."), self.data_addr,
-                                               self.static.public.hex() if sig else None, sig, public_key))
-                return
-            if isinstance(msg, (m.Open, m.Step, m.Close)):
-                session = self.sessions.get(session_id)
-                if session is not None and session.keys is not None:  # never the owner's: say so to the sender
-                    session_id = None
-                    raise ProtocolError(ErrorCode.BAD_SEAL, "this session is sealed: plaintext requests for it "
-                                        "are refused")
-                if self.limits.require_encryption and isinstance(msg, (m.Open, m.Step)):
-                    raise ProtocolError(ErrorCode.ENCRYPTION_REQUIRED, "this peer serves sealed sessions only")
-            if isinstance(msg, m.Open):
-                await self._open(channel, msg)
-            elif isinstance(msg, m.Step):
-                session = self.sessions.get(msg.session)
-                if session is None:
-                    raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no open session {msg.session[:8]}… on this peer")
-                await self._step(session, msg)
+                await self._send(channel, codec, m.InfoReply(
+                    self.model_id, (self.blocks.start, self.blocks.end), self.blocks.cfg.num_hidden_layers,
+                    self.free_tokens, str(self.blocks.dtype).removeprefix("torch."), self.data_addr,
+                    self.static.public.hex() if sig else None, sig, public_key))
+            elif isinstance(msg, m.Open):
+                await self._open(channel, msg, codec)
             elif isinstance(msg, m.Close):
-                session = self.sessions.get(msg.session)
-                if session is not None and session.owner is not channel:
-                    session_id = None
-                    raise ProtocolError(ErrorCode.BAD_REQUEST, "only the stream that opened a session may close it")
                 self._drop(msg.session, "closed by its client")
-            else:
-                raise ProtocolError(ErrorCode.BAD_REQUEST, f"peers do not accept {type(msg).__name__} messages")
-        except (ProtocolError, CacheError) as e:
-            code = getattr(e, "code", ErrorCode.BAD_STEP)
-            session = self.sessions.get(session_id) if session_id else None
-            await self._error(channel, session if session and session.keys is None else None, session_id, step_id,
-                              code, str(e))
-        except Exception as e:  # noqa: BLE001
-            log.exception("internal error while serving %s", channel.name)
-            await self._error(channel, None, session_id, step_id, ErrorCode.INTERNAL, f"internal error: {e}")
-
-    async def _dispatch_sealed(self, channel: Channel, data: bytes) -> None:
-        """A sealed frame. Until it authenticates, errors go in plaintext to the sender and nothing
-        changes; after, they go sealed to the session's owner."""
-        session = keys = None
-        session_id = step_id = None
-        try:
-            env = crypto.parse_envelope(data)
-            session_id = env.session
-            if env.type == Type.OPEN:
-                if session_id in self.sessions:
-                    raise SealError("session id already in use", ErrorCode.BAD_REQUEST)
-                if env.ephemeral in self._seen_ephemeral:  # a replayed open: it would re-create old keys
-                    raise SealError("this handshake was already used", ErrorCode.REPLAYED)
-                keys, plain = self.static.accept(env)
-                self._seen_ephemeral[env.ephemeral] = None
-                if len(self._seen_ephemeral) > SEEN_HANDSHAKES:
-                    self._seen_ephemeral.popitem(last=False)
-                inner, rest = crypto.unpack(plain)
-                msg = m.decode(inner, 0)
-                if not isinstance(msg, m.Open) or msg.session != session_id or len(rest):
-                    raise ProtocolError(ErrorCode.BAD_REQUEST, "a sealed open frame must hold an Open for its session")
-                if msg.session in self.sessions:
-                    raise ProtocolError(ErrorCode.BAD_REQUEST, "session id already in use")
-                await self._open(channel, msg, keys)
-                return
-            session = self.sessions.get(session_id)
-            if session is None:
-                raise SealError(f"no open session {session_id[:8]}… on this peer", ErrorCode.UNKNOWN_SESSION)
-            if env.type == Type.C2P:
-                if session.keys is None:
-                    raise SealError("this session is not sealed", ErrorCode.BAD_REQUEST)
-                inner, onion = crypto.unpack(session.keys.c2p.open(env))
-                keys = session.keys  # authenticated: from here on errors go sealed to the owner
-                msg = m.decode(inner, self.max_elements)
-                step_id = getattr(msg, "step", None)
-                if not isinstance(msg, (m.Step, m.Close)) or msg.session != session_id:
-                    raise ProtocolError(ErrorCode.BAD_REQUEST, "a sealed client frame holds a Step or Close for its session")
-                if isinstance(msg, m.Close):
-                    self._drop(session_id, "closed by its client")
-                    return
+            else:  # a Step (_receive lets nothing else through)
                 await self._step(session, msg, onion)
-            elif env.type == Type.LINK:
-                if session.link_in is None:
-                    raise SealError("this session takes no pushed steps", ErrorCode.BAD_REQUEST)
-                inner, onion = crypto.unpack(session.link_in.open(env))
-                keys = session.keys
-                pushed = m.decode(inner, self.max_elements)
-                if not isinstance(pushed, m.Result) or pushed.session != session_id:
-                    raise ProtocolError(ErrorCode.BAD_REQUEST, "a push link frame holds a Result for its session")
-                step_id = pushed.step
-                ctrl_bytes, onion = crypto.unpack(session.keys.onion.open_onion(onion))
-                ctrl = m.decode(ctrl_bytes, 0)
-                if not isinstance(ctrl, m.Control) or ctrl.session != session_id or ctrl.step != pushed.step:
-                    raise ProtocolError(ErrorCode.BAD_REQUEST, "the onion layer does not hold this step's instructions")
-                step = m.Step(session_id, ctrl.step, ctrl.start, pushed.hidden, ctrl.parents, ctrl.compact)
-                await self._step(session, step, onion)
-            else:
-                raise SealError("peers do not accept sealed replies", ErrorCode.BAD_REQUEST)
         except (ProtocolError, CacheError) as e:
-            code = getattr(e, "code", ErrorCode.BAD_STEP)
-            if keys is None:  # not authenticated: tell the sender, touch nothing
-                log.info("refused a sealed frame from %s: %s", channel.name, e)
-                await self._reply(channel, m.Error(code, str(e), session_id, step_id, peer=self.name))
-            elif session is None:  # a sealed open that failed: the opener hears it sealed
-                await self._sealed_reply(channel, keys.p2c, m.Error(code, str(e), session_id, step_id, peer=self.name))
-            else:
-                await self._error(channel, session, session_id, step_id, code, str(e))
+            await self._refuse(refusal, getattr(e, "code", ErrorCode.BAD_STEP), str(e), crypto.is_envelope(data))
         except Exception as e:  # noqa: BLE001
             log.exception("internal error while serving %s", channel.name)
-            await self._error(channel, session if keys is not None else None, session_id, step_id,
-                              ErrorCode.INTERNAL, f"internal error: {e}")
+            await self._refuse(refusal, ErrorCode.INTERNAL, f"internal error: {e}")
 
-    async def _error(self, channel, session: Session | None, session_id, step_id, code, message) -> None:
-        """Errors about a session (from an authenticated request) go to its owner; anything else to the sender."""
-        msg = m.Error(code, message, session_id, step_id, peer=self.name)
+    def _receive(self, channel: Channel, data: bytes, refusal: _Refusal) -> Received:
+        """Open a frame with the codec its kind calls for and check that it may be served: (message,
+        onion for the next hop, the codec it came under, its session). `refusal` follows who should hear
+        of a failure."""
+        if not crypto.is_envelope(data):
+            return self._receive_plain(channel, data, refusal)
+        env = crypto.parse_envelope(data)
+        refusal.session_id = env.session
+        if env.type == Type.OPEN:
+            if env.session in self.sessions:
+                raise SealError("session id already in use", ErrorCode.BAD_REQUEST)
+            if env.ephemeral in self._seen_ephemeral:  # a replayed open: it would re-create old keys
+                raise SealError("this handshake was already used", ErrorCode.REPLAYED)
+            hop, payload = PeerHop.accept(self.static, env, self.max_elements)
+            self._seen_ephemeral[env.ephemeral] = None
+            if len(self._seen_ephemeral) > SEEN_HANDSHAKES:
+                self._seen_ephemeral.popitem(last=False)
+            refusal.codec = hop  # authenticated: the opener hears the rest sealed
+            msg, rest = hop.read(payload, 0)
+            if not isinstance(msg, m.Open) or msg.session != env.session or len(rest):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "a sealed open frame must hold an Open for its session")
+            return msg, rest, hop, None
+        session = self.sessions.get(env.session)
+        if session is None:
+            raise SealError(f"no open session {env.session[:8]}… on this peer", ErrorCode.UNKNOWN_SESSION)
+        if env.type == Type.C2P:
+            if not session.sealed:
+                raise SealError("this session is not sealed", ErrorCode.BAD_REQUEST)
+            msg, onion = session.codec.open(env)
+            refusal.session = session  # authenticated: from here on errors go sealed to the owner
+            refusal.step_id = getattr(msg, "step", None)
+            if not isinstance(msg, (m.Step, m.Close)) or msg.session != env.session:
+                raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                    "a sealed client frame holds a Step or Close for its session")
+            return msg, onion, session.codec, session
+        if env.type == Type.LINK:
+            if session.link_in is None:
+                raise SealError("this session takes no pushed steps", ErrorCode.BAD_REQUEST)
+            pushed, onion = session.link_in.open(env)
+            refusal.session = session
+            if not isinstance(pushed, m.Result) or pushed.session != env.session:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "a push link frame holds a Result for its session")
+            refusal.step_id = pushed.step
+            ctrl, onion = session.codec.onion.open(onion)
+            if not isinstance(ctrl, m.Control) or ctrl.session != env.session or ctrl.step != pushed.step:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "the onion layer does not hold this step's instructions")
+            step = m.Step(env.session, ctrl.step, ctrl.start, pushed.hidden, ctrl.parents, ctrl.compact)
+            return step, onion, session.link_in, session
+        raise SealError("peers do not accept sealed replies", ErrorCode.BAD_REQUEST)
+
+    def _receive_plain(self, channel: Channel, data: bytes, refusal: _Refusal) -> Received:
+        """A plaintext frame: refused for sealed sessions, and for any session on a peer that requires sealing."""
+        msg, onion = self.plain.open(data)
+        refusal.session_id, refusal.step_id = getattr(msg, "session", None), getattr(msg, "step", None)
+        session = self.sessions.get(refusal.session_id) if refusal.session_id else None
+        if session is not None and not session.sealed:  # its owner hears of anything wrong with it
+            refusal.session = session
+        if isinstance(msg, m.Info):
+            return msg, onion, self.plain, None
+        if not isinstance(msg, (m.Open, m.Step, m.Close)):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"peers do not accept {type(msg).__name__} messages")
+        if session is not None and session.sealed:  # never the owner's: say so to the sender
+            refusal.session_id = None
+            raise ProtocolError(ErrorCode.BAD_SEAL, "this session is sealed: plaintext requests for it are refused")
+        if self.limits.require_encryption and not isinstance(msg, m.Close):
+            raise ProtocolError(ErrorCode.ENCRYPTION_REQUIRED, "this peer serves sealed sessions only")
+        if isinstance(msg, m.Step) and session is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no open session {msg.session[:8]}… on this peer")
+        if isinstance(msg, m.Close) and session is not None and session.owner is not channel:
+            refusal.session = refusal.session_id = None
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "only the stream that opened a session may close it")
+        return msg, onion, self.plain, session
+
+    async def _refuse(self, refusal: _Refusal, code: str, message: str, sealed_frame: bool = False) -> None:
+        """Errors about a session (from a frame that proved it is about it) go to its owner; anything
+        else to the sender."""
+        msg = m.Error(code, message, refusal.session_id, refusal.step_id, peer=self.name)
+        session = refusal.session
         if session is not None and self.sessions.get(session.id) is session:
-            await self._to_owner(session, msg)
-        else:
-            await self._reply(channel, msg)
+            await self._send(session.owner, session.codec, msg)
+            return
+        if sealed_frame and not refusal.codec.sealed:
+            log.info("refused a sealed frame from %s: %s", refusal.channel.name, message)
+        await self._send(refusal.channel, refusal.codec, msg)
 
-    async def _to_owner(self, session: Session, msg) -> None:
-        if session.keys is not None:
-            await self._sealed_reply(session.owner, session.keys.p2c, msg)
-        else:
-            await self._reply(session.owner, msg)
-
-    async def _sealed_reply(self, channel: Channel, key: SealKey, msg) -> None:
+    async def _send(self, channel: Channel, codec: Codec, msg) -> None:
         try:
-            await channel.send_sealed(key, lambda: crypto.pack(m.encode(msg)))
-        except Exception:  # noqa: BLE001
-            log.debug("could not reply on %s", channel.name)
-
-    async def _reply(self, channel: Channel, msg) -> None:
-        try:
-            await channel.send(msg)
+            await channel.send(codec, msg)
         except Exception:  # noqa: BLE001 - the receiver is gone; nothing more to tell it
             log.debug("could not reply on %s", channel.name)
 
     # --- requests ---------------------------------------------------------------------------------
-    @property
-    def free_tokens(self) -> int:
-        return max(0, self.limits.cache_tokens - self.used_tokens)
-
-    async def _open(self, channel: Channel, msg: m.Open, keys: SessionKeys | None = None) -> None:
+    async def _open(self, channel: Channel, msg: m.Open, codec: Codec) -> None:
         if not self.blocks.start <= msg.blocks[0] < msg.blocks[1] <= self.blocks.end:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"this peer serves blocks [{self.blocks.start}, "
                                 f"{self.blocks.end}), which do not include {list(msg.blocks)}")
@@ -351,54 +268,52 @@ class BlockServer:
                                 f"{self.free_tokens} of {self.limits.cache_tokens} cache tokens are free")
         if msg.next is not None and self.open_stream is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "this peer cannot push to a next peer")
-        link_in = link_out = None
-        if keys is not None:
+        link_in, link_out = None, self.plain if msg.next is not None else None
+        if codec.sealed:
             if msg.next is not None:
                 if msg.next.link is None:
                     raise ProtocolError(ErrorCode.BAD_REQUEST, "a sealed push session needs its link secret")
-                link_out = crypto.link_keys(bytes.fromhex(msg.next.link), bytes.fromhex(msg.next.session))[0]
+                link_out = sealing.link(msg.next.link, msg.next.session)[0]
             if msg.prev_link is not None:
-                link_in = crypto.link_keys(bytes.fromhex(msg.prev_link), bytes.fromhex(msg.session))[1]
+                link_in = sealing.link(msg.prev_link, msg.session, self.max_elements)[1]
         blocks = self.blocks.view(*msg.blocks)
-        session = Session(msg.session, blocks, blocks.new_cache(msg.max_length), channel, msg.wire_dtype, msg.next,
-                          keys=keys, link_in=link_in, link_out=link_out)
+        session = Session(msg.session, blocks, blocks.new_cache(msg.max_length), channel, codec, msg.wire_dtype,
+                          msg.next, link_in, link_out)
         self.sessions[msg.session] = session
         log.info("opened session %s… (%d tokens, %s, %s); %d sessions, %d cache tokens free", msg.session[:8],
-                 msg.max_length, "push" if msg.next else "reply", "sealed" if keys else "PLAINTEXT",
+                 msg.max_length, "push" if msg.next else "reply", "sealed" if codec.sealed else "PLAINTEXT",
                  len(self.sessions), self.free_tokens)
-        await self._to_owner(session, m.Opened(msg.session, msg.max_length))
+        await self._send(channel, codec, m.Opened(msg.session, msg.max_length))
 
-    async def _step(self, session: Session, msg: m.Step, onion: bytes | memoryview = b"") -> None:
+    async def _step(self, session: Session, msg: m.Step, onion: memoryview) -> None:
         session.last_used = time.monotonic()
         hidden = msg.hidden
         width = self.blocks.cfg.hidden_size
         if hidden.dim() != 2 or hidden.shape[1] != width or not 1 <= hidden.shape[0] <= self.limits.max_step_tokens:
             raise ProtocolError(ErrorCode.BAD_STEP, f"hidden states must be [n, {width}] with 1 <= n <= "
                                 f"{self.limits.max_step_tokens}, got {list(hidden.shape)}")
-        sealed_push = session.keys is not None and session.next is not None
-        if sealed_push != bool(len(onion)):
+        if (session.sealed and session.next is not None) != bool(len(onion)):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "an onion layer for the next hop is needed in sealed push "
                                 "mode, and only there")
-        layout = StepLayout(msg.start, hidden.shape[0], tuple(msg.parents) if msg.parents is not None else None)
-        if msg.compact is not None:
-            session.cache.compact(*msg.compact)
+        compact = (msg.compact[0], tuple(msg.compact[1])) if msg.compact is not None else None
+        layout = StepLayout(msg.start, hidden.shape[0], tuple(msg.parents) if msg.parents is not None else None,
+                            compact)
         with torch.inference_mode():
             out = session.blocks(hidden.to(self.blocks.device), session.cache, layout)
-        if session.next is None:
-            await self._to_owner(session, m.Result(session.id, msg.step, out, session.wire_dtype))
+        nxt = session.next
+        if nxt is None:
+            await self._send(session.owner, session.codec, m.Result(session.id, msg.step, out, session.wire_dtype))
             return
+        if session.sealed:  # its layout travels in the onion, sealed for the next hop alone
+            pushed = m.Result(nxt.session, msg.step, out, session.wire_dtype)
+        else:
+            pushed = m.Step(nxt.session, msg.step, msg.start, out, msg.parents, msg.compact, session.wire_dtype)
         try:
-            link = await self._link(session.next.addr)
-            if session.keys is not None:
-                pushed = m.Result(session.next.session, msg.step, out, session.wire_dtype)
-                payload = crypto.pack(m.encode(pushed), bytes(onion))
-                await link.send_sealed(session.link_out, payload)
-            else:
-                await link.send(m.Step(session.next.session, msg.step, msg.start, out, msg.parents, msg.compact,
-                                       session.wire_dtype))
+            link = await self._link(nxt.addr)
+            await link.send(session.link_out, pushed, onion)
         except Exception as e:  # noqa: BLE001
-            self.links.pop(session.next.addr, None)
-            raise ProtocolError(ErrorCode.NEXT_HOP, f"could not push to the next peer {session.next.addr}: {e}") from None
+            self.links.pop(nxt.addr, None)
+            raise ProtocolError(ErrorCode.NEXT_HOP, f"could not push to the next peer {nxt.addr}: {e}") from None
 
     async def _link(self, addr: str) -> Channel:
         lock = self._link_locks.setdefault(addr, asyncio.Lock())
@@ -411,14 +326,16 @@ class BlockServer:
             return link
 
     async def _drain_link(self, addr: str, link: Channel) -> None:
-        """The next peer answers on a push stream only with errors: pass each to the owner of the session."""
+        """The next peer answers on a push stream only with (plaintext) errors: pass each to the owner of
+        the session that pushed."""
+        replies = sealing.Plain(0)
         try:
             while True:
-                reply = m.decode(await link.stream.recv(), 0)
+                reply, _ = await link.recv(replies)
                 if isinstance(reply, m.Error) and reply.session:
                     for s in list(self.sessions.values()):
                         if s.next is not None and s.next.session == reply.session:
-                            await self._to_owner(s, reply)
+                            await self._send(s.owner, s.codec, reply)
         except Exception:  # noqa: BLE001 - EOF or garbage: this link is done
             pass
         finally:
@@ -442,7 +359,3 @@ class BlockServer:
         for link in list(self.links.values()):
             await link.close()
         self.sessions.clear()
-
-
-def new_session_id() -> str:
-    return secrets.token_hex(16)

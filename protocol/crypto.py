@@ -3,12 +3,13 @@
 Every peer has a static X25519 key for the life of its process, signed by its libp2p Ed25519
 identity (`sign_static_key` / `verify_static_key`); the client checks that signature against the
 peer id it dials before it trusts the key. Per session and hop the client makes an ephemeral
-X25519 key, and both sides derive, with HKDF-SHA256 over the shared secret:
+X25519 key, and both sides derive, with one HKDF-SHA256 over the shared secret:
 
     c2p    client -> peer, sent straight to the peer (Open, Step, Close)
     onion  client -> peer, carried through the previous peers (push mode: this hop's instructions)
     p2c    peer -> client (Opened, Result, Error)
 
+(the OPEN frame is sealed with c2p's key under its own type and counter 0, a nonce no C2P frame uses).
 A push link (peer i -> peer i+1) is sealed with a key derived from a random secret the client puts
 in both peers' sealed Open messages. Each key has its own 64-bit counter: the nonce is the envelope
 type, 3 zero bytes and the counter, so a key never seals two messages under one nonce. A receiver
@@ -23,7 +24,9 @@ Envelope (one frame payload; the whole header is the AEAD's associated data):
 Onion layer (opaque bytes inside another message): counter u64 | ciphertext + tag, sealed with the
 hop's onion key; the channel and type are bound through the associated data.
 
-Knows nothing about sockets or models; libp2p is imported only to check identity signatures.
+Seals and opens bytes: what a sealed payload holds (a message, then onion bytes) is
+protocol/sealing.py's business. Knows nothing about sockets or models; libp2p is imported only to
+check identity signatures.
 """
 
 from __future__ import annotations
@@ -65,13 +68,13 @@ TYPES = (Type.OPEN, Type.C2P, Type.P2C, Type.LINK)
 class SealError(ProtocolError):
     """A sealed frame that is malformed, forged, tampered with, replayed or out of order."""
 
-    def __init__(self, message: str, code: str = "bad_seal"):
+    def __init__(self, message: str, code: str = ErrorCode.BAD_SEAL):
         super().__init__(code, message)
 
 
 class ReplayError(SealError):
     def __init__(self, message: str):
-        super().__init__(message, "replayed")
+        super().__init__(message, ErrorCode.REPLAYED)
 
 
 def is_envelope(data: bytes | bytearray | memoryview) -> bool:
@@ -207,14 +210,17 @@ class SessionKeys:
     c2p: SealKey | OpenKey
     onion: SealKey | OpenKey
     p2c: SealKey | OpenKey
+    first: SealKey | OpenKey  # the OPEN frame's: c2p's key under its own type, counter 0 (a nonce no C2P frame uses)
 
     @classmethod
     def derive(cls, shared: bytes, ephemeral: bytes, static: bytes, channel: bytes, client: bool) -> "SessionKeys":
-        okm = _hkdf(shared, ephemeral + static, SESSION_INFO + channel, 3 * KEY_LEN)
+        okm = _hkdf(shared, ephemeral + static, SESSION_INFO + channel, 3 * KEY_LEN)  # once per handshake
         c2p, onion, p2c = okm[:KEY_LEN], okm[KEY_LEN:2 * KEY_LEN], okm[2 * KEY_LEN:]
         if client:
-            return cls(SealKey(c2p, Type.C2P, channel), SealKey(onion, Type.ONION, channel), OpenKey(p2c, Type.P2C, channel))
-        return cls(OpenKey(c2p, Type.C2P, channel), OpenKey(onion, Type.ONION, channel), SealKey(p2c, Type.P2C, channel))
+            return cls(SealKey(c2p, Type.C2P, channel), SealKey(onion, Type.ONION, channel),
+                       OpenKey(p2c, Type.P2C, channel), SealKey(c2p, Type.OPEN, channel))
+        return cls(OpenKey(c2p, Type.C2P, channel), OpenKey(onion, Type.ONION, channel),
+                   SealKey(p2c, Type.P2C, channel), OpenKey(c2p, Type.OPEN, channel))
 
 
 class StaticKey:
@@ -230,28 +236,15 @@ class StaticKey:
             raise SealError("a session starts with a sealed open frame, counter 0")
         shared = _exchange(self.private, env.ephemeral)
         keys = SessionKeys.derive(shared, env.ephemeral, self.public, env.channel, client=False)
-        plain = _open_first(shared, env, self.public)
-        return keys, plain
-
-
-def _c2p_key(shared: bytes, ephemeral: bytes, static: bytes, channel: bytes) -> bytes:
-    return _hkdf(shared, ephemeral + static, SESSION_INFO + channel, 3 * KEY_LEN)[:KEY_LEN]
-
-
-def _open_first(shared: bytes, env: Envelope, static: bytes) -> bytes:
-    """The OPEN frame is sealed with the c2p key under counter 0 (a nonce no later C2P frame uses)."""
-    key = OpenKey(_c2p_key(shared, env.ephemeral, static, env.channel), Type.OPEN, env.channel)
-    return key.open(env)
+        return keys, keys.first.open(env)
 
 
 def client_handshake(static: bytes, channel: bytes, open_plaintext: bytes) -> tuple[SessionKeys, bytes]:
     """The client's side: a fresh ephemeral key, this hop's keys, and the sealed OPEN frame."""
     eph = X25519PrivateKey.generate()
     eph_pub = _raw(eph.public_key())
-    shared = _exchange(eph, static)
-    keys = SessionKeys.derive(shared, eph_pub, static, channel, client=True)
-    first = SealKey(_c2p_key(shared, eph_pub, static, channel), Type.OPEN, channel)
-    return keys, first.seal(open_plaintext, eph_pub)
+    keys = SessionKeys.derive(_exchange(eph, static), eph_pub, static, channel, client=True)
+    return keys, keys.first.seal(open_plaintext, eph_pub)
 
 
 def link_keys(secret: bytes, channel: bytes) -> tuple[SealKey, OpenKey]:
@@ -276,39 +269,21 @@ def verify_static_key(peer_id: str, public_key_hex: str | None, x25519_hex: str 
     from libp2p.peer.id import ID
 
     if not (public_key_hex and x25519_hex and sig_hex):
-        raise SealError("the peer offers no signed X25519 key (it cannot do encrypted sessions)", "no_encryption")
+        raise SealError("the peer offers no signed X25519 key (it cannot do encrypted sessions)",
+                        ErrorCode.NO_ENCRYPTION)
     try:
         x25519, sig = bytes.fromhex(x25519_hex), bytes.fromhex(sig_hex)
         key = deserialize_public_key(bytes.fromhex(public_key_hex))
     except Exception:  # noqa: BLE001 - any malformed field is the same refusal
-        raise SealError("malformed identity fields in the peer's reply", "bad_identity") from None
+        raise SealError("malformed identity fields in the peer's reply", ErrorCode.BAD_IDENTITY) from None
     if len(x25519) != KEY_LEN or key.get_type() != KeyType.Ed25519:
-        raise SealError("the peer's keys are not an Ed25519 identity and a 32-byte X25519 key", "bad_identity")
+        raise SealError("the peer's keys are not an Ed25519 identity and a 32-byte X25519 key", ErrorCode.BAD_IDENTITY)
     if str(ID.from_pubkey(key)) != peer_id:
-        raise SealError(f"the peer's identity key is not {peer_id}'s", "bad_identity")
+        raise SealError(f"the peer's identity key is not {peer_id}'s", ErrorCode.BAD_IDENTITY)
     try:
         good = key.verify(STATIC_KEY_DOMAIN + x25519, sig)
     except Exception:  # noqa: BLE001
         good = False
     if not good:
-        raise SealError("the peer's X25519 key is not signed by its identity", "bad_identity")
+        raise SealError("the peer's X25519 key is not signed by its identity", ErrorCode.BAD_IDENTITY)
     return x25519
-
-
-# --- framing inside a sealed payload: a message, then optional opaque bytes (an onion) ------------
-
-_LEN = struct.Struct(">I")
-
-
-def pack(message: bytes, rest: bytes = b"") -> bytes:
-    return _LEN.pack(len(message)) + message + rest
-
-
-def unpack(data: bytes | memoryview) -> tuple[memoryview, memoryview]:
-    data = memoryview(data)
-    if len(data) < _LEN.size:
-        raise SealError("sealed payload is too short")
-    (n,) = _LEN.unpack(data[:_LEN.size])
-    if _LEN.size + n > len(data):
-        raise SealError("sealed payload announces more bytes than it has")
-    return data[_LEN.size:_LEN.size + n], data[_LEN.size + n:]

@@ -40,8 +40,11 @@ class ErrorCode:
     INTERNAL = "internal"
     BAD_SEAL = "bad_seal"  # a sealed frame failed authentication or is malformed
     REPLAYED = "replayed"  # a sealed frame's counter is not above the last accepted one
-    RATE_LIMITED = "rate_limited"
     ENCRYPTION_REQUIRED = "encryption_required"
+    NO_ENCRYPTION = "no_encryption"  # the peer offers no signed X25519 key (the client refuses it)
+    BAD_IDENTITY = "bad_identity"  # the peer's X25519 key is not signed by the peer id the client dialled
+    TIMEOUT = "timeout"  # client-side, never sent: a peer did not answer in time
+    DISCONNECTED = "disconnected"  # client-side, never sent: a peer's connection was lost
 
 
 class ProtocolError(ValueError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,17 +20,19 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peer.model import StepLayout  # noqa: E402
-from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
-from swarm.decode.generate import LocalModel, generate  # noqa: E402
 from swarm.bench.prompts import humaneval_prompts  # noqa: E402
-from swarm.decode.speculative import Drafter, SpecConfig, speculative_generate  # noqa: E402
+from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.decode.generate import generate  # noqa: E402
+from swarm.decode.speculative import SpecConfig  # noqa: E402
+from swarm.decode.target import LocalModel  # noqa: E402
+from swarm.text import load_tokenizer  # noqa: E402
 
 
 def draft_agreement(draft: LocalModel, prompt: list[int], reference: list[int]) -> int:
     """How many reference tokens the draft's argmax predicts, teacher-forced on the reference itself."""
     seq = torch.tensor(prompt + reference[:-1])
     session = draft.session(len(seq))
-    logits = draft.head.logits(session(draft.head.embed(seq), StepLayout(0, len(seq))))
+    logits = draft.head.logits(session.submit(draft.head.embed(seq), StepLayout(0, len(seq))).result())
     guesses = logits[len(prompt) - 1:].argmax(-1)
     return int((guesses == torch.tensor(reference)).sum())
 
@@ -49,6 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     target, draft = LocalModel.load(args.model), LocalModel.load(args.draft)
+    tokenizer = load_tokenizer(args.model)
     if target.head.cfg.vocab_size != draft.head.cfg.vocab_size:
         raise SystemExit("target and draft must share a tokenizer (vocab sizes differ)")
     ks = [int(k) for k in args.ks.split(",")]
@@ -58,7 +60,7 @@ def main() -> None:
     totals = {"tokens": 0, "agree": 0, "plain_s": 0.0, "truncated": 0}
     per_k = {k: dict(rounds=0, tokens=0, drafted=0, accepted=0, seconds=0.0, mismatches=0) for k in ks}
     for text in tqdm(prompts, desc="HumanEval prompts", file=sys.stderr):
-        prompt = target.tokenizer.encode(text).ids
+        prompt = tokenizer.encode(text).ids
         if len(prompt) > context:
             prompt, totals["truncated"] = prompt[-context:], totals["truncated"] + 1
         plain = generate(target, prompt, n_new, stop_at_eos=False)
@@ -66,9 +68,7 @@ def main() -> None:
         totals["plain_s"] += plain.seconds
         totals["agree"] += draft_agreement(draft, prompt, plain.tokens)
         for k in ks:
-            length = len(prompt) + n_new + 2 * k + 2
-            res = speculative_generate(target.head, target.session(length), Drafter(draft, length), prompt, n_new,
-                                       SpecConfig(k=k, pipeline=False))
+            res = generate(target, prompt, n_new, draft=draft, spec=SpecConfig(k=k, pipeline=False), stop_at_eos=False)
             stats = per_k[k]
             stats["mismatches"] += res.tokens != plain.tokens
             for key in ("rounds", "drafted", "accepted", "seconds"):

@@ -27,17 +27,19 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peer.model import StepLayout  # noqa: E402
-from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
-from swarm.decode.generate import LocalModel  # noqa: E402
 from swarm.bench.prompts import humaneval_prompts  # noqa: E402
-from swarm.decode.speculative import SpecConfig, generate_speculative  # noqa: E402
+from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.decode.generate import generate  # noqa: E402
+from swarm.decode.speculative import SpecConfig  # noqa: E402
+from swarm.decode.target import LocalModel  # noqa: E402
+from swarm.text import load_tokenizer  # noqa: E402
 
 
 def log_likelihood(model: LocalModel, prompt: list[int], output: list[int]) -> float:
     """Sum of the target's log p(token | everything before it) over the output tokens."""
     ids = prompt + output
     session = model.session(len(ids))
-    hidden = session(model.head.embed(torch.tensor(ids)), StepLayout(0, len(ids)))
+    hidden = session.submit(model.head.embed(torch.tensor(ids)), StepLayout(0, len(ids))).result()
     logp = torch.log_softmax(model.head.logits(hidden[len(prompt) - 1:-1]).float(), -1)
     return float(logp.gather(-1, torch.tensor(output)[:, None]).sum())
 
@@ -54,17 +56,21 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     target, draft = LocalModel.load(args.model), LocalModel.load(args.draft)
+    tokenizer = load_tokenizer(args.model)
     context = target.head.cfg.max_position_embeddings - args.new_tokens - 2 * args.k - 8
     taus = [0.0] + [t for t in args.taus if t > 0]
     stats = {tau: dict(tokens=0, rounds=0, seconds=0.0, exact=0, agree=0, loglik=0.0) for tau in taus}
+    policies = {}  # per TAU: the round policy, carried from prompt to prompt
     prompts = humaneval_prompts(args.prompts)
     for text in tqdm(prompts, desc="prompts", file=sys.stderr):
-        prompt = target.tokenizer.encode(text).ids[-context:]
+        prompt = tokenizer.encode(text).ids[-context:]
         reference = None
         for tau in taus:
             cfg = SpecConfig(k=args.k, pipeline=False, relaxed=tau or None)
             t0 = time.perf_counter()
-            res = generate_speculative(target, draft, prompt, args.new_tokens, cfg, stop_at_eos=False)
+            res = generate(target, prompt, args.new_tokens, draft=draft, spec=cfg, stop_at_eos=False,
+                           policy=policies.get(tau))
+            policies[tau] = res.policy
             s = stats[tau]
             s["seconds"] += time.perf_counter() - t0
             s["tokens"] += len(res.tokens)

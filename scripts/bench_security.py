@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peer.model import Checkpoint  # noqa: E402
 from protocol import crypto  # noqa: E402
-from swarm.client import chain as client  # noqa: E402
+from swarm.client.config import ClientConfig  # noqa: E402
+from swarm.client.swarm_model import SwarmModel  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
 from swarm.launch import even_spans, start_peers  # noqa: E402
-from swarm.client.swarm_model import SwarmModel  # noqa: E402
 
 
 def aead_mb_per_s(size: int = 1 << 20, reps: int = 50) -> float:
@@ -75,17 +75,17 @@ def main() -> int:
         peers = start_peers(args.model, spans, log_dir=logs)
         try:
             for push in (True, False):
-                model = SwarmModel(args.model, [p.addr for p in peers], push=push, transport=args.transport,
-                                   discovery=False)
+                config = ClientConfig(push=push, transport=args.transport, discovery=False)
+                model = SwarmModel(args.model, [p.addr for p in peers], config)
+                views = {"sealed": model, "insecure": model.with_config(sealed=False)}  # one node, peers and route
                 try:
                     times: dict[str, dict[str, list[float]]] = {"sealed": {"decode": [], "prefill": []},
                                                                  "insecure": {"decode": [], "prefill": []}}
                     for r in range(args.rounds + 1):  # round 0 warms up
                         for mode in (("sealed", "insecure") if r % 2 else ("insecure", "sealed")):
-                            client.SEALED_BY_DEFAULT = mode == "sealed"
-                            out = generate(model, prompt[:8], args.tokens, stop_at_eos=False)
+                            out = generate(views[mode], prompt[:8], args.tokens, stop_at_eos=False)
                             t1 = time.perf_counter()
-                            generate(model, prompt, 1, stop_at_eos=False)  # one long prefill
+                            generate(views[mode], prompt, 1, stop_at_eos=False)  # one long prefill
                             prefill = time.perf_counter() - t1
                             if r:
                                 times[mode]["decode"].append(1000 * out.seconds / len(out.tokens))
@@ -96,7 +96,6 @@ def main() -> int:
                 finally:
                     model.close()
         finally:
-            client.SEALED_BY_DEFAULT = True
             for p in peers:
                 p.stop()
     results["aead_seal_open_mb_per_s"] = round(aead_mb_per_s(), 1)

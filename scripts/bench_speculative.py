@@ -1,18 +1,18 @@
 """Speculative vs plain decoding through a local swarm, side by side, on HumanEval prompts.
 
 Starts N peer processes on 127.0.0.1 serving the bundled target (or --model; --wan PROFILE puts
-swarm.bench.wan.proxy's delay proxies on every link), then for every prompt runs, interleaved in an order that
+swarm.bench.wan's delay proxies on every link), then for every prompt runs, interleaved in an order that
 rotates per prompt so background load hits all alike: plain greedy through the chain, speculative with
 every fixed k (1, 2, 3, 4, 6, 8), k=4 pipelined, a greedy tree, and the cost model (`AdaptiveK`) without
 pipelining, with pipelining forced, as by default (it decides), and allowed trees; and --local plain
 as the reference. Reports tokens/s, tokens per round (committed tokens per verification round used),
 drafts per round, acceptance, pipelined rounds thrown away, the speedup over plain push, and whether
-every output matched --local token for token. The cost model carries over from prompt to prompt, as
-it does between a chat's turns.
+every output matched --local token for token. Each mode's round policy (the cost model) carries over
+from prompt to prompt, as it does between a chat's turns.
 
     python scripts/bench_speculative.py                      # 3 peers, 10 prompts, 64 tokens
     python scripts/bench_speculative.py --peers 2 --prompts 20 --json
-    python scripts/bench_speculative.py --wan continental --prompts 3   # through swarm.bench.wan.proxy's delay proxies
+    python scripts/bench_speculative.py --wan continental --prompts 3   # through swarm.bench.wan's delay proxies
     python scripts/bench_speculative.py --modes "spec k=4" "adaptive (default)"
 """
 
@@ -28,12 +28,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
-from swarm.decode.generate import LocalModel, generate  # noqa: E402
-from swarm.launch import even_spans, start_peers  # noqa: E402
 from swarm.bench.prompts import humaneval_prompts  # noqa: E402
+from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
 from swarm.client.swarm_model import SwarmModel  # noqa: E402
-from swarm.decode.speculative import SpecConfig, generate_speculative  # noqa: E402
+from swarm.decode.generate import generate  # noqa: E402
+from swarm.decode.speculative import SpecConfig  # noqa: E402
+from swarm.decode.target import LocalModel  # noqa: E402
+from swarm.launch import even_spans, start_peers  # noqa: E402
+from swarm.text import load_tokenizer  # noqa: E402
 
 MODES = {
     **{f"spec k={k}": SpecConfig(k=k, pipeline=False) for k in (1, 2, 3, 4, 6, 8)},
@@ -54,13 +56,14 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=10, help="first N HumanEval prompts")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--wan", default=None, metavar="PROFILE",
-                    help="emulate a WAN between client and peers (a swarm.bench.wan.proxy profile: lan, metro, continental, ...)")
+                    help="emulate a WAN between client and peers (a swarm.bench.wan.links profile: lan, metro, continental, ...)")
     ap.add_argument("--modes", nargs="+", default=None, choices=list(MODES), help="speculative modes to run [all]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     modes = {name: MODES[name] for name in (args.modes or MODES)}
     torch.set_num_threads(1)
     local, draft = LocalModel.load(args.model), LocalModel.load(args.draft)
+    tokenizer = load_tokenizer(args.model)
     cfg = local.head.cfg
     context = cfg.max_position_embeddings - args.new_tokens - 40
     totals = {name: dict(tokens=0, seconds=0.0, rounds=0, drafted=0, accepted=0, mismatches=0, wasted_rounds=0)
@@ -68,21 +71,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as logs:
         wan, peers, model = None, [], None
         if args.wan:
-            from swarm.bench.wan.proxy import WanSwarm
+            from swarm.bench.wan.swarm import WanSwarm
 
             wan = WanSwarm(args.model, args.peers, args.wan, log_dir=logs)
         else:
             peers = start_peers(args.model, even_spans(cfg.num_hidden_layers, args.peers), log_dir=logs)
         try:
             model = wan.model() if wan else SwarmModel(args.model, [p.addr for p in peers])
+            policies = {}  # each mode's round policy, as its last generation left it
             for i, text in enumerate(tqdm(humaneval_prompts(args.prompts), desc=f"{args.peers} peers", file=sys.stderr)):
-                prompt = local.tokenizer.encode(text).ids[-context:]
+                prompt = tokenizer.encode(text).ids[-context:]
                 ref = generate(local, prompt, args.new_tokens, stop_at_eos=False)
                 runs = {"local plain": ref, "plain push": generate(model, prompt, args.new_tokens, stop_at_eos=False)}
                 order = list(modes)
                 shift = i % len(order)  # rotate the order per prompt: no mode always runs right after plain
                 for name in order[shift:] + order[:shift]:
-                    runs[name] = generate_speculative(model, draft, prompt, args.new_tokens, modes[name], stop_at_eos=False)
+                    runs[name] = generate(model, prompt, args.new_tokens, draft=draft, spec=modes[name], stop_at_eos=False,
+                                          policy=policies.get(name))
+                    policies[name] = runs[name].policy
                 for name, res in runs.items():
                     t = totals[name]
                     t["tokens"] += len(res.tokens)

@@ -26,16 +26,19 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from swarm.bundled import DEFAULT_MODEL  # noqa: E402
-from swarm.decode.generate import LocalModel, generate  # noqa: E402
-from swarm.launch import even_spans, start_peers  # noqa: E402
 from swarm.bench.prompts import humaneval_prompts  # noqa: E402
+from swarm.bundled import DEFAULT_MODEL  # noqa: E402
+from swarm.client.config import ClientConfig  # noqa: E402
 from swarm.client.swarm_model import SwarmModel  # noqa: E402
+from swarm.decode.generate import generate  # noqa: E402
+from swarm.decode.target import LocalModel  # noqa: E402
+from swarm.launch import even_spans, start_peers  # noqa: E402
+from swarm.text import load_tokenizer  # noqa: E402
 
 
 def chain_bench(model_dir: str, n_peers: int, n_prompts: int, new_tokens: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    local = LocalModel.load(model_dir)
+    local, tokenizer = LocalModel.load(model_dir), load_tokenizer(model_dir)
     cfg = local.head.cfg
     spans = even_spans(cfg.num_hidden_layers, n_peers)
     context = cfg.max_position_embeddings - new_tokens
@@ -47,11 +50,11 @@ def chain_bench(model_dir: str, n_peers: int, n_prompts: int, new_tokens: int, t
             for transport in ("tcp", "libp2p"):
                 for push in (True, False):
                     name = f"{'push' if push else 'client-mediated'} ({transport})"
-                    modes[name] = SwarmModel(model_dir, addrs, push=push, transport=transport)
+                    modes[name] = SwarmModel(model_dir, addrs, ClientConfig(push=push, transport=transport))
             ms = {name: [] for name in modes}
             mismatches = 0
             for text in tqdm(humaneval_prompts(n_prompts), desc=f"{n_peers} peers", file=sys.stderr):
-                prompt = local.tokenizer.encode(text).ids[-context:]
+                prompt = tokenizer.encode(text).ids[-context:]
                 tokens = {}
                 for name, model in modes.items():
                     res = generate(model, prompt, new_tokens, stop_at_eos=False)

@@ -22,10 +22,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
-from swarm.decode.generate import LocalModel, generate  # noqa: E402
-from swarm.launch import PeerProcess, even_spans, start_peers  # noqa: E402
+from swarm.client.config import ClientConfig  # noqa: E402
 from swarm.client.swarm_model import SwarmModel  # noqa: E402
-from swarm.decode.speculative import SpecConfig, generate_speculative  # noqa: E402
+from swarm.decode.generate import generate  # noqa: E402
+from swarm.decode.speculative import SpecConfig  # noqa: E402
+from swarm.decode.target import LocalModel  # noqa: E402
+from swarm.launch import PeerProcess, even_spans, start_peers  # noqa: E402
+from swarm.text import load_tokenizer  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     local = LocalModel.load(args.model)
     draft = LocalModel.load(args.draft) if args.speculative else None
-    prompt = local.tokenizer.encode(args.prompt).ids
+    prompt = load_tokenizer(args.model).encode(args.prompt).ids
     reference = generate(local, prompt, args.tokens, stop_at_eos=False).tokens
     first, middle, last = even_spans(local.head.cfg.num_hidden_layers, 3)
     results = []
@@ -52,7 +55,9 @@ def main() -> None:
         peers = start_peers(args.model, [first, middle, middle, last], log_dir=logs)
         model = None
         try:
-            model = SwarmModel(args.model, [p.addr for p in peers], push=args.push, timeout=20)
+            model = SwarmModel(args.model, [p.addr for p in peers], ClientConfig(push=args.push, timeout=20))
+            spec = SpecConfig(pipeline=args.pipeline) if draft is not None else None
+            policy = None  # the round policy carries over from run to run, as between a chat's turns
             for run in tqdm(range(args.runs), desc="failover runs", file=sys.stderr):
                 spare = PeerProcess(args.model, middle, "--initial-peers", peers[0].addr,
                                     log_file=Path(logs) / f"spare{run}.log")
@@ -60,19 +65,18 @@ def main() -> None:
                 victim = next(h.peer_id for h in model.route if h.blocks == middle)
                 count = [0]
 
-                def kill(tokens):
+                def kill(tokens: list[int]):
                     before = count[0]
-                    count[0] += len(tokens) if isinstance(tokens, list) else 1
+                    count[0] += len(tokens)
                     if before < args.kill_at <= count[0]:
                         by_id[victim].kill()
 
                 before, t0 = model.failovers, time.perf_counter()
                 try:
-                    if draft is not None:
-                        out = generate_speculative(model, draft, prompt, args.tokens, SpecConfig(pipeline=args.pipeline),
-                                                   stop_at_eos=False, on_tokens=kill).tokens
-                    else:
-                        out = generate(model, prompt, args.tokens, stop_at_eos=False, on_token=kill).tokens
+                    res = generate(model, prompt, args.tokens, draft=draft, spec=spec, stop_at_eos=False,
+                                   on_tokens=kill, policy=policy)
+                    policy = res.policy if spec is not None else None
+                    out = res.tokens
                     ok = out == reference
                 except Exception as e:  # noqa: BLE001 - a failed run is a result, not a crash
                     ok, out = False, repr(e)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from peer.transport import data_addrs, parse_tcp_addr  # noqa: E402
-from protocol import crypto, framing  # noqa: E402
+from protocol import crypto, framing, sealing  # noqa: E402
 from protocol import messages as m  # noqa: E402
 
 
@@ -90,7 +90,7 @@ class FrameMaker:
             sid = os.urandom(16).hex()
             a = rng.randint(0, self.n - 1)
             msg = m.Open(sid, rng.choice([8, 16, 10**6]), (a, rng.randint(a + 1, self.n)))
-            keys, frame = crypto.client_handshake(self.static, bytes.fromhex(sid), crypto.pack(m.encode(msg)))
+            keys, frame = crypto.client_handshake(self.static, bytes.fromhex(sid), sealing.pack(m.encode(msg)))
             if len(self.keys) < 64:
                 self.keys.append((sid, keys))
             self.sessions.append(sid)
@@ -101,7 +101,7 @@ class FrameMaker:
             sid, keys = rng.choice(self.keys)
             step = m.Step(sid, rng.randint(0, 99), rng.randint(0, 8), self.tensor())
             onion = os.urandom(rng.randint(0, 40)) if rng.random() < 0.2 else b""
-            return keys.c2p.seal(crypto.pack(m.encode(step), onion))
+            return keys.c2p.seal(sealing.pack(m.encode(step), onion))
         kind = rng.choice([crypto.Type.OPEN, crypto.Type.C2P, crypto.Type.P2C, crypto.Type.LINK, 0, 9])
         head = crypto.ENVELOPE.pack(crypto.MAGIC, rng.choice([1, 1, 1, 2]), kind, bytes.fromhex(self.sid()),
                                     rng.randint(0, 2**64 - 1))
@@ -255,13 +255,14 @@ def main() -> int:
         if args.honest and peer is not None:
             import threading
 
-            from swarm.decode.generate import LocalModel, generate
+            from swarm.client.config import ClientConfig
             from swarm.client.swarm_model import SwarmModel
+            from swarm.decode.generate import LocalModel, generate
 
             reference = generate(LocalModel.load(model), [5, 6, 7, 8], 40, stop_at_eos=False).tokens
 
             def run_honest():
-                sm = SwarmModel(model, [peer.addr], transport="libp2p", discovery=False)
+                sm = SwarmModel(model, [peer.addr], ClientConfig(transport="libp2p", discovery=False))
                 try:
                     honest["tokens"] = generate(sm, [5, 6, 7, 8], 40, stop_at_eos=False).tokens
                 finally:

@@ -1,7 +1,7 @@
 """Speculative vs plain decoding over an emulated WAN, side by side, with the simulator's predictions.
 
 For every (profile, number of peers): starts the peers on 127.0.0.1 behind user-space delay proxies
-(swarm/wan.py: one per link, one-way delay + jitter + bandwidth cap), measures the route (RTTs,
+(swarm.bench.wan: one per link, one-way delay + jitter + bandwidth cap), measures the route (RTTs,
 compute per block, draft and head costs: `swarm measure`), then runs on HumanEval prompts, interleaved
 per prompt so background load hits every mode alike:
 
@@ -34,12 +34,18 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from swarm.bench.measure import Mode, measure  # noqa: E402
+from swarm.bench.probe import probe_units  # noqa: E402
+from swarm.bench.prompts import load_prompts  # noqa: E402
+from swarm.bench.report import format_report, plot_report  # noqa: E402
+from swarm.bench.wan.links import PROFILES, load_matrix  # noqa: E402
+from swarm.bench.wan.swarm import WanSwarm  # noqa: E402
 from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
-from swarm.decode.generate import LocalModel, generate  # noqa: E402
-from swarm.bench.measure import Mode, format_report, load_prompts, measure, plot_report  # noqa: E402
+from swarm.decode.generate import generate  # noqa: E402
 from swarm.decode.sampling import SamplingParams  # noqa: E402
 from swarm.decode.speculative import SpecConfig  # noqa: E402
-from swarm.bench.wan.proxy import PROFILES, WanSwarm, load_matrix  # noqa: E402
+from swarm.decode.target import LocalModel  # noqa: E402
+from swarm.text import load_tokenizer  # noqa: E402
 
 PETALS = ROOT.parent / "shared" / "anchors" / "petals"
 MAIN_MODES = ("spec adaptive", "spec adaptive+pipeline", "spec adaptive (auto pipeline)")  # on every prompt; the rest on --sweep-prompts
@@ -71,7 +77,7 @@ def run_config(args, local: LocalModel, draft: LocalModel, prompts, links, n_pee
         model = wan.model(timeout=120.0)
         try:
             rep = measure(model, draft, prompts, args.max_new_tokens, modes, args.reps, progress=bar, limits=limits,
-                          probe_every=args.probe_every)
+                          probe_every=args.probe_every, links=wan.layout)
         finally:
             model.close()
     delays = {links[i][j].delay_ms for i in range(len(links)) for j in range(len(links)) if i != j}
@@ -201,7 +207,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     local, draft = LocalModel.load(args.model), LocalModel.load(args.draft)
     n_blocks = local.head.cfg.num_hidden_layers
-    prompts = load_prompts(local.tokenizer, 164 if args.all_prompts else args.prompts, args.max_new_tokens,
+    prompts = load_prompts(load_tokenizer(args.model), 164 if args.all_prompts else args.prompts, args.max_new_tokens,
                            local.head.cfg.max_position_embeddings)
     args.sweep_prompts = min(args.sweep_prompts, len(prompts))
     configs = []
@@ -219,7 +225,7 @@ def main() -> None:
     main_modes = sum(m.name in MAIN_MODES for m in modes)
     runs_per = len(prompts) * (main_modes + 1) + args.sweep_prompts * (len(modes) - main_modes)
     probes = (len(prompts) + args.probe_every - 1) // args.probe_every
-    bar = tqdm(total=sum(runs_per + probes * (3 * n + 3) for _, _, n in configs), desc="wan bench", file=sys.stderr)
+    bar = tqdm(total=sum(runs_per + probes * probe_units(n) for _, _, n in configs), desc="wan bench", file=sys.stderr)
     results = []
     for label, links, n in configs:
         bar.set_description(f"{label}, {n} peers")

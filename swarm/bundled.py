@@ -28,3 +28,9 @@ def draft_fits(model: str | None, draft: str | None) -> bool:
     if not draft:
         return False
     return draft != default_draft() or model == default_model()
+
+
+def speculative_default(model: str | None, draft: str | None, reference: bool) -> bool:
+    """Speculate unless asked otherwise: always when a draft fits the model, except for the in-process
+    reference run (`swarm generate --local`), which decodes plainly."""
+    return not reference and draft_fits(model, draft)

@@ -1,7 +1,7 @@
 """Chatting with a model through the swarm: streaming replies, a live status line, a kept conversation.
 
 `Chat` holds the conversation as tokens and generates each reply speculatively (or plainly) through
-a `SwarmModel` or `LocalModel`. `run_interactive` is the REPL behind `swarm chat` and `swarm demo`:
+a `SwarmModel` or `LocalModel`, keeping the round policy it learnt from one reply to the next. `run_interactive` is the REPL behind `swarm chat` and `swarm demo`:
 /reset forgets the conversation, /stats prints the session's numbers, /quit leaves, Ctrl-C stops a
 reply without ending the chat. `run_scripted` answers a list of prompts (scripts/chat.py, no tty).
 """
@@ -12,12 +12,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from swarm.decode.generate import LocalModel, generate
-from swarm.decode.speculative import SpecConfig, generate_speculative
+from tokenizers import Tokenizer
 
-
-class StopReply(Exception):
-    """Raised from the token callback to end a reply early (Ctrl-C)."""
+from swarm.decode.generate import generate
+from swarm.decode.round_policy import CostModel
+from swarm.decode.sampling import SamplingParams
+from swarm.decode.speculative import SpecConfig
+from swarm.decode.target import LocalModel, Model
+from swarm.text import TextStream
 
 
 @dataclass
@@ -38,12 +40,15 @@ class ChatStats:
 
 @dataclass
 class Chat:
-    model: object  # SwarmModel or LocalModel
-    draft: LocalModel | None
-    cfg: SpecConfig = field(default_factory=SpecConfig)
+    model: Model  # SwarmModel or LocalModel
+    tokenizer: Tokenizer
+    draft: LocalModel | None = None  # None: plain decoding
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    params: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int = 128
     history: list[int] = field(default_factory=list)
     stats: ChatStats = field(default_factory=ChatStats)
+    policy: CostModel | None = None  # the round policy, carried from reply to reply
 
     @property
     def where(self) -> str:
@@ -52,38 +57,27 @@ class Chat:
 
     def reply(self, text: str, on_text=None) -> str:
         """Continue the conversation with `text`; streams decoded text to on_text(piece)."""
-        tok = self.model.tokenizer
-        context = self.model.head.cfg.max_position_embeddings - self.max_new_tokens - 2 * self.cfg.k_max - 2
-        self.history = (self.history + tok.encode(text).ids)[-max(1, context):]
-        shown, new = "", []
-
-        def on_tokens(tokens: list[int]) -> None:
-            nonlocal shown
-            new.extend(tokens)
-            decoded = tok.decode(new, skip_special_tokens=True)
-            if on_text:
-                on_text(decoded[len(shown):])
-            shown = decoded
-
+        context = self.model.head.cfg.max_position_embeddings - self.max_new_tokens - 2 * self.spec.k_max - 2
+        self.history = (self.history + self.tokenizer.encode(text).ids)[-max(1, context):]
+        stream = TextStream(self.tokenizer, on_text)
         t0 = time.perf_counter()
         try:
+            res = generate(self.model, self.history, self.max_new_tokens, self.params, draft=self.draft,
+                           spec=self.spec if self.draft is not None else None, on_tokens=stream.add,
+                           policy=self.policy)
             if self.draft is not None:
-                res = generate_speculative(self.model, self.draft, self.history, self.max_new_tokens, self.cfg,
-                                           on_tokens=on_tokens)
+                self.policy = res.policy
                 self.stats.rounds += res.rounds
                 self.stats.drafted += res.drafted
                 self.stats.accepted += res.accepted
-            else:
-                generate(self.model, self.history, self.max_new_tokens, self.cfg.params,
-                         on_token=lambda t: on_tokens([t]))
-        except (KeyboardInterrupt, StopReply):
+        except KeyboardInterrupt:
             if on_text:
                 on_text(" [stopped]")
         self.stats.replies += 1
-        self.stats.tokens += len(new)
+        self.stats.tokens += len(stream.tokens)
         self.stats.seconds += time.perf_counter() - t0
-        self.history += new
-        return shown
+        self.history += stream.tokens
+        return stream.text
 
     def reset(self) -> None:
         self.history = []

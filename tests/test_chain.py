@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peer.p2p import P2PNode
-from peer.server import new_session_id
+from peer.channel import new_session_id
 from peer.transport import INFERENCE_PROTOCOL
 from protocol import framing
 from protocol import messages as m

@@ -1,10 +1,9 @@
-"""peer/dht.py: signed discovery records, and 5 in-process peers finding each other over Kademlia."""
+"""peer/record.py and peer/dht.py: signed discovery records, and 5 in-process peers finding each other over Kademlia."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import time
 
@@ -14,7 +13,9 @@ from libp2p.peer.id import ID
 from libp2p.records.record import make_signed_put_record
 
 from peer import dht as dht_module
-from peer.dht import MAX_RECORD_BYTES, PeerRecord, RecordError, SwarmDHT, provider_key, record_key
+from peer import record as record_module
+from peer.dht import SwarmDHT
+from peer.record import MAX_RECORD_BYTES, PeerRecord, RecordError, provider_key, record_key
 from peer.p2p import P2PNode
 
 pytestmark = pytest.mark.timeout(40)
@@ -60,7 +61,7 @@ def test_record_rejections():
     kp, other = create_new_key_pair(), create_new_key_pair()
     good = make_record(kp).sign(kp)
     body = good.rpartition(b"\n")[0]
-    seal = dht_module._seal
+    seal = record_module._seal
     cases = {
         # signed by another key than the one the peer id hashes from
         "forged (other key)": (seal(signed_fields(kp, public_key=other.public_key.serialize().hex()),
@@ -71,7 +72,7 @@ def test_record_rejections():
         "tampered (end 4 -> 5)": (good.replace(b'"end":4', b'"end":5'), "bad signature"),
         "tampered (one bit)": (good[:20] + bytes([good[20] ^ 1]) + good[21:], ""),
         "expired": (make_record(kp, issued=time.time() - 100, expires=time.time() - 1).sign(kp), "expired"),
-        "expires too late": (make_record(kp, expires=time.time() + 10 * dht_module.MAX_TTL).sign(kp), "too far"),
+        "expires too late": (make_record(kp, expires=time.time() + 10 * record_module.MAX_TTL).sign(kp), "too far"),
         "garbage": (os.urandom(300), ""),
         "empty": (b"", "unsigned"),
         "not JSON": (b"hello\n" + b"00" * 64, "not JSON"),
@@ -151,7 +152,7 @@ def test_find_sees_every_announcer(monkeypatch):
             assert (rec.throughput, rec.cache_tokens) == (10.0 + i, 1000 * i)
             assert rec.data_addr == f"tcp://127.0.0.1:{7000 + i}"
             assert rec.state == "online" and rec.addrs == nodes[i].addrs and rec.model == MODEL
-            assert rec.expires - rec.issued == pytest.approx(120.0) and rec.version == dht_module.PROTOCOL_VERSION
+            assert rec.expires - rec.issued == pytest.approx(120.0) and rec.version == record_module.PROTOCOL_VERSION
         for _ in range(3):
             t0 = time.perf_counter()
             assert ranges(await client.find(MODEL)) == expected
@@ -183,9 +184,9 @@ def test_live_dht_refuses_bad_values():
         fake_victim = signed_fields(vkp, state="offline", public_key=akp.public_key.serialize().hex(),
                                     issued=now + 1, expires=now + 60)
         bad = {
-            "forged (attacker key)": (vkey, dht_module._seal(fake_victim, akp.private_key)),
+            "forged (attacker key)": (vkey, record_module._seal(fake_victim, akp.private_key)),
             "forged (victim key, attacker signature)": (
-                vkey, dht_module._seal(signed_fields(vkp, state="offline", issued=now + 1), akp.private_key)),
+                vkey, record_module._seal(signed_fields(vkp, state="offline", issued=now + 1), akp.private_key)),
             "unsigned": (vkey, make_record(vkp, state="offline", issued=now + 1).sign(vkp).rpartition(b"\n")[0]),
             "garbage": (vkey, os.urandom(200)),
             "record under another peer's key": (vkey, make_record(akp, issued=now + 1).sign(akp)),

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from swarm.decode.generate import LocalModel, generate
+from swarm.decode.generate import generate
+from swarm.decode.target import LocalModel
 from swarm.launch import PeerProcess
 from swarm.client.swarm_model import SwarmModel
 
@@ -82,12 +83,12 @@ def test_failover_to_a_replica_found_in_the_dht(swarm5):
 
         victim = next(h.peer_id for h in model.route if h.peer_id != peers[0].peer_id and replaceable(h.peer_id))
 
-        def kill_at_50(token, n=[0]):
-            n[0] += 1
+        def kill_at_50(tokens, n=[0]):
+            n[0] += len(tokens)
             if n[0] == 50:
                 by_id[victim].kill()
 
-        assert generate(model, [1, 2, 3], 120, stop_at_eos=False, on_token=kill_at_50).tokens == reference
+        assert generate(model, [1, 2, 3], 120, stop_at_eos=False, on_tokens=kill_at_50).tokens == reference
         assert model.failovers >= 1 and victim not in [h.peer_id for h in model.route]
     finally:
         model.close()

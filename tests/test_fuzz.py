@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from peer.dht import PeerRecord, RecordError
-from protocol import crypto, framing
+from peer.record import PeerRecord, RecordError
+from protocol import crypto, framing, sealing
 from protocol import messages as m
 from protocol.tensors import TensorFormatError, decode_tensor, encode_tensor
 
@@ -174,10 +174,10 @@ def test_sealed_frames_reject_every_mutation(plaintext, flips, onion):
 @given(st.binary(max_size=64))
 def test_sealed_payload_split(data):
     try:
-        head, rest = crypto.unpack(data)
+        head, rest = sealing.unpack(data)
     except crypto.SealError:
         return
-    assert crypto.pack(bytes(head), bytes(rest)) == data
+    assert sealing.pack(bytes(head), bytes(rest)) == data
 
 
 @FAST

@@ -19,14 +19,17 @@ import torch
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from peer.model import BlockRange, Checkpoint
-from peer.server import BlockServer, Limits, RateLimit, new_session_id
+from peer.channel import new_session_id
+from peer.model import BlockRange, Checkpoint, StepLayout
+from peer.limits import Limits, RateLimit
+from peer.server import BlockServer
 from peer.tcp import TcpStream
 from peer.transport import data_addrs, dial, listen_tcp, parse_tcp_addr
-from protocol import crypto, framing
+from protocol import crypto, framing, sealing
 from protocol import messages as m
 from swarm.client.background import BackgroundLoop
 from swarm.client.chain import ChainSession, RemoteError
+from swarm.client.config import ClientConfig
 from swarm.client.route import Hop
 from swarm.decode.generate import LocalModel, generate
 from swarm.launch import PeerProcess
@@ -56,17 +59,24 @@ class InProcessSwarm:
         self.chains: list[ChainSession] = []
 
     def session(self, max_length: int):
-        chain = ChainSession(lambda addr: dial(None, addr), self.hops, self.push, sealed=self.sealed, timeout=30)
+        """A `RunBlocks` over the three peers (what `generate` drives)."""
+        config = ClientConfig(push=self.push, sealed=self.sealed, timeout=30)
+        chain = ChainSession(lambda addr: dial(None, addr), self.hops, config)
         self.bg.run(chain.open(max_length))
         self.chains.append(chain)
-        swarm = self
+        loop = self.bg.loop
 
         class Run:
-            def __call__(self, hidden, layout, compact=None):
-                return swarm.bg.run(chain.step(hidden, layout, compact), 60)
+            overlaps = True
+
+            def submit(self, hidden, layout):
+                return asyncio.run_coroutine_threadsafe(chain.step(hidden, layout), loop)
+
+            def __call__(self, hidden, layout):
+                return self.submit(hidden, layout).result(60)
 
             def close(self):
-                swarm.bg.run(chain.close())
+                asyncio.run_coroutine_threadsafe(chain.close(), loop).result()
         return Run()
 
     def close(self):
@@ -188,12 +198,12 @@ def test_tampered_replayed_and_foreign_frames_are_refused(tiny_path, reference, 
         ours, _ = crypto.client_handshake(swarm.servers[0].static.public, bytes.fromhex(chain.ids[0]), b"")
         step = m.Step(chain.ids[0], 9, len(PROMPT), torch.randn(1, 64))
         ours.c2p.counter = 1000  # (ahead of the honest counter: refused for its key, not as a replay)
-        ask("foreign_sealed", ours.c2p.seal(crypto.pack(m.encode(step))))
+        ask("foreign_sealed", ours.c2p.seal(sealing.pack(m.encode(step))))
         ask("foreign_plain", m.encode(step))
         ask("foreign_close", m.encode(m.Close(chain.ids[0])))
         link_out, _ = crypto.link_keys(os.urandom(32), bytes.fromhex(chain.ids[1]))
         link_out.counter = 1000
-        ask("forged_link", link_out.seal(crypto.pack(m.encode(m.Result(chain.ids[1], 2, torch.randn(1, 64))))), hop=1)
+        ask("forged_link", link_out.seal(sealing.pack(m.encode(m.Result(chain.ids[1], 2, torch.randn(1, 64))))), hop=1)
         # the honest session goes on as if nothing happened, and ends like the local run
         tokens = [int(model.head.logits(out[-1:])[0].argmax())]
         for pos in range(len(PROMPT), len(PROMPT) + 11):
@@ -212,8 +222,6 @@ def test_tampered_replayed_and_foreign_frames_are_refused(tiny_path, reference, 
 
 
 def m_layout(start, n):
-    from peer.model import StepLayout
-
     return StepLayout(start=start, n=n)
 
 
@@ -250,7 +258,7 @@ def test_client_checks_the_peer_identity(tiny_path):
     swarm = InProcessSwarm(tiny_path, spans=[(0, 8)])
     try:
         impostor = str(ID.from_pubkey(create_new_key_pair().public_key))
-        chain = ChainSession(lambda addr: dial(None, addr), [Hop(swarm.hops[0].addr, impostor, (0, 8))])
+        chain = ChainSession(lambda addr: dial(None, addr), [Hop(swarm.hops[0].addr, impostor, (0, 8))], ClientConfig())
         with pytest.raises(RemoteError) as err:
             swarm.bg.run(chain.open(16))
         assert err.value.code == "bad_identity"
@@ -284,6 +292,61 @@ def test_crypto_layers():
     assert crypto.verify_static_key(pid, pub, static.public.hex(), sig) == static.public
     with pytest.raises(crypto.SealError):
         crypto.verify_static_key(pid, pub, other.public.hex(), sig)
+
+
+def test_one_codec_for_every_hop_speaks_the_sealed_wire_format(monkeypatch):
+    derivations = []
+    hkdf = crypto._hkdf
+    monkeypatch.setattr(crypto, "_hkdf", lambda *a: derivations.append(a) or hkdf(*a))
+    static, sid = crypto.StaticKey(), new_session_id()
+    client = sealing.ClientHop(static.public, sid)
+    with pytest.raises(crypto.SealError):  # a sealed hop begins with its Open
+        client.seal(m.Close(sid))
+    hello = client.seal(m.Open(sid, 16, (0, 8)))
+    peer, payload = sealing.PeerHop.accept(static, crypto.parse_envelope(hello))
+    assert len(derivations) == 2  # one key derivation per side and handshake
+    assert peer.read(payload, 0) == (m.Open(sid, 16, (0, 8)), b"")
+    step = m.Step(sid, 1, 0, torch.randn(2, 64), [-1, 0], (0, [0]))
+    got, onion = peer.open(client.seal(step, b"layers"))
+    assert (got.session, got.step, got.parents, got.compact, bytes(onion)) == (sid, 1, [-1, 0], (0, [0]), b"layers")
+    assert torch.equal(got.hidden, step.hidden)
+    # byte for byte what the protocol says: u32 length | message | onion, sealed with the c2p key
+    assert sealing.unpack(peer.recv.open(crypto.parse_envelope(client.seal(step, b"x")))) == (m.encode(step), b"x")
+    frame = client.seal(step)
+    peer.open(frame)
+    with pytest.raises(crypto.ReplayError):  # each frame opens once
+        peer.open(frame)
+    assert client.open(peer.seal(m.Result(sid, 1, torch.ones(1, 64))))[0].step == 1
+    ctrl, inner = peer.onion.open(client.onion.seal(m.Control(sid, 2, 2), b"inner"))  # an onion layer is a codec too
+    assert ctrl == m.Control(sid, 2, 2) and bytes(inner) == b"inner"
+    refusal = client.open(m.encode(m.Error("bad_seal", "no")))[0]  # a plaintext refusal, marked as such
+    assert refusal.message == "(unauthenticated) no"
+    with pytest.raises(crypto.SealError):
+        client.open(m.encode(m.Result(sid, 1, torch.ones(1, 64))))  # nothing else comes in plaintext
+    plain = sealing.Plain()  # the plaintext variant: the same interface, the message's own bytes
+    assert plain.seal(step) == m.encode(step) and plain.open(m.encode(m.Close(sid))) == (m.Close(sid), b"")
+    with pytest.raises(crypto.SealError):
+        plain.open(hello)
+
+
+@pytest.mark.parametrize("push", [True, False])
+def test_tree_steps_and_compaction_through_sealed_peers_equal_local(tiny_path, push):
+    """A draft tree, then steps that first keep one of its paths (`StepLayout.compact`, in each later
+    hop's onion layer in push mode): through three sealed peers exactly as in one process."""
+    local = LocalModel.load(tiny_path).session(32)
+    swarm = InProcessSwarm(tiny_path)
+    try:
+        swarm.push = push
+        remote = swarm.session(32)
+        g = torch.Generator().manual_seed(0)
+        steps = [StepLayout(0, 8), StepLayout(8, 4, parents=(-1, 0, 0, 2)), StepLayout(10, 2, compact=(8, (0, 2))),
+                 StepLayout(12, 3, parents=(-1, -1, 1)), StepLayout(14, 1, compact=(12, (1, 2)))]
+        for layout in steps:
+            hidden = torch.randn(layout.n, 64, generator=g)
+            assert torch.equal(remote(hidden, layout), local.submit(hidden, layout).result())
+        remote.close()
+    finally:
+        swarm.close()
 
 
 def test_rate_limit_slows_a_flood():
@@ -327,7 +390,8 @@ def test_fuzzed_peer_survives_and_serves_an_honest_generation(hardened_peer):
     honest = {}
 
     def run_honest():
-        model = SwarmModel(path, [peer.addr], transport="libp2p", discovery=False)  # its own per-client quota
+        # over libp2p: its own per-client quota
+        model = SwarmModel(path, [peer.addr], ClientConfig(transport="libp2p", discovery=False))
         try:
             honest["tokens"] = generate(model, [5, 6, 7, 8], 40, stop_at_eos=False).tokens
         finally:
@@ -362,7 +426,7 @@ def test_session_flood_gets_refusals_and_slow_senders_are_dropped(hardened_peer)
                 sid = new_session_id()
                 msg = m.Open(sid, 200, (0, 8))
                 if j % 2:
-                    keys[i, j], frame = client_handshake(static, bytes.fromhex(sid), crypto.pack(m.encode(msg)))
+                    keys[i, j], frame = client_handshake(static, bytes.fromhex(sid), sealing.pack(m.encode(msg)))
                     await s.send(frame)
                 else:
                     await s.send(m.encode(msg))
@@ -370,7 +434,7 @@ def test_session_flood_gets_refusals_and_slow_senders_are_dropped(hardened_peer)
             for j in range(5):
                 data = await asyncio.wait_for(s.recv(), 10)
                 if crypto.is_envelope(data):
-                    data = crypto.unpack(keys[i, j].p2c.open(crypto.parse_envelope(data)))[0]
+                    data = sealing.unpack(keys[i, j].p2c.open(crypto.parse_envelope(data)))[0]
                 reply = m.decode(data)
                 key = reply.code if isinstance(reply, m.Error) else type(reply).__name__
                 codes[key] = codes.get(key, 0) + 1

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-import swarm.decode.speculative as spec
 from conftest import make_checkpoint
 from swarm.decode.generate import LocalModel, generate
+from swarm.decode.round_policy import CostModel
 from swarm.decode.sampling import SamplingParams
-from swarm.decode.speculative import Drafter, SpecConfig, speculative_generate, verify, verify_greedy_tree
+from swarm.decode.sampling import verify, verify_greedy_tree
+from swarm.decode.speculative import Drafter, SpecConfig, speculative_decode
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ PROMPT = [5, 17, 42, 99, 3, 250]
 
 def run_spec(target, draft, cfg, n=40, prompt=PROMPT, eos=(), seed=0):
     length = len(prompt) + n + 2 * (cfg.k or cfg.k_max) + 2
-    return speculative_generate(target.head, target.session(length), Drafter(draft, length), prompt, n, cfg, seed, eos)
+    return speculative_decode(target.head, target.session(length), Drafter(draft, length), prompt, n, cfg, seed=seed,
+                              eos_ids=eos)
 
 
 MODES = {
@@ -87,8 +89,8 @@ def test_verify_greedy_and_tree():
 
 
 def timed_policy(trip, per_token, draft, latency=None, k_max=8):
-    """An AdaptiveK fed synthetic rounds: a step of n tokens takes trip + per_token * n seconds."""
-    policy = spec.AdaptiveK(k_max=k_max, latency=latency)
+    """A CostModel fed synthetic rounds: a step of n tokens takes trip + per_token * n seconds."""
+    policy = CostModel(k_max=k_max, latency=latency)
     for n in (2, 5, 3, 9, 4, 7):
         policy.observe(n - 1, n - 1, n, trip + per_token * n, draft * (n - 1))
     return policy
@@ -134,7 +136,7 @@ def test_dynamic_draft_length_follows_the_drafts_confidence():
 
 
 def test_confidence_calibration_learns_from_verdicts():
-    policy = spec.AdaptiveK()
+    policy = CostModel()
     for _ in range(40):  # drafts at 0.95 are accepted, the one at 0.35 after them is rejected
         policy.observe(3, 2, 4, None, 0.0, [0.95, 0.95, 0.35])
     assert policy.alpha(0.95) > 0.85 and policy.alpha(0.35) < 0.15
@@ -170,7 +172,7 @@ def test_trees_chosen_when_the_second_choice_often_rescues_a_costly_trip():
 
 
 def test_adaptive_k_prefers_long_drafts_when_trips_are_expensive():
-    cheap, costly = spec.AdaptiveK(k_max=8), spec.AdaptiveK(k_max=8)
+    cheap, costly = CostModel(k_max=8), CostModel(k_max=8)
     for k in (4, 2, 4, 2):
         cheap.observe(k, k - 1, k + 1, 0.001 + 0.001 * (k + 1), 0.0005 * k)  # local: every token costs
         costly.observe(k, k - 1, k + 1, 0.100 + 0.001 * (k + 1), 0.0005 * k)  # a WAN trip dominates
@@ -204,7 +206,7 @@ def generate_logits(model, ids):
     session = model.session(len(ids))
     from peer.model import StepLayout
 
-    return model.head.logits(session(model.head.embed(torch.tensor(ids)), StepLayout(0, len(ids))))[-1]
+    return model.head.logits(session.submit(model.head.embed(torch.tensor(ids)), StepLayout(0, len(ids))).result())[-1]
 
 
 def chi_square_stat(counts: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
@@ -267,8 +269,8 @@ def test_end_to_end_sampling_follows_the_target(small_vocab, adaptive):
     for seed in range(n):
         cfg = SpecConfig(k=None if adaptive else 2, k_max=2, pipeline=False, params=params)
         policy = timed_policy(trip=0.006, per_token=0.004, draft=0.002) if adaptive else None
-        res = speculative_generate(target.head, target.session(length), Drafter(draft, length), prompt, 3, cfg,
-                                   seed=seed, policy=policy)
+        res = speculative_decode(target.head, target.session(length), Drafter(draft, length), prompt, 3, cfg,
+                                 seed=seed, policy=policy)
         assert res.ks[0] == 2 or (adaptive and res.ks[0] >= 1)  # the first token went through draft + verify
         lengths.add(res.ks[0])
         counts[res.tokens[0]] += 1

@@ -11,8 +11,10 @@ import time
 import pytest
 
 from swarm.bench.simulate import (ChainTimings, CostTable, expected_tokens_per_round, plain_ms_per_token,
-                            speculative_ms_per_token)
-from swarm.bench.wan.proxy import PROFILES, DelayProxy, Link, ProxyProcess, WanLayout
+                                  speculative_ms_per_token)
+from swarm.bench.wan.layout import WanLayout
+from swarm.bench.wan.links import PROFILES
+from swarm.bench.wan.proxy import DelayProxy, Link, ProxyProcess
 
 SLACK_MS = 25.0  # scheduling on a busy 2-core machine
 
@@ -117,14 +119,39 @@ def test_proxy_process_serves_a_delayed_link():
 
 
 def test_route_names_each_peer_by_its_link_from_the_previous_node():
+    direct = ["tcp://p:1", "tcp://p:2", "tcp://p:3"]
     layout = WanLayout(PROFILES["heterogeneous"].matrix(3),
                        to_peer={(0, 1): "tcp://a:1", (0, 2): "tcp://a:2", (0, 3): "tcp://a:3",
-                                (1, 2): "tcp://b:2", (2, 3): "tcp://b:3"})
-    assert [layout.route_addr(j) for j in (1, 2, 3)] == ["tcp://a:1", "tcp://b:2", "tcp://b:3"]
+                                (1, 2): "tcp://b:2", (2, 3): "tcp://b:3"}, direct=direct)
+    assert [layout.route_addr(d) for d in direct] == ["tcp://a:1", "tcp://b:2", "tcp://b:3"]
     # the client dials every peer over its own link, whatever the route calls it
-    assert [layout.client_addr(layout.route_addr(j)) for j in (1, 2, 3)] == ["tcp://a:1", "tcp://a:2", "tcp://a:3"]
+    assert [layout.dial_addr(layout.route_addr(d)) for d in direct] == ["tcp://a:1", "tcp://a:2", "tcp://a:3"]
+    assert [layout.dial_addr(d) for d in direct] == ["tcp://a:1", "tcp://a:2", "tcp://a:3"]
+    assert layout.route_addr("tcp://elsewhere:9") == layout.dial_addr("tcp://elsewhere:9") == "tcp://elsewhere:9"
+    assert layout.link_addr(1, 2) == "tcp://b:2"
     # heterogeneous: client (EU) - peer1 (US) far, peer1 - peer2 (EU) far, client - peer2 near
     assert layout.one_way_ms(0, 1) == 40.0 and layout.one_way_ms(1, 2) == 40.0 and layout.one_way_ms(0, 2) == 5.0
+
+
+def test_layout_is_the_clients_address_map():
+    import inspect
+
+    from swarm.client.config import AddressMap
+
+    for name in ("route_addr", "dial_addr"):  # the layout fits ClientConfig.addresses as it is, no subclass
+        want = list(inspect.signature(getattr(AddressMap, name)).parameters)
+        assert list(inspect.signature(getattr(WanLayout, name)).parameters) == want, name
+
+
+def test_proxy_process_needs_only_the_standard_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, swarm.bench.wan.proxy; "
+            "print(sorted(m for m in ('torch', 'numpy', 'peer', 'protocol', 'swarm.client', 'swarm.decode') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 # --- the simulator --------------------------------------------------------------------------------

@@ -24,12 +24,14 @@ class StepLayout:
     """Where the `n` new nodes of a step sit: a chain (parents None) or a tree given by parent indices.
 
     `parents[i]` is -1 for a node that follows the cached prefix directly, else the index of an
-    earlier node of the same step (parents[i] < i).
+    earlier node of the same step (parents[i] < i). `compact` = (start, path): before this step,
+    keep only that accepted path of the previous tree step (`KVCache.compact`).
     """
 
     start: int
     n: int
     parents: tuple | None = None
+    compact: tuple[int, tuple[int, ...]] | None = None
 
     def __post_init__(self):
         if self.start < 0 or self.n <= 0:
@@ -112,7 +114,9 @@ class KVCache:
         return self.keys.nbytes + self.values.nbytes
 
     def begin_step(self, layout: StepLayout) -> None:
-        """Roll back to `layout.start` and reserve slots for the step's nodes."""
+        """Compact the previous tree step if asked, roll back to `layout.start`, reserve the step's slots."""
+        if layout.compact is not None:
+            self.compact(*layout.compact)
         if layout.start > self.length:
             raise CacheError(f"step starts at {layout.start} but only {self.length} positions are cached")
         if layout.start + layout.n > self.max_length:
@@ -126,12 +130,6 @@ class KVCache:
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise CacheError(f"cannot truncate to {length}: {self.length} positions cached")
-        self.length = length
-        self._last_tree = None
 
     def compact(self, start: int, path: list[int]) -> None:
         """Keep only `path` (node indices of the last step beginning at `start`, root first).

@@ -26,8 +26,9 @@ peers' compute:  + (H + W) draft(k) + W compute(n) - H (trip + draft(k)). CPU wo
 another (one shared machine, as here); only the wire overlaps. ms/token = T / N. Tokens per round is N / R; with a per-token
 acceptance a and k drafts it is E(k) = (1 - a^(k+1)) / (1 - a) (`expected_tokens_per_round`).
 
-Compute tables are piecewise linear in n, extrapolated along their last segment. Knows nothing of the
-network or the model: it takes numbers and returns numbers.
+Compute tables are piecewise linear in n, extrapolated along their last segment. Knows these formulas
+and `swarm measure`'s timings file; must not know the network, the client, the model or decoding:
+it takes numbers and returns numbers.
 """
 
 from __future__ import annotations
@@ -143,16 +144,12 @@ def speculative_ms_per_token(t: ChainTimings, new_tokens: int, prompt_tokens: in
     total += waited * (t.trip(push) + draft) + rounds * (compute + head)
     total += (pipelined_hits + wasted_rounds) * draft + wasted_rounds * compute
     return total / new_tokens
+
+
 def expected_tokens_per_round(acceptance: float, k: int) -> float:
     """Tokens one round commits when each draft is accepted with probability `acceptance` (k drafts + 1)."""
     a = min(max(acceptance, 0.0), 0.999999)
     return (1 - a ** (k + 1)) / (1 - a)
-
-
-def predicted_speedup(t: ChainTimings, acceptance: float, k: int, push: bool = True) -> float:
-    """Steady-state speculative over plain (no prompt): E(k) step(1) / (step(k + 1) + draft)."""
-    spec = t.step(k + 1, push) + k * t.draft_ms_per_token + t.draft_ms_per_round
-    return expected_tokens_per_round(acceptance, k) * t.step(1, push) / spec
 
 
 def relative_error(predicted: float, measured: float) -> float:

@@ -1,18 +1,23 @@
-"""The client's half of a model whose blocks live on peers: head and tokenizer here, blocks on the swarm.
+"""The client's view of a model whose blocks live on peers: the head here, the blocks on the swarm.
 
-`SwarmModel` has the same shape as `LocalModel` (`.head`, `.tokenizer`, `.session(max_length)`), so
-`swarm.decode.generate` and `swarm.decode.speculative` drive either without knowing which. Its sessions survive
-peers dying: `RemoteBlocks` keeps every step it sent; when a step fails it bans the peers that no
-longer answer, plans a new route, replays the steps (identical shapes, so identical caches) and
-retries. Outputs stay token-identical to an undisturbed run.
+`SwarmModel` has the shape `swarm.decode` drives (`.head`, `.session(max_length)`), like `LocalModel`.
+It finds the model's peers (DHT records and the initial peers), plans the fastest route, and keeps
+sessions alive when peers die: `RemoteBlocks` keeps every step it sent; when a step fails it bans the
+peers that no longer answer, plans a new route, replays the steps (identical shapes, so identical
+caches) and retries; steps sent behind a failing one wait for it and go again, in order, by
+themselves. Outputs stay token-identical to an undisturbed run.
+
+Knows the protocol, peer transports and records, and routes; nothing of sampling, drafts or tokenizers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,10 +26,9 @@ from peer.dht import SwarmDHT
 from peer.model import Checkpoint, StepLayout
 from peer.p2p import P2PNode
 from peer.transport import dial, fetch_info
-
 from swarm.client.background import BackgroundLoop
 from swarm.client.chain import ChainSession, RemoteError
-from swarm.decode.generate import load_tokenizer
+from swarm.client.config import ClientConfig
 from swarm.client.route import Hop, PeerInfo, parse_route, peer_id_of, plan_route, to_hops
 
 log = logging.getLogger("specswarm.client")
@@ -32,21 +36,14 @@ FAILURES = (RemoteError, ConnectionError, EOFError, OSError, asyncio.TimeoutErro
 
 
 class SwarmModel:
-    def __init__(self, model_dir: str | Path, initial_peers: list[str], route: str | None = None,
-                 push: bool = True, dtype: str = "float32", device: str = "cpu", wire_dtype: str = "float32",
-                 timeout: float = 60.0, transport: str = "tcp", ban_seconds: float = 60.0, max_failovers: int = 5,
-                 discovery: bool = True):
+    def __init__(self, model_dir: str | Path, initial_peers: list[str], config: ClientConfig = ClientConfig(),
+                 dtype: str = "float32", device: str = "cpu"):
         if not initial_peers:
             raise ValueError("give at least one --initial-peers multiaddr")
-        if transport not in ("tcp", "libp2p"):
-            raise ValueError(f"transport must be tcp or libp2p, got {transport!r}")
         ckpt = Checkpoint(model_dir)
         self.head = ckpt.load_head(dtype, device)
-        self.tokenizer = load_tokenizer(model_dir)
         self.model_id, self.num_blocks = ckpt.model_id, ckpt.config.num_hidden_layers
-        self.initial_peers, self.route_spec = list(initial_peers), route
-        self.push, self.wire_dtype, self.timeout, self.transport = push, wire_dtype, timeout, transport
-        self.ban_seconds, self.max_failovers = ban_seconds, max_failovers
+        self.initial_peers, self.config = list(initial_peers), config
         self.peers: dict[str, PeerInfo] = {}
         self.banned: dict[str, float] = {}  # peer id -> monotonic time the ban ends
         self.failovers = 0
@@ -54,12 +51,21 @@ class SwarmModel:
         self.bg = BackgroundLoop()
         try:
             self.node = self.bg.run(P2PNode.start())
-            if discovery:
+            if config.discovery:
                 self.dht = self.bg.run(SwarmDHT.start(self.node, self.initial_peers))
             self.route = self.bg.run(self._plan())
         except BaseException:
             self.close()
             raise
+
+    def with_config(self, **changes) -> "SwarmModel":
+        """A view of this client with some settings changed (e.g. push=False), sharing its node, peers and
+        bans; it re-plans its route if how peers are reached changed. Close only the original."""
+        view = copy.copy(self)
+        view.config = replace(self.config, **changes)
+        if {"transport", "route", "addresses"} & set(changes):
+            view.route = view.bg.run(view._plan())
+        return view
 
     # --- knowing the swarm ------------------------------------------------------------------------
     async def _refresh(self) -> None:
@@ -76,7 +82,7 @@ class SwarmModel:
 
         async def ask(pid: str, addr: str):
             try:
-                return pid, addr, await fetch_info(self.node, addr, min(self.timeout, 10.0))
+                return pid, addr, await fetch_info(self.node, addr, min(self.config.timeout, 10.0))
             except FAILURES as e:
                 log.info("peer %s is not answering: %s", pid[-8:], e)
                 return pid, addr, None
@@ -103,14 +109,20 @@ class SwarmModel:
     async def _plan(self) -> list[Hop]:
         await self._refresh()
         usable = self._usable()
-        spans = parse_route(self.route_spec, usable) if self.route_spec else plan_route(usable, self.num_blocks)
-        return to_hops(spans, usable, self.transport, self.num_blocks)
+        cfg = self.config
+        spans = parse_route(cfg.route, usable) if cfg.route else plan_route(usable, self.num_blocks)
+        hops = to_hops(spans, usable, cfg.transport, self.num_blocks)
+        if cfg.addresses is not None:  # e.g. an emulated WAN: the hop before each peer reaches it through its link
+            hops = [replace(h, addr=cfg.addresses.route_addr(h.addr)) for h in hops]
+        return hops
 
     async def _ban_failed(self, route: list[Hop], error: BaseException) -> None:
         """Ban the hops that do not answer; if all answer, the peer that reported the error."""
         async def alive(hop: Hop) -> bool:
+            if hop.peer_id not in self.peers:  # no longer answers discovery: nothing to ask
+                return False
             try:
-                await fetch_info(self.node, self.peers[hop.peer_id].addr if hop.peer_id in self.peers else hop.addr, 3.0)
+                await fetch_info(self.node, self.peers[hop.peer_id].addr, 3.0)
                 return True
             except FAILURES:
                 return False
@@ -119,16 +131,18 @@ class SwarmModel:
         if not dead and isinstance(error, RemoteError) and error.peer:
             dead = [hop.peer_id for hop in route if hop.peer_id == error.peer]
         for pid in dead:
-            self.banned[pid] = time.monotonic() + self.ban_seconds
-            log.warning("banned peer %s for %.0f s after: %s", pid[-8:], self.ban_seconds, error)
+            self.banned[pid] = time.monotonic() + self.config.ban_seconds
+            log.warning("banned peer %s for %.0f s after: %s", pid[-8:], self.config.ban_seconds, error)
 
     # --- sessions ---------------------------------------------------------------------------------
     async def dial(self, addr: str):
-        """Open an inference stream to a route address (swarm.bench.wan.proxy's emulated WAN maps it to its own link)."""
+        """Open an inference stream to a route address (through the address map, where there is one)."""
+        if self.config.addresses is not None:
+            addr = self.config.addresses.dial_addr(addr)
         return await dial(self.node, addr)
 
     async def open_chain(self, max_length: int) -> ChainSession:
-        chain = ChainSession(self.dial, self.route, self.push, self.wire_dtype, self.timeout)
+        chain = ChainSession(self.dial, self.route, self.config)
         try:
             await chain.open(max_length)
         except BaseException:
@@ -140,10 +154,10 @@ class SwarmModel:
         """A step failed: ban dead peers, re-plan, open the new route and replay `history` into it."""
         await chain.close()
         failed = chain.route
-        for _ in range(self.max_failovers):
+        for _ in range(max(1, self.config.max_failovers)):
             await self._ban_failed(failed, error)
             self.failovers += 1
-            self.route = await self._plan()  # RemoteError("no_route") when nothing is left
+            self.route = await self._plan()  # NoRoute when nothing is left
             log.warning("failover %d: new route %s; replaying %d steps", self.failovers,
                         " -> ".join(map(str, self.route)), len(history))
             new = None
@@ -173,61 +187,59 @@ class SwarmModel:
         self.bg.close()
 
 
-class Abandoned(RuntimeError):
-    """A pipelined step that was in flight behind a failed one; send it again if still wanted."""
-
-
 class RemoteBlocks:
     """`RunBlocks` over the swarm for one generation; replays its history onto a new route on failure.
 
     Several steps may be in flight (pipelined speculation). If one fails, the oldest in-flight step
-    fails over and retries; the younger ones wait for it and retry on the new route in order (or raise
-    `Abandoned`, for the caller to re-send, when there is no new route to go to).
-    History holds completed steps only, in order, which is what the new route must replay.
+    fails over and retries; the younger ones wait for it and go again on the new route, in order (or,
+    when the route did not change, fail over themselves once they are the oldest). History holds
+    completed steps only, in order, which is what a new route must replay.
     """
+
+    overlaps = True  # steps run on the client's background loop while the caller drafts
 
     def __init__(self, model: SwarmModel, max_length: int):
         self.model, self.max_length = model, max_length
-        self.history: list[tuple[torch.Tensor, StepLayout, object]] = []
+        self.history: list[tuple[torch.Tensor, StepLayout]] = []
         self._inflight: list[int] = []
         self._sent = 0
         self._recovering: int | None = None  # the step failing over (it replays, then retries)
         self._held: set[int] = set()  # steps waiting to go strictly in order behind a failover
+        self._turn = asyncio.Condition()  # notified whenever a step leaves the in-flight list
         self.chain = model.bg.run(self._open())
 
     async def _open(self) -> ChainSession:
         try:
             return await self.model.open_chain(self.max_length)
         except FAILURES as e:
-            return await self.model.recover(ChainSession(None, self.model.route), e, self.max_length, [])
+            return await self.model.recover(ChainSession(None, self.model.route, self.model.config), e,
+                                            self.max_length, [])
 
-    def submit(self, hidden: torch.Tensor, layout: StepLayout, compact=None) -> Future:
+    def submit(self, hidden: torch.Tensor, layout: StepLayout) -> Future:
+        """Send one step; the future holds its output in the head's dtype."""
         self._sent += 1
         self._inflight.append(self._sent)
-        return asyncio.run_coroutine_threadsafe(self._step(self._sent, hidden, layout, compact), self.model.bg.loop)
+        return asyncio.run_coroutine_threadsafe(self._step(self._sent, hidden, layout), self.model.bg.loop)
 
-    def __call__(self, hidden: torch.Tensor, layout: StepLayout, compact=None) -> torch.Tensor:
-        return self.submit(hidden, layout, compact).result().to(self.model.head.embed_tokens.weight.dtype)
-
-    async def _step(self, number: int, hidden, layout, compact):
+    async def _step(self, number: int, hidden, layout) -> torch.Tensor:
+        attempt = 0
         try:
-            for attempt in range(self.model.max_failovers + 1):
+            while True:
                 if self._recovering not in (None, number) or self._held:
                     await self._wait_turn(number)  # a failover is under way: no step may overtake its retry
                 chain = self.chain
                 try:
-                    out = await chain.step(hidden, layout, compact)
-                    self.history.append((hidden, layout, compact))
-                    return out
+                    out = await chain.step(hidden, layout)
+                    self.history.append((hidden, layout))
+                    return out.to(self.model.head.embed_tokens.weight.dtype)
                 except FAILURES as e:
                     if number != self._inflight[0]:
-                        # an older step is failing over: let it finish, then go again on its new route, in order
+                        # an older step is failing over: let it finish, then go again, in order
                         await self._wait_turn(number)
-                        if self.chain is chain or attempt == self.model.max_failovers:
-                            raise Abandoned(f"step behind a failed one: {e}") from e
                         continue
-                    if attempt == self.model.max_failovers:
+                    if attempt == self.model.config.max_failovers:
                         raise
+                    attempt += 1
                     log.warning("step failed (%s); failing over", e)
                     self._recovering = number
                     self.chain = await self.model.recover(chain, e, self.max_length, self.history)
@@ -236,12 +248,14 @@ class RemoteBlocks:
             self._held.discard(number)
             if self._recovering == number:
                 self._recovering = None
+            async with self._turn:
+                self._turn.notify_all()
 
     async def _wait_turn(self, number: int) -> None:
         """Wait until every older step has finished (steps then go one by one, in order, until none waits)."""
         self._held.add(number)
-        while self._inflight[0] != number:
-            await asyncio.sleep(0.005)
+        async with self._turn:
+            await self._turn.wait_for(lambda: self._inflight[0] == number)
         self._held.discard(number)
 
     def close(self) -> None:

@@ -1,93 +1,35 @@
-"""Autoregressive generation, written against a `RunBlocks` callable so it does not care where the blocks run.
+"""Generation, top to bottom: `generate` decodes plainly or speculatively through any `Model`.
 
-`LocalModel` runs every block in this process; it is the reference every other mode (peers over the
-network, speculative decoding) is compared with, token for token. Knows nothing about the network.
+Plain decoding is gpt-fast's vocabulary: `prefill`, `decode_one_token`, `generate_tokens` (one step
+per token). With a draft model and a `SpecConfig`, `generate` runs `speculative_decode` instead.
+Either way the session is opened and closed here, and the output is the target's own.
+
+Knows `ModelHead` and `RunBlocks`; nothing of the network, peers, failover or tokenizers.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from dataclasses import replace
+from typing import Callable, Iterator
 
 import torch
-from tokenizers import Tokenizer
 
-from peer.model import BlockRange, Checkpoint, KVCache, ModelHead, StepLayout
-
+from peer.model import ModelHead, StepLayout
+from swarm.decode.round_policy import CostModel
 from swarm.decode.sampling import SamplingParams, sample
-
-
-class RunBlocks(Protocol):
-    """Runs hidden states [n, d] of a step through every block of the model, returns [n, d]."""
-
-    def __call__(self, hidden: torch.Tensor, layout: StepLayout) -> torch.Tensor: ...
-
-
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no tokenizer.json in {model_dir}; the client needs the model's tokenizer")
-    return Tokenizer.from_file(str(path))
-
-
-@dataclass
-class LocalModel:
-    """The whole model in one process: the head plus one BlockRange over every block."""
-
-    head: ModelHead
-    blocks: BlockRange
-    tokenizer: Tokenizer | None = None
-
-    @classmethod
-    def load(cls, model_dir: str | Path, dtype="float32", device="cpu") -> "LocalModel":
-        ckpt = Checkpoint(model_dir)
-        head = ckpt.load_head(dtype, device)
-        blocks = ckpt.load_blocks(0, ckpt.config.num_hidden_layers, dtype, device)
-        tok = load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
-        return cls(head, blocks, tok)
-
-    def session(self, max_length: int) -> "LocalSession":
-        return LocalSession(self.blocks, self.blocks.new_cache(max_length))
-
-
-@dataclass
-class LocalSession:
-    blocks: BlockRange
-    cache: KVCache
-
-    def __call__(self, hidden: torch.Tensor, layout: StepLayout, compact=None) -> torch.Tensor:
-        if compact is not None:  # keep only the accepted path of the previous tree step
-            self.cache.compact(*compact)
-        return self.blocks(hidden, self.cache, layout)
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
-    seconds: float = 0.0
-    stopped_by: str = "length"  # "length" or "eos"
-
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
+from swarm.decode.speculative import Drafter, SpecConfig, SpeculativeResult, speculative_decode
+from swarm.decode.target import GenerationResult, LocalModel, Model, RunBlocks, embed_step
 
 
 def prefill(head: ModelHead, run: RunBlocks, prompt: list[int]) -> torch.Tensor:
     """Run the prompt through the blocks; return the logits [vocab] of its last position."""
-    ids = torch.tensor(prompt, dtype=torch.long, device=head.embed_tokens.weight.device)
-    hidden = run(head.embed(ids), StepLayout(start=0, n=len(prompt)))
+    hidden = run.submit(embed_step(head, prompt), StepLayout(start=0, n=len(prompt))).result()
     return head.logits(hidden[-1:])[0]
 
 
 def decode_one_token(head: ModelHead, run: RunBlocks, token: int, position: int) -> torch.Tensor:
-    ids = torch.tensor([token], dtype=torch.long, device=head.embed_tokens.weight.device)
-    hidden = run(head.embed(ids), StepLayout(start=position, n=1))
+    hidden = run.submit(embed_step(head, [token]), StepLayout(start=position, n=1)).result()
     return head.logits(hidden)[0]
 
 
@@ -109,19 +51,46 @@ def generate_tokens(head: ModelHead, run: RunBlocks, prompt: list[int], max_new_
         position += 1
 
 
-def generate(model, prompt: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
-             seed: int = 0, stop_at_eos: bool = True,
-             on_token: Callable[[int], None] | None = None) -> GenerationResult:
-    """Plain decoding with a LocalModel or a SwarmModel (anything with .head and .session(max_length))."""
+def generate(model: Model, prompt: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), *,
+             draft: LocalModel | None = None, spec: SpecConfig | None = None, seed: int = 0,
+             stop_at_eos: bool = True, on_tokens: Callable[[list[int]], None] | None = None,
+             policy: CostModel | None = None) -> GenerationResult | SpeculativeResult:
+    """Decode `max_new_tokens` after `prompt` with a LocalModel or a SwarmModel.
+
+    Plain when `spec` is None; speculative with `draft` (same tokenizer as the model) otherwise, its
+    sampling parameters from `params` or `spec.params` (either; not two different ones). `policy`: the round policy an earlier generation left
+    (`result.policy`), so a conversation keeps what it learnt; `on_tokens` gets every committed batch."""
+    if spec is not None and draft is None:
+        raise ValueError("speculative decoding needs a draft model")
     eos = tuple(model.head.cfg.eos_token_ids) if stop_at_eos else ()
+    if spec is None:
+        return _plain(model, prompt, max_new_tokens, params, seed, eos, on_tokens)
+    if draft.head.cfg.vocab_size != model.head.cfg.vocab_size:
+        raise ValueError(f"the draft's vocabulary ({draft.head.cfg.vocab_size}) differs from the target's "
+                         f"({model.head.cfg.vocab_size}); they must share a tokenizer")
+    if spec.params != params:  # the sampling parameters may be given in either place, not two different ones
+        if spec.params != SamplingParams() and params != SamplingParams():
+            raise ValueError(f"sampling parameters given twice and different: {params} and {spec.params}")
+        spec = replace(spec, params=params if spec.params == SamplingParams() else spec.params)
+    length = len(prompt) + max_new_tokens + 2 * max(spec.k or 0, spec.k_max) * max(1, spec.tree_width) + 2
+    session = model.session(length)
+    try:
+        return speculative_decode(model.head, session, Drafter(draft, length), prompt, max_new_tokens, spec,
+                                  seed=seed, eos_ids=eos, on_tokens=on_tokens, policy=policy)
+    finally:
+        session.close()
+
+
+def _plain(model: Model, prompt: list[int], max_new_tokens: int, params: SamplingParams, seed: int, eos: tuple,
+           on_tokens) -> GenerationResult:
     result = GenerationResult(prompt_tokens=len(prompt))
     session = model.session(len(prompt) + max_new_tokens)
     t0 = time.perf_counter()
     try:
         for token in generate_tokens(model.head, session, prompt, max_new_tokens, params, seed, eos):
             result.tokens.append(token)
-            if on_token:
-                on_token(token)
+            if on_tokens:
+                on_tokens([token])
             if token in eos:
                 result.stopped_by = "eos"
     finally:

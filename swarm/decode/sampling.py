@@ -1,11 +1,14 @@
-"""Turning logits into tokens: greedy, temperature and nucleus (top-p) sampling.
+"""Turning logits into tokens: greedy, temperature and nucleus (top-p) sampling, and verifying drafts.
 
-`token_probs` is the distribution a sampler draws from; speculative verification compares the
-target's and the draft's versions of it, so both paths share this one definition.
+`token_probs` is the distribution a sampler draws from; speculative verification (`verify`, lossless
+rejection sampling; `verify_greedy_tree`) compares the target's and the draft's versions of it, so
+both paths share this one definition. Knows tensors of logits and token ids; nothing of models,
+caches, peers or tokenizers.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,3 +51,52 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return int(logits.argmax(-1))
     probs = token_probs(logits, params)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def verify(drafts: list[int], q: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None = None,
+           relaxed: float | None = None, soft: torch.Tensor | None = None) -> tuple[int, int]:
+    """(drafts accepted, the next token). p: target distributions [len(drafts)+1, vocab], q: draft's [len(drafts), vocab].
+    `soft`: the target's full softmax for `relaxed` to judge by where p is one-hot (greedy); default p.
+
+    Rejection sampling: accept draft x with probability min(1, p(x)/q(x)); at the first rejection
+    draw from norm(max(p - q, 0)); if all are accepted draw the extra token from p. One-hot p and q
+    (greedy) make this "accept while equal to the argmax, then the argmax".
+    """
+    for i, x in enumerate(drafts):
+        px, qx = float(p[i, x]), float(q[i, x])
+        if relaxed is not None and _relaxed_ok(p[i] if soft is None else soft[i], x, relaxed):
+            continue
+        if px >= qx or float(torch.rand((), generator=generator, device=p.device)) < px / qx:
+            continue
+        residual = (p[i] - q[i]).clamp_min(0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p is right
+            residual = p[i]
+        return i, _draw(residual / residual.sum(), generator)
+    return len(drafts), _draw(p[len(drafts)], generator)
+
+
+def _relaxed_ok(p: torch.Tensor, x: int, tau: float) -> bool:
+    """Accept x if p(x) >= max p * (1 - tau * H(p)/log V): strict where the target is sure (low entropy)."""
+    entropy = float(-(p * p.clamp_min(1e-12).log()).sum()) / math.log(p.numel())
+    return float(p[x]) >= float(p.max()) * (1 - tau * entropy)
+
+
+def _draw(probs: torch.Tensor, generator) -> int:
+    if float(probs.max()) >= 1.0:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def verify_greedy_tree(tokens: list[int], parents: list[int], argmax: list[int]) -> tuple[list[int], int]:
+    """Tree nodes (node 0 = the last committed token, tokens[i] its descendants with parents[i] into
+    the node list) and the target's argmax after every node: (accepted path of node indices starting
+    at 0, the next token)."""
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
+    path = [0]
+    while True:
+        nxt = [c for c in children.get(path[-1], []) if tokens[c] == argmax[path[-1]]]
+        if not nxt:
+            return path, argmax[path[-1]]
+        path.append(nxt[0])

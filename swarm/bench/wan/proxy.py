@@ -1,4 +1,4 @@
-"""An emulated WAN on one machine: user-space delay proxies between the client and the peers.
+"""The delay proxies of an emulated WAN: user-space links with delay, jitter and a bandwidth cap.
 
 This kernel has no `tc netem`, so latency is added in user space. A `DelayProxy` listens on a port of
 its own and forwards every connection to a target; each direction of each connection is a `Pipe`
@@ -10,18 +10,13 @@ so bytes are never reordered and a slow chunk holds back the ones behind it (as 
 bandwidth cap is a serialisation delay: a chunk of B bytes occupies the link for B / bandwidth, after
 the chunk before it has left.
 
-One proxy per directed link (source, destination), nodes being the client (index 0 of a latency
-matrix) and peers 1..n. A route names peer j by its link from peer j-1, which is what the client
-puts in peer j-1's NextHop; the client itself dials peer j through its own link (`swarm.bench.wan.client`
-maps one address to the other). So in push mode a step crosses client->p1, p1->p2, ..., pn->client,
-each with its own delay, and client-mediated mode crosses client<->pj for every j. The libp2p
-control plane (Info, DHT) is not delayed: it is off the per-token path.
+The proxies run in a child process (`python -m swarm.bench.wan.proxy proxy`, started by
+`ProxyProcess`), so the client's compute, which holds the GIL, never delays a forwarded byte.
 
-The proxies run in a child process (`python -m swarm.bench.wan.proxy proxy`), so the client's compute, which
-holds the GIL, never delays a forwarded byte.
-
-The proxies move bytes and know nothing of the protocol inside; `WanSwarm` asks each peer (Info) for
-its direct data port and puts a proxy in front of it for every link a chain uses.
+Knows bytes, sockets and clocks. Must not know the protocol inside the bytes, peers, the client, or
+anything beyond the standard library (the child process imports this module alone, never torch).
+Profiles and latency matrices are `swarm.bench.wan.links`'; which proxy sits on which link is
+`swarm.bench.wan.layout`'s; starting peers behind them is `swarm.bench.wan.swarm`'s.
 """
 
 from __future__ import annotations
@@ -38,13 +33,11 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 CHUNK = 64 * 1024
 
 
-# --- links and profiles ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Link:
     """One direction of a link: one-way delay and jitter (ms), bandwidth (Mbit/s, None = unlimited)."""
@@ -54,46 +47,6 @@ class Link:
     mbit_s: float | None = None
 
 
-@dataclass(frozen=True)
-class Profile:
-    """Where nodes sit: one-way delay between two nodes, by region. Node 0 is the client."""
-
-    name: str
-    delay_ms: float  # between nodes of different regions (or all nodes, with one region)
-    jitter_ms: float = 0.0
-    mbit_s: float | None = None
-    regions: tuple[int, ...] = ()  # region of node i (cycled); () = every node apart from every other
-    near_ms: float = 0.5  # between nodes of the same region
-
-    def link(self, src: int, dst: int) -> Link:
-        if self.regions and self.regions[src % len(self.regions)] == self.regions[dst % len(self.regions)]:
-            return Link(self.near_ms, self.jitter_ms * self.near_ms / self.delay_ms, self.mbit_s)
-        return Link(self.delay_ms, self.jitter_ms, self.mbit_s)
-
-    def matrix(self, n_peers: int) -> list[list[Link]]:
-        return [[self.link(s, d) for d in range(n_peers + 1)] for s in range(n_peers + 1)]
-
-
-PROFILES = {
-    "loopback": Profile("loopback", 0.0),
-    "lan": Profile("lan", 0.5, 0.05, 1000.0),
-    "metro": Profile("metro", 5.0, 0.5, 500.0),
-    "continental": Profile("continental", 25.0, 2.0, 100.0),
-    "intercontinental": Profile("intercontinental", 80.0, 5.0, 50.0),
-    # client in Europe; peers alternate US, Europe, US, ...: 40 ms across the Atlantic, 5 ms within a continent
-    "heterogeneous": Profile("heterogeneous", 40.0, 3.0, 100.0, regions=(0, 1), near_ms=5.0),
-}
-
-
-def load_matrix(path: str | Path, jitter_ms: float = 0.0, mbit_s: float | None = None) -> list[list[Link]]:
-    """A JSON latency matrix: one-way ms, [[client->client, client->p1, ...], [p1->client, ...], ...]."""
-    rows = json.loads(Path(path).read_text())
-    if not rows or any(len(r) != len(rows) for r in rows):
-        raise ValueError(f"{path}: a latency matrix must be square (client first, then each peer)")
-    return [[Link(float(ms), jitter_ms, mbit_s) for ms in row] for row in rows]
-
-
-# --- the proxy ------------------------------------------------------------------------------------
 class _Timer:
     """Wakes asyncio futures at precise times: a thread that sleeps on a condition (~0.1 ms late), where
     asyncio's own timers wait in whole milliseconds rounded up (a 0.5 ms sleep takes 1.1 ms)."""
@@ -265,94 +218,6 @@ class ProxyProcess:
             except (subprocess.TimeoutExpired, OSError):
                 self.proc.kill()
                 self.proc.wait()
-
-
-# --- an emulated swarm ----------------------------------------------------------------------------
-@dataclass
-class WanLayout:
-    """Proxy addresses of an emulated WAN: `to_peer[(src, j)]` reaches peer j (1-based) from node src."""
-
-    links: list[list[Link]]
-    to_peer: dict[tuple[int, int], str] = field(default_factory=dict)
-    direct: list[str] = field(default_factory=list)  # peers' own data addresses, in order
-
-    def route_addr(self, j: int) -> str:
-        """How the route names peer j: through its link from the node before it on the chain."""
-        return self.to_peer[(j - 1, j)]
-
-    def client_addr(self, addr: str) -> str:
-        """The client's own link to the peer that `addr` (a route address) reaches."""
-        for (src, j), a in self.to_peer.items():
-            if a == addr:
-                return self.to_peer[(0, j)]
-        return addr
-
-    def one_way_ms(self, src: int, dst: int) -> float:
-        return self.links[src][dst].delay_ms
-
-
-class WanSwarm:
-    """N `swarm peer` processes on 127.0.0.1, one span each, behind delay proxies for every link a
-    chain uses (client<->each peer, peer j-1 -> peer j). `model()` gives a client whose traffic
-    crosses them. Use as a context manager."""
-
-    def __init__(self, model_dir: str | Path, n_peers: int, links: list[list[Link]] | Profile | str,
-                 log_dir: str | Path | None = None, threads: int = 1):
-        from peer.model import Checkpoint
-
-        from swarm.launch import even_spans, start_peers
-
-        if isinstance(links, str):
-            links = PROFILES[links]
-        if isinstance(links, Profile):
-            links = links.matrix(n_peers)
-        if len(links) != n_peers + 1:
-            raise ValueError(f"the latency matrix has {len(links)} nodes; {n_peers} peers need {n_peers + 1}")
-        self.model_dir, self.links = str(model_dir), links
-        self.spans = even_spans(Checkpoint(model_dir).config.num_hidden_layers, n_peers)
-        self.peers = start_peers(model_dir, self.spans, threads=threads, log_dir=log_dir)
-        self.proxies = None
-        try:
-            self.layout = WanLayout(links, direct=self._data_addrs(self.initial_peers))
-            pairs = [(0, j) for j in range(1, n_peers + 1)] + [(j - 1, j) for j in range(2, n_peers + 1)]
-            spec = [dict(target=self.layout.direct[j - 1], up=asdict(links[s][j]), down=asdict(links[j][s]))
-                    for s, j in pairs]
-            self.proxies = ProxyProcess(spec)
-            self.layout.to_peer = {pair: f"tcp://127.0.0.1:{port}" for pair, port in zip(pairs, self.proxies.ports)}
-        except BaseException:
-            self.close()
-            raise
-
-    @staticmethod
-    def _data_addrs(maddrs: list[str]) -> list[str]:
-        from peer.transport import data_addrs
-
-        addrs = data_addrs(maddrs)
-        if not all(addrs):
-            raise RuntimeError("every emulated peer needs its direct data port (do not pass --no-direct)")
-        return addrs
-
-    @property
-    def initial_peers(self) -> list[str]:
-        return [p.addr for p in self.peers]
-
-    def model(self, **kwargs):
-        """A client (`swarm.bench.wan.client.WanSwarmModel`) whose data plane crosses this WAN's links."""
-        from swarm.bench.wan.client import WanSwarmModel
-
-        return WanSwarmModel(self.layout, self.model_dir, self.initial_peers, discovery=False, **kwargs)
-
-    def close(self) -> None:
-        if self.proxies is not None:
-            self.proxies.stop()
-        for p in self.peers:
-            p.stop()
-
-    def __enter__(self) -> "WanSwarm":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:

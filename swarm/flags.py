@@ -1,0 +1,129 @@
+"""Command-line flags shared by the `swarm` subcommands, and the objects they build.
+
+Each group of flags is declared once and turned into the library's own object: client flags into a
+`ClientConfig`, decoding flags into `SamplingParams` + `SpecConfig`, peer limits into `Limits` (the
+flags are generated from its fields, with the field comments as help). Defaults come from those
+objects; none is restated here. Knows argparse and the library's config objects; no policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+
+from swarm.bundled import default_draft, default_model
+from swarm.client.config import TRANSPORTS, WIRE_DTYPES, ClientConfig
+from swarm.decode.sampling import SamplingParams
+from swarm.decode.speculative import SpecConfig
+
+CLIENT = ClientConfig()
+SPEC = SpecConfig()
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def add_model_args(p, what: str = "Hugging Face model directory (config.json, *.safetensors, tokenizer.json)") -> None:
+    model = default_model()
+    p.add_argument("--model", default=model, required=model is None,
+                   help=what + (" [default: the bundled model]" if model else ""))
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores)")
+
+
+def add_client_args(p) -> None:
+    """How the client reaches the swarm: every field of `ClientConfig` a user may set."""
+    p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR",
+                   help="peers to start from (their 'listening on' multiaddrs, with /p2p/<peer id>)")
+    p.add_argument("--route", default=CLIENT.route,
+                   help="explicit chain PEER:A:B,PEER:B:C,... (PEER: a peer id or its unique end)")
+    p.add_argument("--no-dht", dest="discovery", action="store_false",
+                   help="use only the --initial-peers, do not look for more peers in the DHT")
+    p.add_argument("--no-push", dest="push", action="store_false",
+                   help="client-mediated: carry hidden states between peers through the client (2n hops)")
+    p.add_argument("--wire-dtype", default=CLIENT.wire_dtype, choices=WIRE_DTYPES,
+                   help="dtype of hidden states on the wire (float32 keeps outputs identical to --local)")
+    p.add_argument("--timeout", type=float, default=CLIENT.timeout, help="seconds to wait for a peer's answer")
+    p.add_argument("--transport", default=CLIENT.transport, choices=TRANSPORTS,
+                   help="carry inference traffic on peers' direct TCP ports (default, fastest) or on libp2p streams")
+    p.add_argument("--ban-seconds", type=float, default=CLIENT.ban_seconds,
+                   help="how long a peer that failed a step is left out of routes")
+    p.add_argument("--max-failovers", type=int, default=CLIENT.max_failovers,
+                   help="re-routes one step may try before giving up")
+    p.add_argument("--insecure", action="store_true",
+                   help="INSECURE, for benchmarks only: send hidden states and instructions in plaintext "
+                        "(sessions are sealed end to end by default)")
+
+
+def client_config(args) -> ClientConfig:
+    return ClientConfig(push=args.push, wire_dtype=args.wire_dtype, transport=args.transport, sealed=not args.insecure,
+                        timeout=args.timeout, ban_seconds=args.ban_seconds, max_failovers=args.max_failovers,
+                        discovery=args.discovery, route=args.route)
+
+
+def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
+    """Sampling and speculation: every field of `SamplingParams` and `SpecConfig` a user may set."""
+    draft = default_draft()
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_help or None)
+    p.add_argument("--temperature", type=float, default=SamplingParams().temperature, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=SamplingParams().top_p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draft", default=draft,
+                   help="draft model directory for speculative decoding" + (" [default: the bundled draft]" if draft else ""))
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                   help="draft locally, verify through the target [default: on through the swarm with a draft "
+                        "that fits the model, off with --local]")
+    p.add_argument("--k", type=int, default=SPEC.k, help="fixed draft length [default: adaptive]")
+    p.add_argument("--k-max", type=int, default=SPEC.k_max, help="longest draft the adaptive choice may pick")
+    p.add_argument("--tree", type=int, default=SPEC.tree_width, metavar="WIDTH",
+                   help="allow draft trees up to WIDTH candidates for the next token (greedy only: sampling falls back "
+                        "to chains); with adaptive k the cost model picks chain or tree, width and depth [default: 1, chains]")
+    p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=SPEC.pipeline,
+                   help="send the next round before this one's verdict, assuming full acceptance [default: the cost "
+                        "model decides per round from what pipelined rounds saved and cost: on over slow links, off on loopback]")
+    p.add_argument("--relaxed", type=float, default=SPEC.relaxed, metavar="TAU",
+                   help="LOSSY: also accept drafts close to the target's best (0 < TAU < 1); output may differ from the target's")
+
+
+def sampling_params(args) -> SamplingParams:
+    return SamplingParams(args.temperature, args.top_p)
+
+
+def spec_config(args) -> SpecConfig:
+    return SpecConfig(k=args.k, k_max=args.k_max, tree_width=args.tree, pipeline=args.pipeline, relaxed=args.relaxed,
+                      params=sampling_params(args))
+
+
+# --- peer limits, generated from the dataclass ----------------------------------------------------
+LIMIT_FLAGS = {"rate": "--max-rate"}  # fields whose flag is not simply --field-name
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The `# comment` after each field of a dataclass, read from its source: the flags' help."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            line = lines[node.lineno - 1]
+            if "#" in line:
+                out[node.target.id] = line.split("#", 1)[1].strip()
+    return out
+
+
+def add_dataclass_args(p, cls) -> None:
+    helps = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        flag = LIMIT_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        text = helps.get(f.name, "")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        else:
+            kind = int if f.type in (int, "int") else float
+            p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=text + " [default: %(default)s]")
+
+
+def dataclass_from_args(cls, args):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
