@@ -53,6 +53,8 @@ def parse_blocks(text: str) -> tuple[int, int]:
         a, b = (int(x) for x in text.split(":"))
     except ValueError:
         raise ValueError(f"--blocks wants START:END (end exclusive), got {text!r}") from None
+    if not 0 <= a < b:
+        raise ValueError(f"--blocks wants START:END with 0 <= START < END, got {text!r}")
     return a, b
 
 

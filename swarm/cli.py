@@ -19,8 +19,8 @@ from swarm import bundled
 from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: F401 - re-exported for scripts
 from swarm.decode.generate import generate
 from swarm.decode.target import LocalModel
-from swarm.flags import (add_client_args, add_dataclass_args, add_decode_args, add_model_args, client_config,
-                         dataclass_from_args, sampling_params, spec_config)
+from swarm.flags import (add_client_args, add_dataclass_args, add_decode_args, add_model_args, check_device,
+                         client_config, dataclass_from_args, positive, sampling_params, spec_config)
 from swarm.text import TextStream, load_tokenizer
 
 
@@ -38,10 +38,11 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def open_model(args, command: str):
+def open_model(args):
     """The target: every block in this process (--local), or a client of the swarm."""
+    check_device(args.device)
     if args.local == bool(args.initial_peers):
-        raise SystemExit(f"swarm {command}: give either --local or --initial-peers MULTIADDR "
+        raise ValueError("give either --local or --initial-peers MULTIADDR "
                          "(a peer's 'listening on' line)")
     if args.local:
         return LocalModel.load(args.model, args.dtype, args.device)
@@ -60,7 +61,7 @@ def open_draft(args, command: str) -> LocalModel | None:
     if not on:
         return None
     if not args.draft:
-        raise SystemExit(f"swarm {command}: --speculative needs --draft DIR")
+        raise ValueError("--speculative needs --draft DIR")
     if args.relaxed is not None:
         print(f"WARNING: --relaxed {args.relaxed} is lossy: the output may differ from the target model's own",
               file=sys.stderr)
@@ -68,11 +69,9 @@ def open_draft(args, command: str) -> LocalModel | None:
 
 
 def cmd_generate(args) -> int:
-    if args.max_new_tokens < 1:
-        raise SystemExit("swarm generate: --max-new-tokens must be at least 1")
     set_threads(args.threads)
     t0 = time.perf_counter()
-    model = open_model(args, "generate")
+    model = open_model(args)
     try:
         return _generate(args, model, time.perf_counter() - t0)
     finally:
@@ -86,7 +85,7 @@ def _generate(args, model, load_seconds: float) -> int:
     if not prompt and model.head.cfg.bos_token_id is not None:
         prompt = [model.head.cfg.bos_token_id]
     if not prompt:
-        raise SystemExit("swarm generate: the prompt is empty after tokenization")
+        raise ValueError("the prompt is empty after tokenization")
     draft = open_draft(args, "generate")
     spec = spec_config(args) if draft is not None else None
     if not args.json:
@@ -125,7 +124,7 @@ def add_peer_parser(sub) -> None:
                                    "inference sessions over libp2p until stopped (Ctrl-C).")
     add_model_args(p, "Hugging Face model directory")
     p.add_argument("--blocks", help="START:END, end exclusive (e.g. 0:4) [default: where the swarm is weakest]")
-    p.add_argument("--num-blocks", type=int, help="how many blocks to take when choosing [default: what fits in memory]")
+    p.add_argument("--num-blocks", type=positive(), help="how many blocks to take when choosing [default: what fits in memory]")
     p.add_argument("--listen", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MULTIADDR",
                    help="where to listen [default: /ip4/127.0.0.1/tcp/0; use /ip4/0.0.0.0/tcp/PORT to be reachable]")
     p.add_argument("--identity", help="key file; created on first use, same peer id on every restart")
@@ -150,6 +149,7 @@ def cmd_peer(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.verbose:  # libp2p logs every failed dial to a departed peer at ERROR
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    check_device(args.device)
     opts = PeerOptions(args.model, parse_blocks(args.blocks) if args.blocks else None, args.num_blocks, args.listen,
                        args.identity, args.initial_peers, args.device, args.dtype, dataclass_from_args(Limits, args),
                        args.threads, args.direct, args.data_port, args.record_ttl)
@@ -185,8 +185,9 @@ def _chat(args, model) -> int:
 
     draft = open_draft(args, args.command)
     chat = Chat(model, load_tokenizer(args.model), draft, spec_config(args), sampling_params(args), args.max_new_tokens)
-    if args.prompt or not sys.stdin.isatty():
-        run_scripted(chat, args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()])
+    if args.prompt or not sys.stdin.isatty():  # prompts given, or piped in (a demo with no input answers one)
+        prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        run_scripted(chat, prompts or (["def fibonacci(n):"] if args.command == "demo" else []))
     else:
         run_interactive(chat)
     return 0
@@ -208,7 +209,7 @@ def add_chat_parser(sub) -> None:
 
 def cmd_chat(args) -> int:
     set_threads(args.threads)
-    model = open_model(args, "chat")
+    model = open_model(args)
     try:
         return _chat(args, model)
     finally:
@@ -220,7 +221,7 @@ def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="start a local swarm of three peers on the bundled model, then chat",
                        description="Starts three `swarm peer` processes on 127.0.0.1 (each a third of the model's "
                                    "blocks, stopped on exit), then a chat through them.")
-    p.add_argument("--peers", type=int, default=3)
+    p.add_argument("--peers", type=positive(), default=3, help="how many local peers to start [default: 3]")
     add_model_args(p, "model directory")
     add_client_args(p)
     _add_chat_args(p)
@@ -245,8 +246,6 @@ def cmd_demo(args) -> int:
         model = SwarmModel(args.model, [peers[0].addr] + args.initial_peers, client_config(args), args.dtype,
                            args.device)
         try:
-            if not args.prompt and not sys.stdin.isatty():
-                args.prompt = ["def fibonacci(n):"]
             return _chat(args, model)
         finally:
             model.close()
@@ -300,9 +299,17 @@ def add_simulate_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Flag mistakes get one line (and exit code 2), not the whole usage block: `--help` has that."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="swarm", description="specswarm: LLM inference over a swarm of peers "
+    parser = OneLineParser(prog="swarm", description="specswarm: LLM inference over a swarm of peers "
                                                                "with distributed speculative decoding")
+    parser.add_argument("--version", action="version", version=f"specswarm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_peer_parser(sub)
@@ -325,6 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, CacheError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         print(f"swarm {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("specswarm")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 if __name__ == "__main__":

@@ -24,13 +24,39 @@ SPEC = SpecConfig()
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
+def positive(kind=int):
+    """An argparse type: a number of `kind` that must be at least 1 (one clear line otherwise)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def check_device(device: str) -> None:
+    """A device this torch can use, or one line that says why not and what to do."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) is {build} and sees no GPU; "
+                         "use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device wants cpu, cuda or cuda:N, got {device!r}")
+
+
 def add_model_args(p, what: str = "Hugging Face model directory (config.json, *.safetensors, tokenizer.json)") -> None:
     model = default_model()
     p.add_argument("--model", default=model, required=model is None,
                    help=what + (" [default: the bundled model]" if model else ""))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores)")
+    p.add_argument("--threads", type=positive(), default=None, help="torch CPU threads (default: half the cores)")
 
 
 def add_client_args(p) -> None:
@@ -66,7 +92,8 @@ def client_config(args) -> ClientConfig:
 def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
     """Sampling and speculation: every field of `SamplingParams` and `SpecConfig` a user may set."""
     draft = default_draft()
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_help or None)
+    p.add_argument("--max-new-tokens", type=positive(), default=max_new_tokens,
+                   help=(max_new_help or "tokens to generate") + " [default: %(default)s]")
     p.add_argument("--temperature", type=float, default=SamplingParams().temperature, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=SamplingParams().top_p)
     p.add_argument("--seed", type=int, default=0)
@@ -75,9 +102,9 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
                    help="draft locally, verify through the target [default: on through the swarm with a draft "
                         "that fits the model, off with --local]")
-    p.add_argument("--k", type=int, default=SPEC.k, help="fixed draft length [default: adaptive]")
-    p.add_argument("--k-max", type=int, default=SPEC.k_max, help="longest draft the adaptive choice may pick")
-    p.add_argument("--tree", type=int, default=SPEC.tree_width, metavar="WIDTH",
+    p.add_argument("--k", type=positive(), default=SPEC.k, help="fixed draft length [default: adaptive]")
+    p.add_argument("--k-max", type=positive(), default=SPEC.k_max, help="longest draft the adaptive choice may pick")
+    p.add_argument("--tree", type=positive(), default=SPEC.tree_width, metavar="WIDTH",
                    help="allow draft trees up to WIDTH candidates for the next token (greedy only: sampling falls back "
                         "to chains); with adaptive k the cost model picks chain or tree, width and depth [default: 1, chains]")
     p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=SPEC.pipeline,

@@ -2,6 +2,10 @@
 
 import argparse
 import dataclasses
+import subprocess
+import sys
+
+import pytest
 
 from peer.limits import Limits
 from swarm import cli
@@ -47,3 +51,43 @@ def test_peer_flags_are_generated_from_limits():
                                                                      require_encryption=True)
     assert len([a for a in p._actions if a.dest in {f.name for f in dataclasses.fields(Limits)}]) == \
         len(dataclasses.fields(Limits))
+
+
+BAD = [  # (arguments, what the one line must mention)
+    (["generate", "--local", "--prompt", "x", "--k", "0"], "--k"),
+    (["generate", "--local", "--prompt", "x", "--k", "-1"], "--k"),
+    (["generate", "--local", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "--local", "--prompt", "x", "--top-p", "2"], "top_p"),
+    (["generate", "--local", "--prompt", "x", "--threads", "0"], "--threads"),
+    (["generate", "--prompt", "x"], "--initial-peers"),
+    (["chat", "--local", "--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["demo", "--peers", "0"], "--peers"),
+    (["peer", "--num-blocks", "0"], "--num-blocks"),
+    (["peer", "--blocks", "3:2"], "--blocks"),
+    (["peer", "--max-sessions", "0"], "max-sessions"),
+    (["peer", "--device", "tpu"], "--device"),
+]
+
+
+@pytest.mark.parametrize("argv,mentions", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_flags_get_one_line_and_exit_2(argv, mentions):
+    out = subprocess.run([sys.executable, "-m", "swarm.cli", *argv], capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and mentions in lines[0] and "error" in lines[0], out.stderr
+
+
+def test_cuda_without_cuda_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--local", "--prompt", "x", "--device", "cuda"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "CUDA" in out.stderr, out.stderr
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "swarm.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("specswarm ")
