@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the loop's round record, read here by attribute only
-    from swarm.decode.speculative import Round
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +29,19 @@ class RoundPlan:
     @property
     def tree(self) -> bool:
         return self.width > 1
+
+
+class RoundRecord(Protocol):
+    """What the policy reads of a finished round (the loop's `speculative.Round` has these)."""
+
+    ids: list[int]  # the tokens sent: the last committed one, then the drafts
+    drafts: list[int]
+    parents: list[int] | None  # a tree's parent indices; None for a chain
+    depth: int
+    confidences: list[float]
+    top: list[list[int]]
+    draft_seconds: float
+    draft_first: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +314,7 @@ class CostModel:
         p_all = math.prod(self.alpha(c) for c in confidences)
         return overlaps and self.pipeline_pays(p_all, self.next_k(room))
 
-    def observe_round(self, rnd: "Round", accepted: int, extra: int, t: RoundTiming, ahead_kept: bool,
+    def observe_round(self, rnd: RoundRecord, accepted: int, extra: int, t: RoundTiming, ahead_kept: bool,
                       eos: bool) -> None:
         """What a verified round teaches: acceptance, calibration, verify and draft costs, and (after a
         pipelined hit or a thrown-away round) what pipelining saved or cost. `ahead_kept`: a round
