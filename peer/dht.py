@@ -19,6 +19,17 @@ Keys. A Kademlia value is one value per key (last writer wins), so no key has tw
   A provider key per block was rejected: py-libp2p silently drops the 11th ADD_PROVIDER one peer
   sends another within 10 s, so a server of many blocks would lose most of its announcements.
 
+Modes. A serving peer runs the DHT as a server (`SwarmDHT.start(..., server=True)`, the default): it
+answers Kademlia requests and sits in other nodes' routing tables. A client (`server=False`: a chat,
+a `swarm generate`, a `swarm status`) only looks records up: it runs py-libp2p's client mode (no KAD
+protocol handler, so identify does not list it) and no maintenance service (no routing-table
+refresh, no republishing), and servers keep it out of their routing tables, so it leaves nothing
+behind when it exits (a departed node in routing tables costs every later lookup failed dials).
+py-libp2p 0.8.1 alone does not do that last part: a server adds whoever opens a KAD stream to it,
+client-mode nodes included; our servers (`_ServerKadDHT`) add such a peer only once identify says
+that it offers the KAD protocol itself. The KAD handler is registered before the first dial, so
+that identify, which runs on every new connection, already lists it for a server.
+
 py-libp2p quirks handled (with a few private calls into its stores; pinned by libp2p<0.9):
   * get_value/find_providers answer from the local store whenever it has anything (a stale record,
     an old provider list) without asking the network: we ask the closest peers, and add our store.
@@ -50,6 +61,7 @@ from libp2p.kad_dht.common import BUCKET_SIZE, PROTOCOL_ID
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -59,6 +71,7 @@ from peer.record import MAX_TTL, NAMESPACE, STATES, PeerRecord, RecordError, pro
 log = logging.getLogger("specswarm.dht")
 EPOCH = 600.0  # provider keys change every EPOCH s: the same in the whole swarm, and >= any ttl
 RPC_TIMEOUT = 5.0  # per DHT request to one peer
+IDENTIFY_WAIT = 3.0  # how long a server waits for identify to say whether a new requester is a server too
 
 
 class _RecordValidator(Validator):
@@ -84,13 +97,42 @@ def _not_eof_warning(record: logging.LogRecord) -> bool:
                 and record.args and isinstance(record.args[0], StreamEOF))
 
 
-class SwarmDHT:
-    """Our records on a KadDHT (server mode) in `node`'s trio thread. `await SwarmDHT.start(...)`."""
+class _ServerKadDHT(KadDHT):
+    """A server-mode KadDHT whose routing table holds servers only. py-libp2p 0.8.1 adds every peer
+    that opens a KAD stream to it (`add_peer(..., skip_server_mode_check=True)`), assuming that whoever
+    asks is a server too: a client-mode node would stay in the table, and be handed to others as a
+    closer peer, long after it has gone. Here such a peer is added only if identify (which the host
+    runs on every new connection) lists the KAD protocol among its own."""
 
-    def __init__(self, node: P2PNode, ttl: float):
+    async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
+        if skip_server_mode_check and not await _offers_kad(self.host, peer_id):
+            return False
+        return await super().add_peer(peer_id, skip_server_mode_check=skip_server_mode_check)
+
+
+async def _offers_kad(host: Any, peer_id: ID, wait: float = IDENTIFY_WAIT) -> bool:
+    """Whether identify says `peer_id` serves the KAD protocol; waits up to `wait` s for identify to
+    answer (it starts when the connection opens); no answer by then counts as no."""
+    with trio.move_on_after(wait):
+        while True:
+            try:
+                protocols = host.get_peerstore().get_protocols(peer_id)
+            except PeerStoreError:
+                protocols = None
+            if protocols:
+                return str(PROTOCOL_ID) in protocols
+            await trio.sleep(0.02)
+    return False
+
+
+class SwarmDHT:
+    """Our records on a KadDHT in `node`'s trio thread: a server (publishes, answers others) or a
+    client (looks up only). `await SwarmDHT.start(...)`."""
+
+    def __init__(self, node: P2PNode, ttl: float, server: bool = True):
         if not 0 < ttl <= MAX_TTL:
             raise ValueError(f"ttl must be in (0, {MAX_TTL}] seconds, not {ttl}")
-        self.node, self.ttl = node, ttl
+        self.node, self.ttl, self.server = node, ttl, server
         self.dht: KadDHT | None = None  # trio thread only
         self._record: PeerRecord | None = None  # the latest announced, republished every ttl/2
         self._due = math.inf
@@ -98,10 +140,14 @@ class SwarmDHT:
         self._runner: asyncio.Future | None = None
 
     @classmethod
-    async def start(cls, node: P2PNode, bootstrap: Sequence[str] = (), ttl: float = 120.0) -> SwarmDHT:
-        """Run a KadDHT (server mode, strict validation) in `node`, joined through `bootstrap` multiaddrs."""
-        self = cls(node, ttl)
+    async def start(cls, node: P2PNode, bootstrap: Sequence[str] = (), ttl: float = 120.0, *,
+                    server: bool = True) -> SwarmDHT:
+        """Run a KadDHT (strict validation) in `node`, joined through `bootstrap` multiaddrs. `server`:
+        a serving peer's DHT (announces, answers requests, in others' routing tables); False: a
+        client's (finds records; py-libp2p's client mode, and no background maintenance)."""
+        self = cls(node, ttl, server)
         logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_not_eof_warning)
+        await node.run_trio(self._create_trio)  # before dialling: identify must already list our KAD protocol
         peers = []
         for addr in bootstrap:
             try:
@@ -110,9 +156,11 @@ class SwarmDHT:
                 log.warning("bootstrap peer unreachable: %s", exc)
         if bootstrap and not peers:
             raise ConnectionError(f"could not reach any bootstrap peer of {list(bootstrap)}")
-        await node.run_trio(self._setup_trio, peers)
-        self._runner = asyncio.ensure_future(node.run_trio(self._serve_trio))
-        log.info("DHT on %s started (%d bootstrap peers, ttl %.0f s)", node.peer_id, len(peers), ttl)
+        await node.run_trio(self._join_trio, peers)
+        if server:
+            self._runner = asyncio.ensure_future(node.run_trio(self._serve_trio))
+        log.info("DHT %s on %s started (%d bootstrap peers, ttl %.0f s)", "server" if server else "client",
+                 node.peer_id, len(peers), ttl)
         return self
 
     async def announce(self, record: PeerRecord) -> None:
@@ -121,6 +169,8 @@ class SwarmDHT:
         model publishes the previous model's record as "offline"."""
         if self._closed:
             raise RuntimeError("SwarmDHT is closed")
+        if not self.server:
+            raise RuntimeError("a client-mode SwarmDHT announces nothing (start it with server=True)")
         if record.peer_id not in ("", self.node.peer_id):
             raise ValueError(f"cannot announce a record of {record.peer_id} from {self.node.peer_id}")
         now = time.time()
@@ -157,7 +207,8 @@ class SwarmDHT:
         except (ConnectionError, asyncio.TimeoutError) as exc:  # our node is closed, or the swarm is gone
             log.warning("DHT on %s could not publish its final state: %r", self.node.peer_id, exc)
         try:
-            await self.node.run_trio(self._stop_trio)
+            if self.server:
+                await self.node.run_trio(self._stop_trio)
         except ConnectionError:
             pass  # the node is closed, and _serve_trio with it
         if self._runner is not None:
@@ -168,15 +219,22 @@ class SwarmDHT:
 
     # trio thread
 
-    async def _setup_trio(self, bootstrap_ids: list[str]) -> None:
-        self.dht = dht = KadDHT(self.node.host, DHTMode.SERVER, strict_validation=True)
-        dht.register_validator(NAMESPACE, _RecordValidator())
+    async def _create_trio(self) -> None:
+        if self.server:  # registers the KAD protocol's handler: what identify tells others
+            self.dht = _ServerKadDHT(self.node.host, DHTMode.SERVER, strict_validation=True)
+        else:
+            self.dht = KadDHT(self.node.host, DHTMode.CLIENT, strict_validation=True)
+        self.dht.register_validator(NAMESPACE, _RecordValidator())
         self._lock, self._stop = trio.Lock(), trio.Event()
-        for peer_id in bootstrap_ids:
-            await dht.add_peer(ID.from_base58(peer_id), skip_server_mode_check=True)
-        me = self.node.host.get_id()  # look ourselves up: fills our routing table, puts us in others'
-        for peer in await dht.peer_routing.find_closest_peers_network(me.to_bytes()):
-            await dht.add_peer(peer)
+
+    async def _join_trio(self, bootstrap_ids: list[str]) -> None:
+        table = self.dht.routing_table
+        for peer_id in bootstrap_ids:  # serving peers, by definition: no need to wait for identify
+            await table.add_peer(ID.from_base58(peer_id), skip_server_mode_check=True)
+        if self.server:  # look ourselves up: fills our routing table, puts us in others'
+            me = self.node.host.get_id()
+            for peer in await self.dht.peer_routing.find_closest_peers_network(me.to_bytes()):
+                await self.dht.add_peer(peer)
 
     async def _serve_trio(self) -> None:
         async with background_trio_service(self.dht), trio.open_nursery() as nursery:

@@ -1,11 +1,13 @@
-"""What one peer grants its clients, and the token bucket that paces each connection.
+"""What one peer grants its clients, the token bucket that paces each connection, and what the peer
+tells its operator about what it served and refused (`ServeStats`).
 
 Every field of `Limits` is a `swarm peer` flag (generated from this class; the comment after each
-field is its help text). Knows numbers and time; nothing of streams, messages or models.
+field is its help text). Knows numbers, time and log lines; nothing of streams, messages or models.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -54,3 +56,46 @@ class RateLimit:
         self.at = now
         self.tokens -= 1.0
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+class ServeStats:
+    """Cheap counters of what a peer served and refused, a one-line `summary()` of them, and one log line
+    per refused request: at most `lines` per reason every `window` seconds, the rest counted and reported
+    in one line when their window is over (so a hostile client cannot flood the log)."""
+
+    def __init__(self, log: logging.Logger, lines: int = 5, window: float = 60.0):
+        self.log, self.lines, self.window = log, lines, window
+        self.sessions_served = self.tokens_served = 0  # since start: sessions opened, positions computed
+        self.refused: dict[str, int] = {}  # reason code -> requests refused since start
+        self._quiet: dict[str, list] = {}  # reason code -> [its window's start, lines logged, lines held back]
+        self._period = (time.monotonic(), 0)  # when the summary period began, tokens_served then
+
+    def refuse(self, code: str, client: str, message: str) -> None:
+        """Count a refused request, and log it unless this reason already had its lines in this window."""
+        self.refused[code] = self.refused.get(code, 0) + 1
+        now = time.monotonic()
+        self._flush(now, only=code)
+        quiet = self._quiet.setdefault(code, [now, 0, 0])
+        quiet[1 if quiet[1] < self.lines else 2] += 1
+        if not quiet[2]:
+            self.log.info("refused a request from %s [%s]: %s", client, code, " ".join(str(message).split())[:300])
+
+    def _flush(self, now: float, only: str | None = None, final: bool = False) -> None:
+        """Report the refusals held back in windows that are over (all of them if `final`)."""
+        for code, (start, _, held) in list(self._quiet.items()):
+            if (only is None or code == only) and (final or now - start >= self.window):
+                del self._quiet[code]
+                if held:
+                    self.log.info("(%d more requests refused [%s] in the last %.0f s, not logged one by one)",
+                                  held, code, now - start)
+
+    def summary(self, sessions_open: int, free_tokens: int, cache_tokens: int, final: bool = False) -> str:
+        """One line about the period since the last summary (and since start); starts a new period."""
+        now = time.monotonic()
+        self._flush(now, final=final)
+        (since, tokens_then), self._period = self._period, (now, self.tokens_served)
+        rate = (self.tokens_served - tokens_then) / max(now - since, 1e-6)
+        refused = ", ".join(f"{code} {n}" for code, n in sorted(self.refused.items()))
+        return (f"sessions: {sessions_open} open, {self.sessions_served} served; tokens: {self.tokens_served} served, "
+                f"{rate:.1f}/s over the last {now - since:.0f} s; cache: {free_tokens} of {cache_tokens} tokens free; "
+                f"refused: {sum(self.refused.values())} requests" + (f" ({refused})" if refused else ""))

@@ -4,10 +4,11 @@ py-libp2p runs on trio. Each `P2PNode` runs its own trio loop in a dedicated thr
 (`peer.trio_thread`), and every operation crosses over once, coarsely: a whole frame per
 `send`/`recv`, never one read at a time.
 
-It knows peer identities (Ed25519 key files), dialling and reusing connections (one per peer),
-streams by protocol name, and length-prefixed frames (`protocol.framing`). It knows nothing about
-models, sessions, routing, or what is inside a frame. Keep connections and streams open: a dial
-costs ~10-30 ms and a new stream ~3 ms (protocol negotiation), a frame on an open stream ~1-2 ms.
+It knows peer identities (Ed25519 key files), the addresses it listens on and announces (never a
+wildcard), dialling and reusing connections (one per peer), streams by protocol name, and
+length-prefixed frames (`protocol.framing`). It knows nothing about models, sessions, routing, or
+what is inside a frame. Keep connections and streams open: a dial costs ~10-30 ms and a new stream
+~3 ms (protocol negotiation), a frame on an open stream ~1-2 ms.
 
 Errors: `recv` raises EOFError when the remote closed the stream or the connection died,
 ConnectionResetError when the stream was reset, `framing.FrameTooLarge` from the header alone
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import math
 import socket
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import multiaddr
 import trio
@@ -48,6 +50,10 @@ log = logging.getLogger("specswarm.p2p")
 DEFAULT_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
 PEERSTORE_TTL = 24 * 3600  # seconds a dialled address is remembered (libp2p's connect() uses 120)
 Handler = Callable[["P2PStream"], Awaitable[None]]
+
+
+class ListenError(OSError):
+    """This node cannot listen where it was asked (the port is taken, or the address is not this machine's)."""
 
 
 def load_or_create_identity(path: str | Path | None) -> KeyPair:
@@ -93,8 +99,37 @@ def _bind_problem(maddr: str) -> str | None:
     return None
 
 
-def _concrete(addrs: list[Any]) -> list[str]:
-    """Listen addresses as peers can dial them: a wildcard (0.0.0.0, ::) becomes each interface's address."""
+def check_announce(announce: Sequence[str] = (), public_ip: str | None = None, peer_id: str | None = None) -> list[str]:
+    """The `announce` multiaddrs without their /p2p/ part, checked: each /ip4|ip6|dns*/HOST/tcp/PORT with a
+    concrete host and port (a /p2p/ part must name `peer_id`, when given); `public_ip` an IP address.
+    ValueError (one line) for anything else."""
+    out = []
+    for text in announce:
+        try:
+            ma = multiaddr.Multiaddr(text)
+            names = [p.name for p in ma.protocols()]
+            shape = names[0] in ("ip4", "ip6", "dns", "dns4", "dns6") and names[1:] in (["tcp"], ["tcp", "p2p"])
+            host, port = ma.value_for_protocol(names[0]), int(ma.value_for_protocol("tcp"))
+            wildcard = port == 0 or (names[0] in ("ip4", "ip6") and ipaddress.ip_address(host).is_unspecified)
+            if not shape or wildcard or (peer_id and len(names) == 3 and ma.value_for_protocol("p2p") != peer_id):
+                raise ValueError
+        except Exception:
+            raise ValueError(f"--announce wants the /ip4/HOST/tcp/PORT others dial (or /ip6, /dns4, /dns6; no "
+                             f"wildcard or port 0; /p2p/ only with this peer's id), got {text!r}") from None
+        out.append(f"/{names[0]}/{host}/tcp/{port}")
+    if public_ip is not None:
+        try:
+            if ipaddress.ip_address(public_ip).is_unspecified or ipaddress.ip_address(public_ip).is_multicast:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--public-ip wants the IP address others reach this machine at (e.g. 203.0.113.7), "
+                             f"got {public_ip!r}") from None
+    return out
+
+
+def _concrete(addrs: list[Any], announce: Sequence[str] = (), public_ip: str | None = None):
+    """(where it listens, as peers can dial it: a wildcard (0.0.0.0, ::) becomes each interface's address;
+    what to tell others: `announce` and each bound port on `public_ip`, else the former)."""
     out: list[str] = []
     for addr in addrs:
         text = str(addr)
@@ -104,7 +139,9 @@ def _concrete(addrs: list[Any]) -> list[str]:
             if text.startswith("/ip4/"):
                 candidates.append(text.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1))
         out += [c for c in candidates if c not in out]
-    return out
+    ports = [a.split("/")[4] for a in out if public_ip and a.split("/")[3] == "tcp"]
+    told = list(announce) + [f"/ip{6 if ':' in (public_ip or '') else 4}/{public_ip}/tcp/{p}" for p in ports]
+    return out, list(dict.fromkeys(told)) or out
 
 
 class P2PStream:
@@ -206,11 +243,14 @@ class P2PStream:
 class P2PNode(TrioThread):
     """A libp2p host in its own trio thread. Create with `await P2PNode.start(...)`, end with `close()`."""
 
-    def __init__(self, key_pair: KeyPair, max_frame: int):
+    def __init__(self, key_pair: KeyPair, max_frame: int, announce: Sequence[str] = (), public_ip: str | None = None):
         self.key_pair, self.max_frame = key_pair, max_frame
         self.frame_timeout: float | None = 30.0  # seconds from a frame's first byte to its last (slowloris)
         self.peer_id: str = str(ID.from_pubkey(key_pair.public_key))
-        self.addrs: list[str] = []  # full multiaddrs with /p2p/<peer id>, filled in by start()
+        self._announce, self._public_ip = check_announce(announce, public_ip, self.peer_id), public_ip
+        self._advertised: list[multiaddr.Multiaddr] = []  # what libp2p tells others (identify, DHT)
+        self.addrs: list[str] = []  # what others should dial: announced, else bound (full, with /p2p/<id>)
+        self.bound: list[str] = []  # where it listens, wildcards made concrete (full multiaddrs)
         self._handlers: dict[str, Handler] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -219,17 +259,20 @@ class P2PNode(TrioThread):
 
     @classmethod
     async def start(cls, identity: str | Path | None = None, listen: list[str] | None = None,
-                    max_frame: int = framing.DEFAULT_MAX_FRAME) -> P2PNode:
+                    max_frame: int = framing.DEFAULT_MAX_FRAME, announce: Sequence[str] = (),
+                    public_ip: str | None = None) -> P2PNode:
+        """Listen on `listen`; tell others `announce` and the bound ports on `public_ip` (else where it listens)."""
         listen = list(listen or DEFAULT_LISTEN)
         for problem in filter(None, map(_bind_problem, listen)):
-            raise OSError(problem)
-        node = cls(load_or_create_identity(identity), max_frame)
+            raise ListenError(problem)
+        node = cls(load_or_create_identity(identity), max_frame, announce, public_ip)
         try:
             await node._start_thread(f"p2p-trio-{node.peer_id[-6:]}", listen)
         except BaseException:
             await node.close()
             raise
-        log.info("peer %s listening on %s", node.peer_id, " ".join(node.addrs))
+        announced = "" if node.addrs == node.bound else f", announcing {' '.join(node.addrs)}"
+        log.info("peer %s listening on %s%s", node.peer_id, " ".join(node.bound), announced)
         return node
 
     async def connect(self, maddr: str) -> str:
@@ -281,7 +324,8 @@ class P2PNode(TrioThread):
             sec_opt={NOISE_ID: Noise(self.key_pair, noise_privkey=create_x25519_key_pair().private_key)},
             # One connection per peer; this also ends dial_peer's 250 ms happy-eyeballs wait on success.
             # No auto-connector: it redials every peer ever seen (departed clients too) to keep 50 open.
-            connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0))
+            connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
+            addrs_factory=lambda candidates: list(self._advertised or candidates))  # never 0.0.0.0
         async with host.run(listen_addrs=maddrs), trio.open_nursery() as nursery:
             self._nursery = nursery
             missing = [a for a in listen if str(multiaddr.Multiaddr(a)) not in host.get_network().listeners]
@@ -289,9 +333,11 @@ class P2PNode(TrioThread):
             for line in why:
                 log.error(line)
             if len(missing) == len(listen):
-                self._start_error = OSError(why[0])
+                self._start_error = ListenError(why[0])
                 return  # raised here, it would come out wrapped in exception groups
-            self.addrs = [f"{a}/p2p/{self.peer_id}" for a in _concrete(host.get_transport_addrs())]
+            bound, advertised = _concrete(host.get_transport_addrs(), self._announce, self._public_ip)
+            self._advertised = [multiaddr.Multiaddr(a) for a in advertised]
+            self.bound, self.addrs = ([f"{a}/p2p/{self.peer_id}" for a in addrs] for addrs in (bound, advertised))
             on_started()
             if not self._closed:  # close() ran while we were starting
                 await self._stop_event.wait()

@@ -3,13 +3,18 @@
 In order: start the libp2p node and the DHT (bootstrapping from --initial-peers); if no --blocks
 were given, measure this machine's block throughput (cached) and take the span the swarm is
 weakest on; announce it as "joining"; load the blocks; serve inference streams (libp2p and a direct
-TCP port); announce "online" and keep the record fresh (free cache, RTTs to the peers that serve
-the next blocks); on Ctrl-C or SIGTERM announce "offline" and leave.
+TCP port, both told to others on the addresses they dial: --announce / --public-ip, else the bound
+ones, never a wildcard); print them ('listening on ...'; a warning if only loopback); announce
+"online" and keep the record fresh (free cache, RTTs to the peers that serve the next blocks); log
+a summary line (sessions, tokens, refusals) every --summary-every seconds; on Ctrl-C or SIGTERM
+announce "offline", log a last summary and leave.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -21,22 +26,24 @@ import torch
 from peer import set_threads
 from peer.dht import SwarmDHT
 from peer.model import Checkpoint
-from peer.p2p import P2PNode
+from peer.p2p import DEFAULT_LISTEN, ListenError, P2PNode, check_announce
 from peer.record import PeerRecord
 from peer.limits import Limits
 from peer.server import BlockServer
 from peer.throughput import block_throughput, choose_blocks
-from peer.transport import INFERENCE_PROTOCOL, dial, fetch_info, listen_tcp
+from peer.transport import INFERENCE_PROTOCOL, dial, fetch_info, listen_tcp, parse_tcp_addr
 
 log = logging.getLogger("specswarm.peer")
 
 
 @dataclass
 class PeerOptions:
+    """How a volunteer runs; `swarm peer --help` says what each is. Checked when made (ValueError, one line)."""
+
     model: str
     blocks: tuple[int, int] | None = None  # None: choose where the swarm needs it
     num_blocks: int | None = None  # cap when choosing
-    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    listen: list[str] | None = None  # None: 127.0.0.1 on any port, or all interfaces on `port`
     identity: str | None = None
     initial_peers: list[str] = field(default_factory=list)
     device: str = "cpu"
@@ -44,8 +51,27 @@ class PeerOptions:
     limits: Limits = field(default_factory=Limits)
     threads: int | None = None
     direct: bool = True  # also accept inference streams on a direct TCP port (same host as libp2p)
-    data_port: int = 0
+    data_port: int | None = None  # None: port + 1 with `port`, else any
     record_ttl: float = 60.0
+    announce: list[str] = field(default_factory=list)  # multiaddrs others dial (instead of the bound ones)
+    public_ip: str | None = None  # announce the bound ports on this IP
+    port: int | None = None  # listen on /ip4/0.0.0.0/tcp/PORT, direct data port PORT + 1: stable addresses
+    summary_every: float = 60.0  # seconds between summary lines (0: only at shutdown)
+
+    def __post_init__(self):
+        if self.port is not None:
+            if not 0 < self.port < 65535:
+                raise ValueError(f"--port wants 1..65534 (the direct data port is PORT+1), got {self.port}")
+            if self.listen:
+                raise ValueError("give --port or --listen, not both (--port PORT is --listen /ip4/0.0.0.0/tcp/PORT)")
+            self.listen = [f"/ip4/0.0.0.0/tcp/{self.port}"]
+            self.data_port = self.port + 1 if self.data_port is None else self.data_port
+        self.listen, self.data_port = list(self.listen or DEFAULT_LISTEN), self.data_port or 0
+        if not 0 <= self.data_port < 65536:
+            raise ValueError(f"--data-port wants 0..65535, got {self.data_port}")
+        if self.summary_every < 0:
+            raise ValueError(f"--summary-every wants seconds >= 0, got {self.summary_every}")
+        check_announce(self.announce, self.public_ip)
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -100,9 +126,10 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
     set_threads(opts.threads)
     ckpt = Checkpoint(opts.model)
     cfg = ckpt.config
-    node = await P2PNode.start(opts.identity, opts.listen, max_frame=opts.limits.max_frame)
+    node = await P2PNode.start(opts.identity, opts.listen, opts.limits.max_frame, opts.announce, opts.public_ip)
     node.frame_timeout = opts.limits.frame_timeout or None
-    dht = tcp_server = reaper = server = None
+    dht = tcp_server = server = None
+    tasks: list[asyncio.Task] = []
     try:
         dht = await SwarmDHT.start(node, opts.initial_peers, ttl=opts.record_ttl)
         throughput = block_throughput(ckpt, opts.device, opts.dtype)
@@ -119,22 +146,16 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
                              name=node.peer_id, key_pair=node.key_pair)
         node.set_stream_handler(INFERENCE_PROTOCOL, lambda s: server.handle(s, s.remote_peer_id[-8:]))
         if opts.direct:
-            host = _host_of(node.addrs[0]) if node.addrs else "127.0.0.1"
-            tcp_server, server.data_addr = await listen_tcp(server.handle, host, opts.data_port, opts.limits.max_frame,
-                                                            opts.limits.frame_timeout or None)
-            log.info("direct inference streams on %s", server.data_addr)
+            tcp_server, server.data_addr = await listen_direct(server, node, opts)
         record.state, record.data_addr = "online", server.data_addr
         record.x25519 = server.static.public.hex()  # the signed record vouches for it too
         await dht.announce(record)
-        for addr in node.addrs:
-            print(f"listening on {addr}", flush=True)
-        reaper = asyncio.get_running_loop().create_task(server.expire_idle(min(5.0, opts.limits.session_timeout / 2)))
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-                pass
+        print_addresses(node)
+        loop = asyncio.get_running_loop()
+        tasks.append(loop.create_task(server.expire_idle(min(5.0, opts.limits.session_timeout / 2))))
+        if opts.summary_every > 0:
+            tasks.append(loop.create_task(summaries(server, opts.summary_every)))
+        stop = stop_on_signals()
         if ready is not None:
             ready.set()
         while not stop.is_set():  # refresh what the record says, a little more often than it expires
@@ -146,12 +167,67 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
                 await dht.announce(record)
     finally:
         log.info("shutting down: announcing offline and closing")
-        if reaper is not None:
-            reaper.cancel()
+        for task in tasks:
+            task.cancel()
         if tcp_server is not None:
             tcp_server.close()
         if server is not None:
+            log.info("summary: %s", server.summary(final=True))
             await server.close()
         if dht is not None:
             await dht.close("offline")
         await node.close()
+
+
+async def listen_direct(server: BlockServer, node: P2PNode, opts: PeerOptions):
+    """The direct inference port: bound where libp2p listens (all interfaces for 0.0.0.0), announced on
+    the host of the first address others are told. Returns (asyncio server, its tcp:// address)."""
+    bind = _host_of(opts.listen[0])
+    try:
+        tcp_server, bound = await listen_tcp(server.handle, bind, opts.data_port, opts.limits.max_frame,
+                                             opts.limits.frame_timeout or None)
+    except OSError as exc:
+        why = ("address in use (is another peer running? choose another --data-port or --port)"
+               if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc))
+        raise ListenError(f"could not listen on tcp://{bind}:{opts.data_port} for direct inference streams: {why}") \
+            from None
+    host, port = _host_of(node.addrs[0]) if node.addrs else bind, parse_tcp_addr(bound)[1]
+    data_addr = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+    log.info("direct inference streams on %s%s", data_addr, f" (bound to {bound})" if bound != data_addr else "")
+    return tcp_server, data_addr
+
+
+def print_addresses(node: P2PNode) -> None:
+    """The 'listening on' lines (what others dial: give one as --initial-peers), and a warning when
+    nobody else can."""
+    for addr in node.addrs:
+        print(f"listening on {addr}", flush=True)
+    loopback = set()
+    for addr in node.bound:
+        try:
+            ip = ipaddress.ip_address(_host_of(addr))
+        except ValueError:
+            return
+        if not ip.is_loopback:
+            return
+        loopback.add(str(ip))
+    if loopback:
+        log.warning("listening on %s only: other machines cannot reach this peer; use --port PORT (or --listen "
+                    "/ip4/0.0.0.0/tcp/PORT), and --public-ip / --announce behind NAT", ", ".join(sorted(loopback)))
+
+
+async def summaries(server: BlockServer, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        log.info("summary: %s", server.summary())
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by Ctrl-C or SIGTERM (when this is the main thread)."""
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+    return stop

@@ -31,7 +31,7 @@ from typing import Awaitable, Callable
 import torch
 
 from peer.channel import Channel, Stream
-from peer.limits import Limits, RateLimit
+from peer.limits import Limits, RateLimit, ServeStats
 from peer.model import BlockRange, CacheError, KVCache, StepLayout
 from protocol import crypto, sealing
 from protocol import messages as m
@@ -89,6 +89,7 @@ class BlockServer:
         self.max_elements = limits.max_step_tokens * blocks.cfg.hidden_size
         self.plain = sealing.Plain(self.max_elements)
         self.connections = 0
+        self.stats = ServeStats(log)  # sessions and tokens served, requests refused (and their log lines)
         self._seen_ephemeral: OrderedDict[bytes, None] = OrderedDict()  # handshakes this process accepted
         self.static = StaticKey()  # this process's X25519 key; the libp2p identity signs it
         self.identity = crypto.sign_static_key(key_pair, self.static.public) if key_pair is not None else (None, None)
@@ -107,8 +108,8 @@ class BlockServer:
         channel = Channel(stream, name, client or getattr(stream, "remote_peer_id", None) or
                           getattr(stream, "remote_host", None))
         if self.connections >= self.limits.max_connections:
-            await self._send(channel, self.plain, m.Error(ErrorCode.TOO_MANY_SESSIONS, f"this peer already serves "
-                                                          f"{self.connections} connections", peer=self.name))
+            await self._refuse(_Refusal(channel, self.plain), ErrorCode.TOO_MANY_SESSIONS,
+                               f"this peer already serves {self.connections} connections")
             await channel.close()
             return
         self.connections += 1
@@ -120,7 +121,7 @@ class BlockServer:
                 except (EOFError, ConnectionError, asyncio.IncompleteReadError, TimeoutError, asyncio.TimeoutError):
                     break
                 except FrameTooLarge as e:  # the stream's framing is lost: say why, then hang up
-                    await self._send(channel, self.plain, m.Error(ErrorCode.BAD_REQUEST, str(e), peer=self.name))
+                    await self._refuse(_Refusal(channel, self.plain), ErrorCode.BAD_REQUEST, str(e))
                     break
                 wait = rate.delay()
                 if wait > 0:  # over its rate: stop reading this connection for a while (backpressure)
@@ -146,12 +147,13 @@ class BlockServer:
                     self.static.public.hex() if sig else None, sig, public_key))
             elif isinstance(msg, m.Open):
                 await self._open(channel, msg, codec)
+                self.stats.sessions_served += 1  # (_open raises if it refuses)
             elif isinstance(msg, m.Close):
                 self._drop(msg.session, "closed by its client")
             else:  # a Step (_receive lets nothing else through)
                 await self._step(session, msg, onion)
         except (ProtocolError, CacheError) as e:
-            await self._refuse(refusal, getattr(e, "code", ErrorCode.BAD_STEP), str(e), crypto.is_envelope(data))
+            await self._refuse(refusal, getattr(e, "code", ErrorCode.BAD_STEP), str(e))
         except Exception as e:  # noqa: BLE001
             log.exception("internal error while serving %s", channel.name)
             await self._refuse(refusal, ErrorCode.INTERNAL, f"internal error: {e}")
@@ -229,16 +231,15 @@ class BlockServer:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "only the stream that opened a session may close it")
         return msg, onion, self.plain, session
 
-    async def _refuse(self, refusal: _Refusal, code: str, message: str, sealed_frame: bool = False) -> None:
+    async def _refuse(self, refusal: _Refusal, code: str, message: str) -> None:
         """Errors about a session (from a frame that proved it is about it) go to its owner; anything
-        else to the sender."""
+        else to the sender. Each is counted and logged (`ServeStats.refuse`: a few lines per reason a minute)."""
+        self.stats.refuse(code, refusal.channel.name, message)
         msg = m.Error(code, message, refusal.session_id, refusal.step_id, peer=self.name)
         session = refusal.session
         if session is not None and self.sessions.get(session.id) is session:
             await self._send(session.owner, session.codec, msg)
             return
-        if sealed_frame and not refusal.codec.sealed:
-            log.info("refused a sealed frame from %s: %s", refusal.channel.name, message)
         await self._send(refusal.channel, refusal.codec, msg)
 
     async def _send(self, channel: Channel, codec: Codec, msg) -> None:
@@ -254,6 +255,10 @@ class BlockServer:
                                 f"{self.blocks.end}), which do not include {list(msg.blocks)}")
         if msg.session in self.sessions:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "session id already in use")
+        context = self.blocks.cfg.max_position_embeddings  # no session runs past it (ContextTooLong)
+        if msg.max_length > context:
+            raise ProtocolError(ErrorCode.TOO_LONG, f"a session of {msg.max_length} tokens is past this model's "
+                                f"context ({msg.max_length} > {context})")
         if len(self.sessions) >= self.limits.max_sessions:
             raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS, f"this peer already serves {len(self.sessions)} sessions")
         mine = sum(1 for s in self.sessions.values() if s.owner.client == channel.client)
@@ -295,11 +300,16 @@ class BlockServer:
         if (session.sealed and session.next is not None) != bool(len(onion)):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "an onion layer for the next hop is needed in sealed push "
                                 "mode, and only there")
+        end = msg.start + hidden.shape[0]
+        if end > session.cache.max_length:  # a client bug, not this peer's failure: no failover will help
+            raise ProtocolError(ErrorCode.TOO_LONG, f"a step needing {end} positions is past this "
+                                f"session's length ({end} > {session.cache.max_length})")
         compact = (msg.compact[0], tuple(msg.compact[1])) if msg.compact is not None else None
         layout = StepLayout(msg.start, hidden.shape[0], tuple(msg.parents) if msg.parents is not None else None,
                             compact)
         with torch.inference_mode():
             out = session.blocks(hidden.to(self.blocks.device), session.cache, layout)
+        self.stats.tokens_served += hidden.shape[0]
         nxt = session.next
         if nxt is None:
             await self._send(session.owner, session.codec, m.Result(session.id, msg.step, out, session.wire_dtype))
@@ -354,6 +364,10 @@ class BlockServer:
             for s in list(self.sessions.values()):
                 if now - s.last_used > self.limits.session_timeout:
                     self._drop(s.id, f"expired after {self.limits.session_timeout:.0f} s idle")
+
+    def summary(self, final: bool = False) -> str:
+        """One line for the operator: sessions, tokens served and their rate, free cache, refusals."""
+        return self.stats.summary(len(self.sessions), self.free_tokens, self.limits.cache_tokens, final)
 
     async def close(self) -> None:
         for link in list(self.links.values()):

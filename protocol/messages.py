@@ -36,6 +36,7 @@ class ErrorCode:
     CACHE_FULL = "cache_full"
     BAD_STEP = "bad_step"
     TOO_MANY_SESSIONS = "too_many_sessions"
+    TOO_LONG = "too_long"  # past the model's context or the session's length; the message ends "(N > M)"
     NEXT_HOP = "next_hop_failed"
     INTERNAL = "internal"
     BAD_SEAL = "bad_seal"  # a sealed frame failed authentication or is malformed
@@ -345,9 +346,8 @@ class Error:
 
     @classmethod
     def parse(cls, h, tensor):
-        session = _session(h) if h.get("session") is not None else None
-        return cls(_str(h, "code", 64), _str(h, "message", 4096), session, _int(h, "step", optional=True),
-                   _str(h, "peer", 256, optional=True))
+        return cls(_str(h, "code", 64), _str(h, "message", 4096), _session(h) if h.get("session") is not None
+                   else None, _int(h, "step", optional=True), _str(h, "peer", 256, optional=True))
 
 
 MESSAGES = {cls.KIND: cls for cls in (Info, InfoReply, Open, Opened, Step, Result, Close, Error, Control)}

@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import textwrap
 
+from swarm.argtypes import fraction, non_negative, positive
 from swarm.bundled import default_draft, default_model
 from swarm.client.config import TRANSPORTS, WIRE_DTYPES, ClientConfig
 from swarm.decode.sampling import SamplingParams
@@ -22,20 +23,6 @@ from swarm.decode.speculative import SpecConfig
 CLIENT = ClientConfig()
 SPEC = SpecConfig()
 DTYPES = ["float32", "bfloat16", "float16"]
-
-
-def positive(kind=int):
-    """An argparse type: a number of `kind` that must be at least 1 (one clear line otherwise)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
 
 
 def check_device(device: str) -> None:
@@ -55,7 +42,8 @@ def add_model_args(p, what: str = "Hugging Face model directory (config.json, *.
     p.add_argument("--model", default=model, required=model is None,
                    help=what + (" [default: the bundled model]" if model else ""))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights and activations; bfloat16/float16 halve memory (float32 is the exact reference)")
     p.add_argument("--threads", type=positive(), default=None, help="torch CPU threads (default: half the cores)")
 
 
@@ -71,12 +59,13 @@ def add_client_args(p) -> None:
                    help="client-mediated: carry hidden states between peers through the client (2n hops)")
     p.add_argument("--wire-dtype", default=CLIENT.wire_dtype, choices=WIRE_DTYPES,
                    help="dtype of hidden states on the wire (float32 keeps outputs identical to --local)")
-    p.add_argument("--timeout", type=float, default=CLIENT.timeout, help="seconds to wait for a peer's answer")
+    p.add_argument("--timeout", type=positive(float), default=CLIENT.timeout,
+                   help="seconds to wait for a peer's answer [default: %(default)s]")
     p.add_argument("--transport", default=CLIENT.transport, choices=TRANSPORTS,
                    help="carry inference traffic on peers' direct TCP ports (default, fastest) or on libp2p streams")
-    p.add_argument("--ban-seconds", type=float, default=CLIENT.ban_seconds,
+    p.add_argument("--ban-seconds", type=non_negative(), default=CLIENT.ban_seconds,
                    help="how long a peer that failed a step is left out of routes")
-    p.add_argument("--max-failovers", type=int, default=CLIENT.max_failovers,
+    p.add_argument("--max-failovers", type=non_negative(int), default=CLIENT.max_failovers,
                    help="re-routes one step may try before giving up")
     p.add_argument("--insecure", action="store_true",
                    help="INSECURE, for benchmarks only: send hidden states and instructions in plaintext "
@@ -94,9 +83,11 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
     draft = default_draft()
     p.add_argument("--max-new-tokens", type=positive(), default=max_new_tokens,
                    help=(max_new_help or "tokens to generate") + " [default: %(default)s]")
-    p.add_argument("--temperature", type=float, default=SamplingParams().temperature, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=SamplingParams().top_p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=non_negative(), default=SamplingParams().temperature,
+                   help="0 = greedy (default); higher samples more freely")
+    p.add_argument("--top-p", type=fraction(), default=SamplingParams().top_p,
+                   help="sample from the smallest set of tokens whose probabilities add up to P [default: %(default)s]")
+    p.add_argument("--seed", type=int, default=0, help="random seed of sampling (same seed, same text) [default: 0]")
     p.add_argument("--draft", default=draft,
                    help="draft model directory for speculative decoding" + (" [default: the bundled draft]" if draft else ""))
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
@@ -110,7 +101,7 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
     p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=SPEC.pipeline,
                    help="send the next round before this one's verdict, assuming full acceptance [default: the cost "
                         "model decides per round from what pipelined rounds saved and cost: on over slow links, off on loopback]")
-    p.add_argument("--relaxed", type=float, default=SPEC.relaxed, metavar="TAU",
+    p.add_argument("--relaxed", type=fraction(open_high=True), default=SPEC.relaxed, metavar="TAU",
                    help="LOSSY: also accept drafts close to the target's best (0 < TAU < 1); output may differ from the target's")
 
 

@@ -14,12 +14,9 @@ from swarm.flags import client_config, dataclass_from_args
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    for add in (cli.add_generate_parser, cli.add_peer_parser, cli.add_chat_parser, cli.add_demo_parser,
-                cli.add_measure_parser):
-        add(sub)
-    return sub.choices
+    """Every `swarm` subcommand's parser, by name."""
+    top = cli.build_parser()
+    return next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
 def options(p: argparse.ArgumentParser) -> set[str]:
@@ -53,17 +50,9 @@ def test_peer_flags_are_generated_from_limits():
         len(dataclasses.fields(Limits))
 
 
-BAD = [  # (arguments, what the one line must mention)
+BAD = [  # (arguments, what the one line must mention): whole runs of the CLI, checks past the parser
     (["generate", "--local", "--prompt", "x", "--k", "0"], "--k"),
-    (["generate", "--local", "--prompt", "x", "--k", "-1"], "--k"),
-    (["generate", "--local", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["generate", "--local", "--prompt", "x", "--top-p", "2"], "top_p"),
-    (["generate", "--local", "--prompt", "x", "--threads", "0"], "--threads"),
     (["generate", "--prompt", "x"], "--initial-peers"),
-    (["chat", "--local", "--max-new-tokens", "-5"], "--max-new-tokens"),
-    (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["demo", "--peers", "0"], "--peers"),
-    (["peer", "--num-blocks", "0"], "--num-blocks"),
     (["peer", "--blocks", "3:2"], "--blocks"),
     (["peer", "--max-sessions", "0"], "max-sessions"),
     (["peer", "--device", "tpu"], "--device"),
@@ -86,6 +75,50 @@ def test_cuda_without_cuda_is_one_line():
     out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--local", "--prompt", "x", "--device", "cuda"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "CUDA" in out.stderr, out.stderr
+
+
+def test_every_flag_has_help_and_help_names_the_exit_codes():
+    missing = [f"{name} {a.option_strings[0]}" for name, p in parsers().items() for a in p._actions
+               if a.option_strings and not a.help and a.dest != "help"]
+    assert not missing, f"flags without help text: {missing}"
+    for name, p in parsers().items():
+        text = p.format_help()
+        assert "exit codes:" in text and "2  a usage or input error" in text, name
+
+
+PARSE_ERRORS = [  # (subcommand and flags, what the one line must mention): argparse-level checks, in process
+    (["generate", "--local", "--prompt", "x", "--k", "-1"], "--k"),
+    (["generate", "--local", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "--local", "--prompt", "x", "--top-p", "2"], "--top-p"),
+    (["generate", "--local", "--prompt", "x", "--threads", "0"], "--threads"),
+    (["chat", "--local", "--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["demo", "--peers", "0"], "--peers"),
+    (["peer", "--num-blocks", "0"], "--num-blocks"),
+    (["measure", "--peers", "0"], "--peers"),
+    (["measure", "--k", "2", "0"], "--k"),
+    (["measure", "--reps", "-1"], "--reps"),
+    (["measure", "--prompts", "x"], "--prompts"),
+    (["measure", "--relaxed", "1.5"], "--relaxed"),
+    (["simulate", "--acceptance", "2"], "--acceptance"),
+    (["simulate", "--new-tokens", "0"], "--new-tokens"),
+    (["generate", "--local", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["generate", "--local", "--prompt", "x", "--top-p", "0"], "--top-p"),
+    (["generate", "--local", "--prompt", "x", "--timeout", "0"], "--timeout"),
+    (["generate", "--local", "--prompt", "x", "--timeout", "nan"], "--timeout"),
+    (["chat", "--local", "--max-failovers", "-1"], "--max-failovers"),
+    (["chat", "--local", "--relaxed", "1"], "--relaxed"),
+    (["demo", "--k-max", "0"], "--k-max"),
+    (["peer", "--num-blocks", "-2"], "--num-blocks"),
+]
+
+
+@pytest.mark.parametrize("argv,mentions", PARSE_ERRORS, ids=[" ".join(a) for a, _ in PARSE_ERRORS])
+def test_bad_numbers_are_refused_by_the_parser(argv, mentions, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and mentions in lines[0], lines
 
 
 def test_version():

@@ -256,3 +256,31 @@ def test_close_goes_offline_and_vanished_peers_expire(monkeypatch):
         assert nodes[2].peer_id not in ranges(found)
         print(f"vanished peer dropped after {time.monotonic() - t0:.1f} s (ttl {ttl} s)")
     run_swarm(body, ttl=ttl)
+
+
+def test_clients_find_records_but_stay_out_of_routing_tables():
+    """A client-mode DHT (a chat, a `swarm generate`, a `swarm status`) finds records, yet no server puts
+    it in its routing table, so it leaves nothing behind for later lookups to trip over; servers do
+    enter each other's tables (they join through node 0)."""
+    async def body(nodes, dhts):
+        await dhts[1].announce(PeerRecord(model=MODEL, start=0, end=4))
+        client_node = await P2PNode.start()
+        client = await SwarmDHT.start(client_node, [nodes[0].addrs[0]], server=False)
+        try:
+            found = await poll(lambda: client.find(MODEL), lambda recs: len(recs) == 1)
+            assert ranges(found) == {nodes[1].peer_id: (0, 4)}
+            with pytest.raises(RuntimeError, match="client-mode"):
+                await client.announce(PeerRecord(model=MODEL, start=0, end=4))
+            for _ in range(3):  # more requests, to every server, over the same connections
+                assert ranges(await client.find(MODEL)) == {nodes[1].peer_id: (0, 4)}
+        finally:
+            await client.close()
+            await client_node.close()
+
+        async def table(d: SwarmDHT) -> set[str]:
+            return {str(p) for p in d.dht.routing_table.get_peer_ids()}
+        tables = [await node.run_trio(table, d) for node, d in zip(nodes, dhts)]
+        assert all(client_node.peer_id not in t for t in tables), tables
+        assert tables[0] == {n.peer_id for n in nodes[1:]}
+        assert all(nodes[0].peer_id in t for t in tables[1:])
+    run_swarm(body, n=3)

@@ -76,3 +76,78 @@ def test_kill_middle_peer_during_speculative_decoding(tiny, tmp_path):
             model.close()
         for p in peers:
             p.stop()
+
+
+def test_failover_from_a_stale_route_whose_dead_peer_is_no_longer_known(tiny, tmp_path):
+    """Two views of one client (as a chat has: push and client-mediated), over the direct TCP transport
+    (the default). A routed peer is SIGKILLed; the first view fails over, and its fresh look at the swarm
+    drops the dead peer (from `model.peers`: it answers neither the DHT's address nor Info). The second
+    view's route still names that peer: opening it fails, the peer is unknown, and failover must count
+    it as dead, ban it and re-route, the output still token-identical to LocalModel. (It used to ask the
+    hop's tcp:// address through libp2p, which parsed it as a peer id: ValueError "Invalid character
+    ':'", and the session ended.)"""
+    path = tiny("llama2").path
+    reference = generate(LocalModel.load(path), PROMPT, 60, stop_at_eos=False).tokens
+    peers = start_peers(path, [(0, 3), (3, 6), (3, 6), (6, 8)], log_dir=tmp_path)
+    model = None
+    try:
+        model = SwarmModel(path, [p.addr for p in peers], ClientConfig(timeout=20))
+        mediated = model.with_config(push=False)  # its own route; the same peers and bans
+        victim = model.route[1].peer_id
+        assert mediated.route[1].peer_id == victim and mediated.route[1].addr.startswith("tcp://")
+
+        def kill_at_20(tokens, count=[0]):
+            count[0] += len(tokens)
+            if count[0] == 20:
+                next(p for p in peers if p.peer_id == victim).kill()
+
+        assert generate(model, PROMPT, 60, stop_at_eos=False, on_tokens=kill_at_20).tokens == reference
+        assert model.failovers >= 1 and victim not in model.peers and victim in model.banned
+        assert mediated.route[1].peer_id == victim  # stale: planned before the peer died
+
+        model.banned.clear()  # the ban ran out: only the probe can tell that the peer is dead
+        out = generate(mediated, PROMPT, 60, stop_at_eos=False).tokens
+        assert out == reference, "output changed after failing over from a stale route"
+        assert mediated.failovers >= 1 and victim not in [h.peer_id for h in mediated.route]
+        assert victim in model.banned
+    finally:
+        if model is not None:
+            model.close()
+        for p in peers:
+            p.stop()
+
+
+def test_addresses_of_the_wrong_kind_fail_like_unreachable_peers():
+    """dial and fetch_info take a direct tcp://HOST:PORT or a libp2p multiaddr ending in /p2p/<peer id>
+    and parse neither as the other; anything else, and a reply that is not a message, fails with an
+    error of the failover family (a peer to ban), never a parser's ValueError."""
+    import asyncio
+
+    from peer.p2p import P2PNode
+    from peer.transport import BadAddress, dial, fetch_info, listen_tcp
+    from swarm.client.swarm_model import FAILURES
+
+    async def garbage(stream, name):  # a "peer" whose direct port answers Info with nonsense
+        await stream.recv()
+        await stream.send(b"\xff not a message")
+
+    async def main():
+        node = await P2PNode.start()
+        server, direct = await listen_tcp(garbage, "127.0.0.1")
+        try:
+            wrong = ["tcp://127.0.0.1", "tcp://127.0.0.1:port", "127.0.0.1:80", node.peer_id, "/ip4/127.0.0.1/tcp/1",
+                     "/ip4/127.0.0.1/tcp/1/p2p/not-a-peer-id", "/not/a/multiaddr/p2p/x", ""]
+            for addr in wrong:
+                for attempt in (dial(node, addr), fetch_info(node, addr, 5.0)):
+                    with pytest.raises(BadAddress) as caught:
+                        await attempt
+                    assert isinstance(caught.value, FAILURES), addr
+            with pytest.raises(BadAddress, match="no libp2p node"):
+                await dial(None, node.addrs[0])
+            with pytest.raises(ConnectionError, match="malformed reply"):
+                await fetch_info(node, direct, 5.0)  # a direct address is dialled directly, not parsed as a peer id
+        finally:
+            server.close()
+            await node.close()
+
+    asyncio.run(main())

@@ -7,7 +7,7 @@
 from .blocks import BlockRange, ModelHead
 from .cache import CacheError, KVCache, StepLayout
 from .checkpoint import Checkpoint, CheckpointError, parse_dtype
-from .config import ConfigError, ModelConfig, RopeConfig
+from .config import ConfigError, ContextTooLong, ModelConfig, RopeConfig
 
 __all__ = ["BlockRange", "ModelHead", "KVCache", "StepLayout", "CacheError", "Checkpoint", "CheckpointError",
-           "parse_dtype", "ConfigError", "ModelConfig", "RopeConfig"]
+           "parse_dtype", "ConfigError", "ContextTooLong", "ModelConfig", "RopeConfig"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .cache import CacheError, KVCache, StepLayout
-from .config import ModelConfig
+from .config import ContextTooLong, ModelConfig
 from .layers import Block, RMSNorm, rope_inv_freq, rope_tables
 
 
@@ -48,7 +48,10 @@ class BlockRange(nn.Module):
         return self.layers[0].mlp.down_proj.weight.device
 
     def new_cache(self, max_length: int) -> KVCache:
+        """A session's cache of `max_length` positions: at most the model's context (`ContextTooLong`)."""
         cfg = self.cfg
+        if max_length > cfg.max_position_embeddings:
+            raise ContextTooLong(max_length, cfg.max_position_embeddings, "session")
         return KVCache(len(self.layers), cfg.num_key_value_heads, cfg.head_dim, max_length,
                        dtype=self.dtype, device=self.device)
 

@@ -3,6 +3,10 @@
 Knows the Llama family (Llama 2/3, TinyLlama, Mistral, Qwen2) and nothing about weights, caches or
 the network. Accepts both the legacy layout (`rope_theta` + `rope_scaling`) and the transformers-5
 layout (`rope_parameters`). Anything we cannot run exactly is refused here, with the reason.
+
+The context is `max_position_embeddings`: no sequence (prompt plus reply) runs past it, whether the
+model attends fully or through sliding windows: a window bounds what a token sees, not its RoPE
+position, and positions beyond the context are outside the trained range. `ContextTooLong` says so.
 """
 
 from __future__ import annotations
@@ -17,6 +21,14 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 class ConfigError(ValueError):
     """The checkpoint's config.json describes a model this engine cannot run."""
+
+
+class ContextTooLong(ValueError):
+    """`length` tokens asked of a model (or a session) that holds `context`: "WHAT too long for this model (N > M)"."""
+
+    def __init__(self, length: int, context: int, what: str = "prompt"):
+        super().__init__(f"{what} too long for this model ({length} > {context})")
+        self.length, self.context = length, context
 
 
 @dataclass(slots=True)
@@ -64,7 +76,7 @@ class ModelConfig:
     num_key_value_heads: int
     head_dim: int = 0  # 0: hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = 4096  # the context: no sequence runs past it (sliding windows or not)
     rope: RopeConfig = field(default_factory=RopeConfig)
     qkv_bias: bool = False
     o_bias: bool = False

@@ -37,6 +37,8 @@ import argparse
 import json
 from dataclasses import dataclass, field
 
+from swarm.argtypes import non_negative, number, positive
+
 
 @dataclass
 class CostTable:
@@ -166,16 +168,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--timings", help="JSON from `swarm measure --json` or scripts/wan_bench.py (their 'timings')")
-    ap.add_argument("--peers", type=int, default=2, help="without --timings: peers on the chain")
-    ap.add_argument("--one-way-ms", type=float, default=25.0, help="without --timings: delay of every link")
-    ap.add_argument("--compute-ms", type=float, nargs=2, default=[1.0, 0.1], metavar=("BASE", "PER_TOKEN"),
+    ap.add_argument("--peers", type=positive(), default=2, help="without --timings: peers on the chain")
+    ap.add_argument("--one-way-ms", type=non_negative(), default=25.0, help="without --timings: delay of every link")
+    ap.add_argument("--compute-ms", type=non_negative(), nargs=2, default=[1.0, 0.1], metavar=("BASE", "PER_TOKEN"),
                     help="without --timings: each peer's step time = BASE + PER_TOKEN x n")
-    ap.add_argument("--draft-ms", type=float, default=0.5, help="without --timings: ms per drafted token")
-    ap.add_argument("--acceptance", type=float, default=0.7, help="per-token draft acceptance")
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--draft-ms", type=non_negative(), default=0.5, help="without --timings: ms per drafted token")
+    ap.add_argument("--acceptance", type=number(float, 0, 1), default=0.7, help="per-token draft acceptance, 0..1")
+    ap.add_argument("--k", type=positive(), nargs="+", default=[1, 2, 4, 8], help="draft lengths to predict")
+    ap.add_argument("--prompt-tokens", type=positive(), default=128, help="prompt length [default: 128]")
+    ap.add_argument("--new-tokens", type=positive(), default=128, help="tokens generated [default: 128]")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def run(args) -> int:

@@ -18,8 +18,35 @@ class BackgroundLoop:
         self.thread.start()
 
     def run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """Run `coro` on the loop and wait for its result. If the wait ends early (the timeout, or Ctrl-C
+        in the calling thread), the coroutine is cancelled rather than left running unseen."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
 
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel whatever still runs on the loop and let it finish, as asyncio.run does (a task still
+        pending when the loop goes away is reported at exit: "Task was destroyed but it is pending!"),
+        then stop and close the loop. Idempotent."""
+        if self.loop.is_closed():
+            return
+        if self.thread.is_alive():
+            try:
+                self.run(_cancel_all(), timeout)
+            except Exception:  # noqa: BLE001 - a task that will not end: stop the loop regardless
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+async def _cancel_all() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()

@@ -14,6 +14,10 @@ per hop). In push mode the client gives each pair of neighbours a fresh link sec
 sealed Opens, and each step to the first hop carries nested onion layers: hop j's own instructions
 sealed for hop j alone, around the layers for the hops after it. Results and errors come back sealed.
 
+A peer's error fails the session as a `RemoteError` (the caller fails over), except `too_long`: a
+session or step past the model's context is the request's fault, not the peer's, and becomes
+`ContextTooLong` (a ValueError, "session too long for this model (N > M)"): no failover, no ban.
+
 Knows the protocol, channels and the client's config; nothing about libp2p (it gets a
 `dial(addr) -> stream`), sampling or tokens.
 """
@@ -21,12 +25,13 @@ Knows the protocol, channels and the client's config; nothing about libp2p (it g
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Awaitable, Callable
 
 import torch
 
 from peer.channel import Channel, Stream, new_session_id
-from peer.model import StepLayout
+from peer.model import ContextTooLong, StepLayout
 from protocol import crypto, sealing
 from protocol import messages as m
 from protocol.messages import ErrorCode
@@ -49,19 +54,22 @@ class ChainSession:
 
     Reads `config.push`, `config.wire_dtype`, `config.timeout` and `config.sealed`."""
 
-    def __init__(self, dial: Callable[[str], Awaitable[Stream]], route: list[Hop], config: ClientConfig):
+    def __init__(self, dial: Callable[[str], Awaitable[Stream]], route: list[Hop], config: ClientConfig,
+                 context: int | None = None):
         self.dial, self.route, self.config = dial, route, config
+        self.context, self.max_length = context, 0  # the model's context, when the caller knows it
         self.ids = [new_session_id() for _ in route]
         # how each hop's frames are sealed and opened; a sealed hop's once the peer's key is checked
         self.codecs: list[Codec | None] = [None if config.sealed else sealing.Plain() for _ in route]
         self.channels: list[Channel] = []
         self._readers: list[asyncio.Task] = []
         self._waiters: dict[tuple[int, object], asyncio.Future] = {}  # (hop, step id or "open") -> reply
-        self._failed: RemoteError | None = None
+        self._failed: RemoteError | ContextTooLong | None = None
         self._step = 0
 
     async def open(self, max_length: int) -> None:
         cfg, route = self.config, self.route
+        self.max_length = max_length
         streams = await asyncio.gather(*(self.dial(hop.addr) for hop in route))
         self.channels = [Channel(s, str(hop)) for s, hop in zip(streams, route)]
         if cfg.sealed:
@@ -104,11 +112,13 @@ class ChainSession:
             self._waiters[(hop, key)] = fut
         return fut
 
-    def _fail(self, error: RemoteError) -> None:
+    def _fail(self, error: RemoteError | ContextTooLong) -> None:
         self._failed = self._failed or error
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(error)
+                fut.exception()  # whoever waits on it raises it; one nobody waits on any more (a reply
+                # abandoned by Ctrl-C) must not be reported at exit as "never retrieved"
         self._waiters.clear()
 
     async def _read(self, i: int, channel: Channel) -> None:
@@ -122,7 +132,7 @@ class ChainSession:
                     self._fail(RemoteError(e.code, f"rejected a reply: {e}", str(self.route[i])))
                     continue
                 if isinstance(msg, m.Error):
-                    self._fail(RemoteError(msg.code, msg.message, msg.peer or str(self.route[i])))
+                    self._fail(self._refusal(msg, msg.peer or str(self.route[i])))
                     continue
                 key = "open" if isinstance(msg, m.Opened) else msg.step if isinstance(msg, m.Result) else None
                 fut = self._waiters.pop((i, key), None)
@@ -182,6 +192,15 @@ class ChainSession:
             inputs = [await self._wait(f) for f in futures]
         return inputs[-1]
 
+    def _refusal(self, error: m.Error, peer: str) -> RemoteError | ContextTooLong:
+        """A peer's Error as the exception the caller gets: `too_long` with its "(N > M)" is ContextTooLong,
+        unless the caller knows the model's context and asked for no more than it: then the peer is wrong
+        (or lying, to end the session without being banned) and it is a RemoteError like any other."""
+        found = re.search(r"\((\d{1,10}) > (\d{1,10})\)$", error.message) if error.code == ErrorCode.TOO_LONG else None
+        if found is not None and (self.context is None or self.max_length > self.context):
+            return ContextTooLong(int(found[1]), int(found[2]), "session")
+        return RemoteError(error.code, error.message, peer)
+
     async def close(self) -> None:
         for sid, channel, codec in zip(self.ids, self.channels, self.codecs):
             try:  # (a sealed hop whose Open never left refuses to seal a Close: there is nothing to close)
@@ -192,6 +211,8 @@ class ChainSession:
             await channel.close()
         for task in self._readers:
             task.cancel()
+
+
 
 
 def _wire_layout(layout: StepLayout) -> tuple[list[int] | None, tuple[int, list[int]] | None]:

@@ -35,12 +35,26 @@ def check_route(route: list[Hop], num_blocks: int) -> None:
 
 
 class NoRoute(RuntimeError):
-    """The known peers cannot make a chain (a gap in coverage, or an explicit route that does not fit)."""
+    """The known peers cannot make a chain (a gap in coverage, or an explicit route that does not fit);
+    `missing`: the spans [a, b) no known peer serves, where that is why."""
 
     code = "no_route"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, missing: list[tuple[int, int]] | None = None):
         super().__init__(f"{message} [no_route]")
+        self.missing = list(missing or [])
+
+
+def gaps(spans: list[tuple[int, int]], num_blocks: int) -> list[tuple[int, int]]:
+    """The parts of [0, num_blocks) that none of `spans` covers, in order."""
+    out, at = [], 0
+    for a, b in sorted(spans):
+        if a > at:
+            out.append((at, min(a, num_blocks)))
+        at = max(at, b)
+    if at < num_blocks:
+        out.append((at, num_blocks))
+    return [(a, b) for a, b in out if a < b]
 
 
 DEFAULT_MS_PER_BLOCK = 1.0  # when a peer has not published its throughput
@@ -121,7 +135,7 @@ def plan_route(peers: dict[str, PeerInfo], num_blocks: int) -> list[tuple[str, t
                     heapq.heappush(queue, (c, next(tie), end, info.peer_id, path + ((info.peer_id, (at, end)),)))
     covered = sorted(p.blocks for p in peers.values())
     raise NoRoute(f"the known peers do not cover blocks [0, {num_blocks}) "
-                  f"(they serve {', '.join(f'{a}:{b}' for a, b in covered) or 'nothing'})")
+                  f"(they serve {', '.join(f'{a}:{b}' for a, b in covered) or 'nothing'})", gaps(covered, num_blocks))
 
 
 def to_hops(route: list[tuple[str, tuple[int, int]]], peers: dict[str, PeerInfo], transport: str,

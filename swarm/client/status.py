@@ -1,4 +1,7 @@
-"""`swarm status`: who serves which blocks of a model, how fast, how far from here, and what is missing."""
+"""`swarm status`: who serves which blocks of a model, how fast, how far from here, and what is missing.
+
+It looks records up as a DHT client (`SwarmDHT.start(..., server=False)`): no peer keeps it in its
+routing table once it has gone."""
 
 from __future__ import annotations
 
@@ -7,13 +10,13 @@ import time
 
 from peer.dht import SwarmDHT
 from peer.p2p import P2PNode
-from peer.transport import fetch_info
+from peer.transport import addr_of, fetch_info
 
 
 async def swarm_status(model_id: str, num_blocks: int, initial_peers: list[str], timeout: float = 5.0) -> dict:
     node = await P2PNode.start()
     try:
-        dht = await SwarmDHT.start(node, initial_peers)
+        dht = await SwarmDHT.start(node, initial_peers, server=False)  # looks up; leaves no trace
         try:
             records = await dht.find(model_id, include_offline=True)
         finally:
@@ -25,8 +28,9 @@ async def swarm_status(model_id: str, num_blocks: int, initial_peers: list[str],
             except (ConnectionError, OSError, EOFError, asyncio.TimeoutError):
                 return None
 
-        live = [r for r in records if r.state != "offline" and r.addrs]
-        rtts = dict(zip((r.peer_id for r in live), await asyncio.gather(*(ping(r.addrs[0]) for r in live))))
+        live = [r for r in records if r.state != "offline" and addr_of(r.peer_id, r.addrs)]
+        rtts = dict(zip((r.peer_id for r in live),
+                        await asyncio.gather(*(ping(addr_of(r.peer_id, r.addrs)) for r in live))))
     finally:
         await node.close()
     peers = []

@@ -1,11 +1,13 @@
 """The client's view of a model whose blocks live on peers: the head here, the blocks on the swarm.
 
 `SwarmModel` has the shape `swarm.decode` drives (`.head`, `.session(max_length)`), like `LocalModel`.
-It finds the model's peers (DHT records and the initial peers), plans the fastest route, and keeps
-sessions alive when peers die: `RemoteBlocks` keeps every step it sent; when a step fails it bans the
-peers that no longer answer, plans a new route, replays the steps (identical shapes, so identical
-caches) and retries; steps sent behind a failing one wait for it and go again, in order, by
-themselves. Outputs stay token-identical to an undisturbed run.
+It finds the model's peers (DHT records, looked up as a DHT client that leaves no trace in the
+peers' routing tables, and the initial peers), plans the fastest route, and keeps sessions alive when
+peers die: `RemoteBlocks` keeps every step it sent; when a step fails it bans the peers that no longer
+answer, plans a new route, replays the steps (identical shapes, so identical caches) and retries;
+steps sent behind a failing one wait for it and go again, in order, by themselves. Outputs stay
+token-identical to an undisturbed run. Every failure of a dead, unknown or unreachable hop (whatever
+its address says) is a failover failure (`FAILURES`), never a parser's error.
 
 Knows the protocol, peer transports and records, and routes; nothing of sampling, drafts or tokenizers.
 """
@@ -25,7 +27,7 @@ import torch
 from peer.dht import SwarmDHT
 from peer.model import Checkpoint, StepLayout
 from peer.p2p import P2PNode
-from peer.transport import dial, fetch_info
+from peer.transport import addr_of, dial, fetch_info
 from swarm.client.background import BackgroundLoop
 from swarm.client.chain import ChainSession, RemoteError
 from swarm.client.config import ClientConfig
@@ -52,7 +54,7 @@ class SwarmModel:
         try:
             self.node = self.bg.run(P2PNode.start())
             if config.discovery:
-                self.dht = self.bg.run(SwarmDHT.start(self.node, self.initial_peers))
+                self.dht = self.bg.run(SwarmDHT.start(self.node, self.initial_peers, server=False))
             self.route = self.bg.run(self._plan())
         except BaseException:
             self.close()
@@ -67,18 +69,24 @@ class SwarmModel:
             view.route = view.bg.run(view._plan())
         return view
 
+    def replan(self) -> list[Hop]:
+        """Look at the swarm again and plan a fresh route (NoRoute while some blocks have no usable peer)."""
+        self.route = self.bg.run(self._plan())
+        return self.route
+
     # --- knowing the swarm ------------------------------------------------------------------------
     async def _refresh(self) -> None:
         """Find the model's peers (DHT records plus the initial peers), ask each what it serves, time it."""
         records = {}
         if self.dht is not None:
-            try:
-                records = {r.peer_id: r for r in await self.dht.find(self.model_id) if r.state == "online" and r.addrs}
+            try:  # a record counts with a libp2p address of its own peer (what every PeerInfo.addr is)
+                records = {r.peer_id: r for r in await self.dht.find(self.model_id)
+                           if r.state == "online" and addr_of(r.peer_id, r.addrs)}
             except Exception as e:  # noqa: BLE001 - discovery failing must not hide the peers we know
                 log.warning("DHT lookup failed: %s", e)
         addrs = {peer_id_of(a): a for a in self.initial_peers}
         addrs.update({pid: p.addr for pid, p in self.peers.items()})
-        addrs.update({pid: r.addrs[0] for pid, r in records.items()})
+        addrs.update({pid: addr_of(pid, r.addrs) for pid, r in records.items()})
 
         async def ask(pid: str, addr: str):
             try:
@@ -117,9 +125,13 @@ class SwarmModel:
         return hops
 
     async def _ban_failed(self, route: list[Hop], error: BaseException) -> None:
-        """Ban the hops that do not answer; if all answer, the peer that reported the error."""
+        """Ban the hops that do not answer; if all answer, the peer that reported the error.
+
+        A hop is asked at its peer's libp2p address (`PeerInfo.addr`), not at the hop's own address (a
+        direct one, or an address map's name for the link from the hop before); a hop whose peer we no
+        longer know (a look at the swarm since the route was planned found it gone) is dead."""
         async def alive(hop: Hop) -> bool:
-            if hop.peer_id not in self.peers:  # no longer answers discovery: nothing to ask
+            if hop.peer_id not in self.peers:
                 return False
             try:
                 await fetch_info(self.node, self.peers[hop.peer_id].addr, 3.0)
@@ -142,7 +154,7 @@ class SwarmModel:
         return await dial(self.node, addr)
 
     async def open_chain(self, max_length: int) -> ChainSession:
-        chain = ChainSession(self.dial, self.route, self.config)
+        chain = ChainSession(self.dial, self.route, self.config, self.head.cfg.max_position_embeddings)
         try:
             await chain.open(max_length)
         except BaseException:
@@ -166,9 +178,11 @@ class SwarmModel:
                 if history:
                     await new.replay(history)
                 return new
-            except FAILURES as e:
+            except BaseException as e:  # a failure, or a cancel (the session was closed): never leak `new`
                 if new is not None:
                     await new.close()
+                if not isinstance(e, FAILURES):
+                    raise
                 failed, error = self.route, e
         raise error
 
@@ -176,14 +190,14 @@ class SwarmModel:
         return RemoteBlocks(self, max_length)
 
     def close(self) -> None:
-        node = getattr(self, "node", None)
-        if node is not None:
-            try:
-                if self.dht is not None:
-                    self.bg.run(self.dht.close(), timeout=10)
-                self.bg.run(node.close(), timeout=10)
-            except Exception:  # noqa: BLE001
-                pass
+        """Close the DHT, then the node (even if the DHT would not close), then the loop, which first
+        cancels and awaits whatever still runs on it. Close only the original, not a `with_config` view."""
+        for part in (self.dht, getattr(self, "node", None)):
+            if part is not None:
+                try:
+                    self.bg.run(part.close(), timeout=10)
+                except Exception as e:  # noqa: BLE001 - closing goes on: the loop must still be closed
+                    log.debug("closing %s failed: %r", type(part).__name__, e)
         self.bg.close()
 
 
@@ -206,6 +220,7 @@ class RemoteBlocks:
         self._recovering: int | None = None  # the step failing over (it replays, then retries)
         self._held: set[int] = set()  # steps waiting to go strictly in order behind a failover
         self._turn = asyncio.Condition()  # notified whenever a step leaves the in-flight list
+        self._tasks: set[asyncio.Task] = set()  # the steps running now (close cancels them)
         self.chain = model.bg.run(self._open())
 
     async def _open(self) -> ChainSession:
@@ -223,6 +238,7 @@ class RemoteBlocks:
 
     async def _step(self, number: int, hidden, layout) -> torch.Tensor:
         attempt = 0
+        self._tasks.add(asyncio.current_task())
         try:
             while True:
                 if self._recovering not in (None, number) or self._held:
@@ -244,6 +260,7 @@ class RemoteBlocks:
                     self._recovering = number
                     self.chain = await self.model.recover(chain, e, self.max_length, self.history)
         finally:
+            self._tasks.discard(asyncio.current_task())
             self._inflight.remove(number)
             self._held.discard(number)
             if self._recovering == number:
@@ -260,6 +277,16 @@ class RemoteBlocks:
 
     def close(self) -> None:
         try:
-            self.model.bg.run(self.chain.close(), timeout=10)
+            self.model.bg.run(self._close(), timeout=10)
         except Exception:  # noqa: BLE001
             pass
+
+    async def _close(self) -> None:
+        """Cancel the steps still in flight (a generation stopped early, e.g. by Ctrl-C), then close the
+        chain: closing under a live step would fail it, and a failed step fails over (a spurious
+        re-route, with a new chain that nobody closes)."""
+        steps = [t for t in self._tasks if not t.done()]
+        for task in steps:
+            task.cancel()
+        await asyncio.gather(*steps, return_exceptions=True)
+        await self.chain.close()

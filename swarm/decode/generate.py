@@ -4,6 +4,12 @@ Plain decoding is gpt-fast's vocabulary: `prefill`, `decode_one_token`, `generat
 per token). With a draft model and a `SpecConfig`, `generate` runs `speculative_decode` instead.
 Either way the session is opened and closed here, and the output is the target's own.
 
+The model's context (`max_position_embeddings`) bounds the whole sequence, prompt plus reply, as
+`max_model_len` does in vLLM: a prompt longer than the context is refused before anything is sent
+(`ContextTooLong`, "prompt too long for this model (N > M)"); a reply that would run past it stops
+there (`stopped_by` "length", as when max_new_tokens is reached), and no session asks for more
+positions than the context, speculative slack included (`fit_context`).
+
 Knows `ModelHead` and `RunBlocks`; nothing of the network, peers, failover or tokenizers.
 """
 
@@ -15,7 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from peer.model import ModelHead, StepLayout
+from peer.model import ContextTooLong, ModelHead, StepLayout
 from swarm.decode.round_policy import CostModel
 from swarm.decode.sampling import SamplingParams, sample
 from swarm.decode.speculative import Drafter, SpecConfig, SpeculativeResult, speculative_decode
@@ -51,17 +57,28 @@ def generate_tokens(head: ModelHead, run: RunBlocks, prompt: list[int], max_new_
         position += 1
 
 
+def fit_context(model: Model, prompt: list[int], max_new_tokens: int) -> int:
+    """The new tokens that fit in the model's context after `prompt` (at most `max_new_tokens`); a
+    prompt longer than the context is refused (`ContextTooLong`)."""
+    context = model.head.cfg.max_position_embeddings
+    if len(prompt) > context:
+        raise ContextTooLong(len(prompt), context)
+    return min(max_new_tokens, context - len(prompt))
+
+
 def generate(model: Model, prompt: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), *,
              draft: LocalModel | None = None, spec: SpecConfig | None = None, seed: int = 0,
              stop_at_eos: bool = True, on_tokens: Callable[[list[int]], None] | None = None,
              policy: CostModel | None = None) -> GenerationResult | SpeculativeResult:
-    """Decode `max_new_tokens` after `prompt` with a LocalModel or a SwarmModel.
+    """Decode `max_new_tokens` after `prompt` with a LocalModel or a SwarmModel, or fewer where the
+    context ends (a prompt longer than the context: `ContextTooLong`, before any session is opened).
 
     Plain when `spec` is None; speculative with `draft` (same tokenizer as the model) otherwise, its
     sampling parameters from `params` or `spec.params` (either; not two different ones). `policy`: the round policy an earlier generation left
     (`result.policy`), so a conversation keeps what it learnt; `on_tokens` gets every committed batch."""
     if spec is not None and draft is None:
         raise ValueError("speculative decoding needs a draft model")
+    max_new_tokens = fit_context(model, prompt, max_new_tokens)
     eos = tuple(model.head.cfg.eos_token_ids) if stop_at_eos else ()
     if spec is None:
         return _plain(model, prompt, max_new_tokens, params, seed, eos, on_tokens)
@@ -72,11 +89,11 @@ def generate(model: Model, prompt: list[int], max_new_tokens: int, params: Sampl
         if spec.params != SamplingParams() and params != SamplingParams():
             raise ValueError(f"sampling parameters given twice and different: {params} and {spec.params}")
         spec = replace(spec, params=params if spec.params == SamplingParams() else spec.params)
-    length = len(prompt) + max_new_tokens + 2 * max(spec.k or 0, spec.k_max) * max(1, spec.tree_width) + 2
+    length = min(len(prompt) + max_new_tokens + 2 * spec.slack + 2, model.head.cfg.max_position_embeddings)
     session = model.session(length)
     try:
         return speculative_decode(model.head, session, Drafter(draft, length), prompt, max_new_tokens, spec,
-                                  seed=seed, eos_ids=eos, on_tokens=on_tokens, policy=policy)
+                                  seed=seed, eos_ids=eos, on_tokens=on_tokens, policy=policy, max_length=length)
     finally:
         session.close()
 

@@ -18,6 +18,11 @@ Sampling (temperature > 0) drafts chains only: trees are verified greedily. `rel
 (opt-in, LOSSY) also accepts a draft whose target probability is close to the best one, judged on
 the target's softmax (also when decoding greedily).
 
+Near the end of the target's session (`max_length`: generate caps it at the model's context) rounds
+shrink so that no step reaches past it: chains never hold more drafts than tokens are left to
+generate, and trees give way to chains once the widest tree might not fit. The draft drafts only
+within its own context and session; past them rounds carry no drafts (plain steps).
+
 The target is any `RunBlocks` (local blocks or the chain of peers). Knows `ModelHead`, `RunBlocks`,
 sampling and the round policy; nothing of peers, routes, failover, sockets or tokenizers.
 """
@@ -55,6 +60,11 @@ class SpecConfig:
             raise ValueError(f"relaxed must be in (0, 1), got {self.relaxed}")
 
     @property
+    def slack(self) -> int:
+        """The most draft nodes one round may send (a tree of the widest shape)."""
+        return max(self.k or 0, self.k_max) * max(1, self.tree_width)
+
+    @property
     def trees(self) -> bool:
         """Trees are allowed: width > 1 and greedy (sampling drafts chains only)."""
         return self.tree_width > 1 and self.params.greedy
@@ -75,13 +85,18 @@ class Drafter:
 
     def __init__(self, model: LocalModel, max_length: int):
         self.model = model
-        self.session = model.session(max_length)
+        self.max_length = min(max_length, model.head.cfg.max_position_embeddings)  # never past its own context
+        self.session = model.session(self.max_length)
         self.fed: list[int] = []  # tokens whose keys/values sit in the draft cache, in order
         self.confidences: list[float] = []  # of the last proposal's drafts
         self.top: list[list[int]] = []  # greedy: the draft's top-8 tokens at each of the last proposal's positions
         self.first_seconds = 0.0
         self.seconds = 0.0
         self.tokens = 0
+
+    def room(self, length: int) -> int:
+        """Drafts it can propose after a sequence of `length` tokens: all but the last one go through its cache."""
+        return max(0, self.max_length + 1 - length)
 
     def _step(self, tokens: list[int], start: int) -> torch.Tensor:
         head = self.model.head
@@ -211,7 +226,9 @@ class SpeculativeResult(GenerationResult):
 
 def draft_round(drafter: Drafter, policy: CostModel, seq: list[int], room: int, spec: SpecConfig,
                 generator: torch.Generator, chain_only: bool = False) -> Round:
-    """Plan and draft the round that continues `seq`, with at most `room` drafts."""
+    """Plan and draft the round that continues `seq`, with at most `room` drafts (fewer where the draft's
+    session ends)."""
+    room = min(room, drafter.room(len(seq)))
     plan = policy.plan(room, spec.tree_width if spec.trees and not chain_only else 1)
     d0 = drafter.seconds
     rnd = Round([], len(seq) - 1, [], depth=plan.k)
@@ -251,10 +268,12 @@ def judge(head: ModelHead, rnd: Round, hidden: torch.Tensor, spec: SpecConfig,
 
 def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt: list[int], max_new_tokens: int,
                        spec: SpecConfig = SpecConfig(k=4), *, seed: int = 0, eos_ids: tuple = (),
-                       on_tokens: Callable[[list[int]], None] | None = None,
-                       policy: CostModel | None = None) -> SpeculativeResult:
+                       on_tokens: Callable[[list[int]], None] | None = None, policy: CostModel | None = None,
+                       max_length: int | None = None) -> SpeculativeResult:
     """Decode speculatively: plan -> draft -> send (-> send ahead) -> verify -> commit -> observe.
-    `policy`: a round policy to keep learning in (one from an earlier generation); else a fresh one."""
+    `policy`: a round policy to keep learning in (one from an earlier generation); else a fresh one.
+    `max_length`: the length of `run`'s session, which no step may pass (None: it has room for
+    max_new_tokens plus two rounds of `spec.slack`)."""
     if not prompt:
         raise ValueError("the prompt must contain at least one token")
     policy = policy if policy is not None else spec.policy()
@@ -268,8 +287,10 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
     while len(result.tokens) < max_new_tokens and result.stopped_by != "eos":
         left, began = max_new_tokens - len(result.tokens) - 1, time.perf_counter()
         hit = ahead is not None and ahead.start == len(seq) - 1 and ahead.ids[0] == seq[-1]
-        cur = ahead if hit else send(run, head, draft_round(drafter, policy, seq, left, spec, generator), compact)
-        ahead, room = None, left - len(cur.drafts)
+        narrow = max_length is not None and len(seq) + spec.slack > max_length  # the widest tree might not fit
+        cur = ahead if hit else send(run, head, draft_round(drafter, policy, seq, left, spec, generator, narrow),
+                                     compact)
+        ahead, room = None, min(left - len(cur.drafts), drafter.room(len(seq) + len(cur.drafts)))
         if cur.parents is None and cur.drafts and policy.send_ahead(cur.confidences, room, run.overlaps):
             ahead = send(run, head, draft_round(drafter, policy, seq + cur.drafts, room, spec, generator, True))
         hidden = cur.future.result()

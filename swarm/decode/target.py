@@ -5,7 +5,9 @@ runs one step (its `StepLayout` says where the new nodes sit and which tree path
 returns a future of the output hidden states; `overlaps` says whether steps run in the background
 (so sending one more before a verdict can hide a trip). `LocalModel` runs every block in this
 process: the reference every other mode (peers over the network, speculative decoding) is compared
-with, token for token. A client-side model (`swarm.client.SwarmModel`) has the same shape.
+with, token for token. A client-side model (`swarm.client.SwarmModel`) has the same shape. No session
+holds more positions than the model's context (`max_position_embeddings`): `LocalModel.session`
+refuses more (`ContextTooLong`), as peers do; `generate` fits every generation into it.
 
 Knows the model engine (`peer.model`); nothing of the network, peers, failover or tokenizers.
 """
@@ -37,7 +39,7 @@ class Model(Protocol):
 
     head: ModelHead
 
-    def session(self, max_length: int) -> RunBlocks: ...
+    def session(self, max_length: int) -> RunBlocks: ...  # max_length <= head.cfg.max_position_embeddings
 
 
 @dataclass
