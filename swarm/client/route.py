@@ -96,9 +96,11 @@ def parse_route(spec: str, peers: dict[str, PeerInfo]) -> list[tuple[str, tuple[
         except ValueError:
             raise ValueError(f"route item {item!r} must be PEER:START:END") from None
         matches = [pid for pid in peers if pid == who or pid.endswith(who) or pid.startswith(who)]
-        if len(matches) != 1:
-            raise ValueError(f"route item {item!r}: {'no' if not matches else 'more than one'} known peer "
-                             f"matches {who!r} (known: {', '.join(peers) or 'none'})")
+        if not matches:  # the swarm's state (the peer left, or is not found yet), not a malformed route
+            raise NoRoute(f"route item {item!r}: no known peer matches {who!r} (known: {', '.join(peers) or 'none'})")
+        if len(matches) > 1:
+            raise ValueError(f"route item {item!r}: more than one known peer matches {who!r} "
+                             f"(known: {', '.join(peers)})")
         served = peers[matches[0]].blocks
         if not served[0] <= span[0] < span[1] <= served[1]:
             raise ValueError(f"route item {item!r}: that peer serves blocks {served[0]}:{served[1]}")
