@@ -18,12 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 from typing import Any, Awaitable, Callable
 
 import trio
 
 log = logging.getLogger("specswarm.p2p")
+
+
+def block_stop_signals() -> None:
+    """Call first thing in a helper thread: Ctrl-C, SIGTERM and SIGHUP then reach the main thread only.
+    (A signal the kernel hands to a helper thread sets Python's flag but does not interrupt the main
+    thread's blocking call, e.g. input(), so its handler would run only once that call returns.)"""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def settle(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, ok: bool, value: Any) -> None:
@@ -127,6 +136,7 @@ class TrioThread:
     # the trio thread
 
     def _thread_main(self, args: tuple, started: asyncio.Future) -> None:
+        block_stop_signals()
         def on_started() -> None:
             self._started_ok = True
             settle(self._loop, started, True, None)

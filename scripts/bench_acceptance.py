@@ -21,7 +21,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peer.model import StepLayout  # noqa: E402
 from swarm.bench.prompts import humaneval_prompts  # noqa: E402
-from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.bundled import TINY_DRAFT, TINY_MODEL  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
 from swarm.decode.speculative import SpecConfig  # noqa: E402
 from swarm.decode.target import LocalModel  # noqa: E402
@@ -39,8 +39,8 @@ def draft_agreement(draft: LocalModel, prompt: list[int], reference: list[int]) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="target model directory")
-    ap.add_argument("--draft", default=str(DEFAULT_DRAFT), help="draft model directory")
+    ap.add_argument("--model", default=str(TINY_MODEL), help="target model directory")
+    ap.add_argument("--draft", default=str(TINY_DRAFT), help="draft model directory")
     ap.add_argument("--limit", type=int, default=None, help="first N HumanEval prompts (default: all 164)")
     ap.add_argument("--ks", default="2,4,8")
     ap.add_argument("--max-new-tokens", type=int, default=128)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peer.model import StepLayout  # noqa: E402
 from swarm.bench.prompts import humaneval_prompts  # noqa: E402
-from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.bundled import TINY_DRAFT, TINY_MODEL  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
 from swarm.decode.speculative import SpecConfig  # noqa: E402
 from swarm.decode.target import LocalModel  # noqa: E402
@@ -46,8 +46,8 @@ def log_likelihood(model: LocalModel, prompt: list[int], output: list[int]) -> f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--draft", default=str(DEFAULT_DRAFT))
+    ap.add_argument("--model", default=str(TINY_MODEL))
+    ap.add_argument("--draft", default=str(TINY_DRAFT))
     ap.add_argument("--prompts", type=int, default=20, help="first N HumanEval prompts")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4, help="fixed draft length (the same for every TAU)")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from swarm.bench.prompts import humaneval_prompts  # noqa: E402
-from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.bundled import TINY_DRAFT, TINY_MODEL  # noqa: E402
 from swarm.client.swarm_model import SwarmModel  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
 from swarm.decode.speculative import SpecConfig  # noqa: E402
@@ -50,8 +50,8 @@ MODES = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--draft", default=str(DEFAULT_DRAFT))
+    ap.add_argument("--model", default=str(TINY_MODEL))
+    ap.add_argument("--draft", default=str(TINY_DRAFT))
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=10, help="first N HumanEval prompts")
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from swarm.bench.prompts import humaneval_prompts  # noqa: E402
-from swarm.bundled import DEFAULT_MODEL  # noqa: E402
+from swarm.bundled import TINY_MODEL  # noqa: E402
 from swarm.client.config import ClientConfig  # noqa: E402
 from swarm.client.swarm_model import SwarmModel  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
@@ -75,7 +75,7 @@ def chain_bench(model_dir: str, n_peers: int, n_prompts: int, new_tokens: int, t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--model", default=str(TINY_MODEL))
     ap.add_argument("--peers", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=10, help="first N HumanEval prompts")
     ap.add_argument("--new-tokens", type=int, default=64)

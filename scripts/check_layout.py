@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("protocol", "peer", "swarm")
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 90
-FACE = ("swarm.cli", "swarm.chat", "swarm.flags")
+FACE = ("swarm.cli", "swarm.commands", "swarm.chat", "swarm.console", "swarm.flags")
 FORBIDDEN = [  # (importer prefix, imported prefixes it must not use, why)
     ("protocol", ("peer", "swarm"), "protocol knows neither peers nor the swarm"),
     ("peer", ("swarm",), "peers never import the swarm"),

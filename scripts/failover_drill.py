@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.bundled import TINY_DRAFT, TINY_MODEL  # noqa: E402
 from swarm.client.config import ClientConfig  # noqa: E402
 from swarm.client.swarm_model import SwarmModel  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
@@ -33,14 +33,14 @@ from swarm.text import load_tokenizer  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--model", default=str(TINY_MODEL))
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--kill-at", type=int, default=100, help="kill after this many tokens")
     ap.add_argument("--prompt", default="def fibonacci(n):")
     ap.add_argument("--no-push", dest="push", action="store_false")
     ap.add_argument("--speculative", action="store_true", help="speculative decoding (adaptive k, pipelining auto)")
-    ap.add_argument("--draft", default=str(DEFAULT_DRAFT))
+    ap.add_argument("--draft", default=str(TINY_DRAFT))
     ap.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,
                     help="with --speculative: force pipelining on/off [default: the cost model decides]")
     ap.add_argument("--json", action="store_true")

@@ -40,7 +40,7 @@ from swarm.bench.prompts import load_prompts  # noqa: E402
 from swarm.bench.report import format_report, plot_report  # noqa: E402
 from swarm.bench.wan.links import PROFILES, load_matrix  # noqa: E402
 from swarm.bench.wan.swarm import WanSwarm  # noqa: E402
-from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: E402
+from swarm.bundled import TINY_DRAFT, TINY_MODEL  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
 from swarm.decode.sampling import SamplingParams  # noqa: E402
 from swarm.decode.speculative import SpecConfig  # noqa: E402
@@ -184,8 +184,8 @@ def plots(results: list[dict], out_dir: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--draft", default=str(DEFAULT_DRAFT))
+    ap.add_argument("--model", default=str(TINY_MODEL))
+    ap.add_argument("--draft", default=str(TINY_DRAFT))
     ap.add_argument("--profiles", nargs="+", default=["continental"], choices=sorted(PROFILES))
     ap.add_argument("--matrix", help="a JSON one-way latency matrix (client first) instead of --profiles")
     ap.add_argument("--peers", type=int, nargs="+", default=[2], help="chain lengths (each at most the model's blocks)")

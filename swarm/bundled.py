@@ -1,33 +1,40 @@
-"""Where the models shipped with the package live, and which of them pair up.
+"""The models shipped with the package, and which draft fits which model.
 
-Knows file paths of the bundled models only; never loads them, never parses flags.
+`TINY_MODEL` / `TINY_DRAFT` are the directories of the bundled 4 M-parameter code pair (`--model tiny`),
+for scripts and tests that run on it explicitly. `draft_fits` and `speculative_default` decide whether
+a command speculates when not told: with a draft that fits the model.
+
+Knows the registry's table of names (`swarm.registry`) and file paths; never loads, fetches or
+converts a model, never parses flags.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-BUNDLED_MODELS = Path(__file__).parent / "models"
-DEFAULT_MODEL = BUNDLED_MODELS / "code-target"
-DEFAULT_DRAFT = BUNDLED_MODELS / "code-draft"
+from swarm.registry import MODELS, SHIPPED, own_draft
+
+TINY_MODEL = SHIPPED / MODELS["tiny"].shipped
+TINY_DRAFT = SHIPPED / MODELS["tiny"].draft
 
 
-def default_model() -> str | None:
-    """The bundled target's directory, if the package ships it."""
-    return str(DEFAULT_MODEL) if (DEFAULT_MODEL / "config.json").exists() else None
-
-
-def default_draft() -> str | None:
-    """The bundled draft's directory, if the package ships it."""
-    return str(DEFAULT_DRAFT) if (DEFAULT_DRAFT / "config.json").exists() else None
+def _tiny(spec: str | None) -> bool:
+    """Whether `spec` is the tiny pair (by name, or either of its directories)."""
+    if spec is None or spec == "tiny":
+        return spec == "tiny"
+    try:
+        return Path(spec).resolve() in (TINY_MODEL.resolve(), TINY_DRAFT.resolve())
+    except OSError:
+        return False
 
 
 def draft_fits(model: str | None, draft: str | None) -> bool:
-    """Whether `draft` may draft for `model`: the bundled draft fits only the bundled target (same
-    tokenizer); a draft the user named is taken at their word."""
-    if not draft:
-        return False
-    return draft != default_draft() or model == default_model()
+    """Whether speculation has a draft for `model` (NAME, DIR or FILE, as given). `draft` as given (None:
+    the model's own): a draft the user named is taken at their word, except the tiny pair's, which
+    fits only the tiny target (same tokenizer); without one, the model's own draft, when it has one."""
+    if draft:
+        return not _tiny(draft) or _tiny(model)
+    return model is not None and own_draft(model) is not None
 
 
 def speculative_default(model: str | None, draft: str | None, reference: bool) -> bool:

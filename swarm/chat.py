@@ -1,26 +1,28 @@
 """Chatting with a model through the swarm: streaming replies, a live status line, a kept conversation.
 
-`Chat` holds the conversation as tokens and generates each reply speculatively (or plainly) through
-a `SwarmModel` or `LocalModel`, keeping the round policy it learnt from one reply to the next. The
-conversation is trimmed, with a note, to what the model's context holds. When the swarm cannot carry
-a reply (no peer serves some blocks, or the client's failovers gave up) the chat does not end: it
-counts down, looks at the swarm again and continues the reply where it stopped once a route exists.
-Ctrl-C stops the reply (or the wait) only: the chat and the swarm stay. `Console` is where a chat
-writes: on a terminal a dim status line at the bottom row (tokens/s, tokens/round, route) while a
-reply streams and countdowns redrawn in place; anything else (a pipe, a file) gets plain text.
-`run_interactive` is the REPL behind `swarm chat` and `swarm demo` (/reset /stats /quit);
-`run_scripted` answers a list of prompts (piped in, or --prompt).
+`Chat` keeps the conversation and generates each reply speculatively (or plainly) through a
+`SwarmModel` or `LocalModel`, keeping the round policy it learnt from one reply to the next. A model
+with a chat template (`swarm.text.ChatTemplate`) gets its conversation as turns (system, user,
+assistant), rendered anew for every reply, and its reply ends at the model's end-of-turn token; only
+the assistant's text is shown. A model without one (the tiny code model) continues the raw text. The
+conversation is trimmed, with a note, to what the model's context holds (the oldest turns first, the
+system prompt kept). When the swarm cannot carry a reply (no peer serves some blocks, or the client's
+failovers gave up) the chat does not end: it counts down, looks at the swarm again and continues the
+reply where it stopped once a route exists. Ctrl-C stops the reply (or the wait) only: the chat and
+the swarm stay. `Console` (swarm.console) is where a chat writes: on a terminal a dim status line at
+the bottom row (tokens/s, tokens/round, route) while a reply streams and countdowns redrawn in place;
+anything else (a pipe, a file) gets plain text. `run_interactive` is the REPL behind `swarm chat` and
+`swarm demo` (/system TEXT /reset /stats /quit); `run_scripted` answers a list of prompts (piped in,
+or --prompt).
 
-Knows decoding (`swarm.decode`), tokenizers and which client errors mean "the swarm lacks peers right
-now" (`NoRoute`, failures a failover gave up on); nothing of sockets, routes' planning or peers.
+Knows decoding (`swarm.decode`), tokenizers and chat templates (`swarm.text`) and which client errors
+mean "the swarm lacks peers right now" (`NoRoute`, failures a failover gave up on); nothing of
+sockets, routes' planning or peers.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,17 +32,17 @@ from tokenizers import Tokenizer
 
 from swarm.client.chain import RemoteError
 from swarm.client.route import NoRoute
+from swarm.console import Console
 from swarm.decode.generate import generate
 from swarm.decode.round_policy import CostModel
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.speculative import SpecConfig
 from swarm.decode.target import LocalModel, Model
-from swarm.text import TextStream
+from swarm.text import ChatTemplate, TextStream
 
 RETRY_SECONDS = 5.0  # between looks at a swarm that cannot carry a reply
 STATUS_EVERY = 0.1  # seconds between redraws of the status line
 PERMANENT = {"wrong_model", "unsupported_version", "encryption_required"}  # refusals no wait will change
-DIM, PLAIN = "\033[2m", "\033[0m"
 T = TypeVar("T")
 
 
@@ -57,87 +59,6 @@ def why(error: BaseException) -> str:
     if missing:
         return "no peer serves blocks " + ", ".join(f"[{a}, {b})" for a, b in missing) + " right now"
     return f"the swarm cannot carry this right now ({error})"
-
-
-class Console:
-    """Where a chat writes. On a terminal (`live`): a status line fenced off at the bottom row (a
-    scroll region keeps the streamed text above it) and countdowns redrawn in place, dim. Elsewhere:
-    plain text, one line per note, no escape codes."""
-
-    def __init__(self, out=None, live: bool | None = None):
-        self.out = out if out is not None else sys.stdout
-        self.live = _isatty(self.out) if live is None else live
-        self.at_line_start = True
-        self._rows = 0  # the terminal's height while the status line is shown
-
-    def write(self, text: str) -> None:
-        if text:
-            self._raw(text)
-            self.at_line_start = text.endswith("\n")
-
-    def _raw(self, text: str) -> None:
-        self.out.write(text)
-        self.out.flush()
-
-    def line(self, text: str) -> None:
-        """`text` on a line of its own (dim on a terminal)."""
-        self.write(("" if self.at_line_start else "\n") + (f"{DIM}{text}{PLAIN}" if self.live else text) + "\n")
-
-    def status_on(self) -> None:
-        """Show a status line at the bottom row until `status_off` (terminals only)."""
-        rows = _size(self.out)[0] if self.live else 0
-        if rows < 4 or self._rows:
-            return
-        if not self.at_line_start:
-            self.write("\n")
-        self._rows = rows  # a newline and back up (scrolls if at the bottom), then fence the last row off
-        self._raw(f"\n\033[1A\0337\033[1;{rows - 1}r\0338")
-
-    def status(self, text: str) -> None:
-        if not self._rows:
-            return
-        rows, cols = _size(self.out)
-        if rows != self._rows and rows >= 4:  # the terminal was resized: fence the new last row off
-            self._raw(f"\0337\033[1;{rows - 1}r\0338")
-            self._rows = rows
-        self._raw(f"\0337\033[{self._rows};1H\033[2K{DIM}{text[:max(cols - 1, 1)]}{PLAIN}\0338")
-
-    def status_off(self) -> None:
-        if self._rows:
-            self._raw(f"\0337\033[{self._rows};1H\033[2K\033[r\0338")
-            self._rows = 0
-
-    def countdown(self, reason: str, seconds: float, give_up: str) -> None:
-        """Wait `seconds`, saying why and how long (redrawn each second on a terminal); Ctrl-C ends it."""
-        end = time.monotonic() + seconds
-        if not self.live:
-            self.line(f"{reason}; retrying in {seconds:.0f} s… (Ctrl-C to {give_up})")
-            time.sleep(seconds)
-            return
-        if not self.at_line_start:
-            self.write("\n")
-        try:
-            while (left := end - time.monotonic()) > 0:
-                text = f"{reason}; retrying in {math.ceil(left)} s… (Ctrl-C to {give_up})"
-                self._raw(f"\r\033[K{DIM}{text[:max(_size(self.out)[1] - 1, 1)]}{PLAIN}")
-                time.sleep(left - math.ceil(left) + 1)  # wake as the shown number changes
-        finally:
-            self._raw("\r\033[K")
-
-
-def _isatty(out) -> bool:
-    try:
-        return out.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def _size(out) -> tuple[int, int]:
-    try:
-        size = os.get_terminal_size(out.fileno())
-        return size.lines, size.columns
-    except (AttributeError, ValueError, OSError):
-        return 0, 80
 
 
 def wait_for_swarm(attempt: Callable[[], T], console: Console, give_up: str = "quit",
@@ -168,6 +89,10 @@ class ChatStats:
         return f"{self.replies} replies, {self.tokens} tokens in {self.seconds:.1f} s, {tps:.1f} tokens/s{per_round}{acc}"
 
 
+class EndOfTurn(Exception):
+    """The reply reached an end-of-turn token that the model's config.json does not stop at: it ends here."""
+
+
 @dataclass
 class Chat:
     model: Model  # SwarmModel or LocalModel
@@ -182,6 +107,9 @@ class Chat:
     seed: int = 0  # reply i samples with seed + i
     console: Console | None = None  # notes, countdowns and the status line (None: silent)
     retry_seconds: float = RETRY_SECONDS
+    template: ChatTemplate | None = None  # the model's chat template: a conversation of turns (None: raw text)
+    system: str | None = None  # the system prompt (with a template; None: the template's own default, if any)
+    turns: list[dict] = field(default_factory=list)  # user and assistant turns, oldest first (with a template)
 
     @property
     def where(self) -> str:
@@ -192,25 +120,61 @@ class Chat:
         if self.console is not None:
             self.console.line(text)
 
+    def _budget(self) -> tuple[int, int]:
+        """(the model's context, the prompt tokens that leave room in it for a whole reply)."""
+        context = self.model.head.cfg.max_position_embeddings
+        return context, max(1, context - min(self.max_new_tokens, context // 2))
+
     def _fit(self, tokens: list[int]) -> list[int]:
         """The conversation trimmed so that a whole reply still fits in the model's context (with a note)."""
-        context = self.model.head.cfg.max_position_embeddings
-        keep = max(1, context - min(self.max_new_tokens, context // 2))
+        context, keep = self._budget()
         if len(tokens) <= keep:
             return tokens
         self._note(f"(conversation trimmed to the last {keep} tokens: the model's context is {context})")
         return tokens[-keep:]
 
+    def _prompt(self, text: str) -> list[int]:
+        """The next reply's prompt: the conversation with `text` added, trimmed to the context. With a
+        template the turns are rendered anew and the oldest dropped first (the system prompt stays)."""
+        if self.template is None:
+            self.history = self._fit(self.history + self.tokenizer.encode(text).ids)
+            return self.history
+        self.turns.append({"role": "user", "content": text.rstrip("\n")})
+        context, keep = self._budget()
+        trimmed = False
+        while len(ids := self._render()) > keep and len(self.turns) > 1:
+            del self.turns[0]
+            while len(self.turns) > 1 and self.turns[0]["role"] != "user":
+                del self.turns[0]
+            trimmed = True
+        if len(ids) > keep:  # the last message alone is too long: keep its end (and the reply's start)
+            ids, trimmed = ids[-keep:], True
+        if trimmed:
+            self._note(f"(conversation trimmed to the last {len(ids)} tokens: the model's context is {context})")
+        return ids
+
+    def _render(self) -> list[int]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        text = self.template.render(system + self.turns, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
     def reply(self, text: str, on_text=None) -> str:
         """Continue the conversation with `text`; streams decoded text to on_text(piece). While the swarm
         cannot carry the reply it waits (a countdown) and continues it where it stopped; Ctrl-C stops
         the reply (or the wait), never the chat."""
-        self.history = self._fit(self.history + self.tokenizer.encode(text).ids)
+        prompt = self._prompt(text)
         stream = TextStream(self.tokenizer, on_text)
-        t0, batches, shown, waited = time.perf_counter(), [0], [0.0], 0.0
+        t0, batches, shown, waited, ended = time.perf_counter(), [0], [0.0], 0.0, []
+        stop = set(self.template.stop_ids) if self.template is not None else set()
+        beyond = stop - set(self.model.head.cfg.eos_token_ids)  # end-of-turn tokens generate() does not stop at
 
         def on_tokens(tokens: list[int]) -> None:
-            stream.add(tokens)
+            cut = next((i for i, t in enumerate(tokens) if t in stop), None)
+            stream.add(tokens if cut is None else tokens[:cut])  # the end-of-turn token itself is not shown
+            if cut is not None:
+                ended.append(tokens[cut])
+                if tokens[cut] in beyond:
+                    raise EndOfTurn
             batches[0] += 1
             now = time.perf_counter()
             if self.console is not None and now - shown[0] >= STATUS_EVERY:
@@ -222,7 +186,9 @@ class Chat:
         try:
             while len(stream.tokens) < self.max_new_tokens:
                 try:
-                    self._generate(self.history + stream.tokens, self.max_new_tokens - len(stream.tokens), on_tokens)
+                    self._generate(prompt + stream.tokens, self.max_new_tokens - len(stream.tokens), on_tokens)
+                    break
+                except EndOfTurn:
                     break
                 except Exception as e:
                     if not swarm_lacks_peers(e):
@@ -239,9 +205,11 @@ class Chat:
             if self.console is not None:
                 self.console.status_off()
         self.stats.replies += 1
-        self.stats.tokens += len(stream.tokens)
+        self.stats.tokens += len(stream.tokens) + len(ended)
         self.stats.seconds += time.perf_counter() - t0 - waited
-        self.history += stream.tokens
+        self.history = prompt + stream.tokens + ended
+        if self.template is not None:
+            self.turns.append({"role": "assistant", "content": stream.text})
         return stream.text
 
     def _generate(self, prompt: list[int], max_new_tokens: int, on_tokens) -> None:
@@ -283,7 +251,12 @@ class Chat:
         return f"{tokens} tokens · {tokens / max(seconds, 1e-9):.1f} tokens/s{per_round} · route {self.where}"
 
     def reset(self) -> None:
-        self.history = []
+        self.history, self.turns = [], []
+
+    def set_system(self, text: str) -> None:
+        """A new system prompt (empty: the template's default) and a fresh conversation."""
+        self.system = text or None
+        self.reset()
 
 
 def run_interactive(chat: Chat, out=None) -> None:
@@ -293,8 +266,9 @@ def run_interactive(chat: Chat, out=None) -> None:
     except ImportError:
         pass
     console = chat.console = Console(out) if out is not None or chat.console is None else chat.console
-    console.line(f"specswarm chat — route {chat.where}. Type a prompt (a code model: it continues your text). "
-                 "/reset /stats /quit; Ctrl-C stops a reply.")
+    kind = "a message" if chat.template is not None else "a prompt (a code model: it continues your text)"
+    console.line(f"specswarm chat — route {chat.where}. Type {kind}. /system TEXT /reset /stats /quit; "
+                 "Ctrl-C stops a reply.")
     leaving = False
     while True:
         try:
@@ -320,6 +294,9 @@ def run_interactive(chat: Chat, out=None) -> None:
         if line.strip() == "/stats":
             console.line(chat.stats.line())
             continue
+        if line.strip().split(" ", 1)[0] == "/system":
+            _system(chat, line.strip()[len("/system"):].strip(), console)
+            continue
         before = chat.stats.tokens, chat.stats.seconds, chat.stats.rounds
         chat.reply(line.replace("\\n", "\n") + "\n", on_text=console.write)
         tokens = chat.stats.tokens - before[0]
@@ -327,6 +304,14 @@ def run_interactive(chat: Chat, out=None) -> None:
         rounds = chat.stats.rounds - before[2]
         per_round = f", {tokens / rounds:.2f} tokens/round" if rounds else ""
         console.line(f"[{tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tokens/s{per_round}, route {chat.where}]")
+
+
+def _system(chat: Chat, text: str, console: Console) -> None:
+    if chat.template is None:
+        console.line("(this model has no chat template, so no system prompt: it continues your text)")
+        return
+    chat.set_system(text)
+    console.line(f"(system prompt {'set' if text else 'back to the template default'}; conversation forgotten)")
 
 
 def run_scripted(chat: Chat, prompts: list[str], out=None) -> None:

@@ -1,4 +1,5 @@
-"""The `swarm` command line. Each subcommand parses its flags (`swarm.flags`) and calls into the library.
+"""The `swarm` command line. Each subcommand parses its flags (`swarm.flags`) and calls into the library;
+the ones that produce text (generate, chat, demo) are in `swarm.commands`, the rest here.
 
 Knows argparse and which library call each subcommand makes; no defaults (they live in the objects
 the flags build) and no decoding or network policy.
@@ -9,112 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import torch
 
-from peer import set_threads
 from peer.model import CacheError, CheckpointError, ConfigError
-from swarm import bundled
-from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL  # noqa: F401 - re-exported for scripts
-from swarm.decode.generate import generate
-from swarm.decode.target import LocalModel
 from swarm.argtypes import fraction, non_negative, positive
-from swarm.flags import (add_client_args, add_dataclass_args, add_decode_args, add_model_args, check_device,
-                         client_config, dataclass_from_args, sampling_params, spec_config)
-from swarm.text import TextStream, load_tokenizer
-
-
-def add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt",
-                       description="Generate a continuation of a prompt. --local runs the whole model in this "
-                                   "process: the reference every swarm mode is compared with.")
-    add_model_args(p)
-    p.add_argument("--local", action="store_true", help="run every block in this process")
-    add_client_args(p)
-    p.add_argument("--prompt", required=True, help="the text to continue")
-    add_decode_args(p, max_new_tokens=32)
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.set_defaults(func=cmd_generate)
-
-
-def open_model(args):
-    """The target: every block in this process (--local), or a client of the swarm."""
-    check_device(args.device)
-    if args.local == bool(args.initial_peers):
-        raise ValueError("give either --local or --initial-peers MULTIADDR "
-                         "(a peer's 'listening on' line)")
-    if args.local:
-        return LocalModel.load(args.model, args.dtype, args.device)
-    from swarm.client.swarm_model import SwarmModel
-
-    if args.insecure:
-        print("WARNING: --insecure: hidden states and instructions travel in PLAINTEXT", file=sys.stderr)
-    return SwarmModel(args.model, args.initial_peers, client_config(args), args.dtype, args.device)
-
-
-def open_draft(args, command: str) -> LocalModel | None:
-    """The draft model, when speculation is on (explicitly, or by default: see `bundled.speculative_default`)."""
-    reference = command == "generate" and args.local  # the local reference run decodes plainly by default
-    on = args.speculative if args.speculative is not None else bundled.speculative_default(args.model, args.draft,
-                                                                                          reference)
-    if not on:
-        return None
-    if not args.draft:
-        raise ValueError("--speculative needs --draft DIR")
-    if args.relaxed is not None:
-        print(f"WARNING: --relaxed {args.relaxed} is lossy: the output may differ from the target model's own",
-              file=sys.stderr)
-    return LocalModel.load(args.draft, args.dtype, args.device)
-
-
-def cmd_generate(args) -> int:
-    set_threads(args.threads)
-    t0 = time.perf_counter()
-    model = open_model(args)
-    try:
-        return _generate(args, model, time.perf_counter() - t0)
-    finally:
-        if not args.local:
-            model.close()
-
-
-def _generate(args, model, load_seconds: float) -> int:
-    tokenizer = load_tokenizer(args.model)
-    prompt = tokenizer.encode(args.prompt).ids
-    if not prompt and model.head.cfg.bos_token_id is not None:
-        prompt = [model.head.cfg.bos_token_id]
-    if not prompt:
-        raise ValueError("the prompt is empty after tokenization")
-    draft = open_draft(args, "generate")
-    spec = spec_config(args) if draft is not None else None
-    if not args.json:
-        sys.stdout.write(args.prompt)
-    stream = TextStream(tokenizer, None if args.json else lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    result = generate(model, prompt, args.max_new_tokens, sampling_params(args), draft=draft, spec=spec,
-                      seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=stream.add)
-    mode = spec.mode if spec else "plain"
-    where = "local" if args.local else model.config.where
-    if args.json:
-        out = {"mode": mode, "where": where, **result.stats(), "model": str(args.model), "device": args.device,
-               "dtype": args.dtype, **result.summary(), "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
-               "load_seconds": round(load_seconds, 3), "temperature": args.temperature, "top_p": args.top_p,
-               "seed": args.seed}
-        if spec:
-            out.update(k=args.k if args.k else "adaptive", draft=str(args.draft), lossy=args.relaxed is not None)
-        if not args.local:
-            cfg = model.config
-            out.update(route=[str(h) for h in model.route], push=cfg.push, wire_dtype=cfg.wire_dtype,
-                       transport=cfg.transport)
-        print(json.dumps(out))
-    else:
-        sys.stdout.write("\n")
-        route = "local" if args.local else "route " + " -> ".join(str(h) for h in model.route)
-        per_round = f", {result.tokens_per_round:.2f} tokens/round" if spec else ""
-        print(f"[{len(result.tokens)} tokens in {result.seconds:.2f} s, {result.tokens_per_s:.1f} tokens/s{per_round}, "
-              f"{mode}, {route}, {args.device}/{args.dtype}]", file=sys.stderr)
-    return 0
+from swarm.commands import add_chat_parser, add_demo_parser, add_generate_parser
+from swarm.flags import (add_client_args, add_dataclass_args, add_draft_flag, add_model_args, add_model_flag,
+                         check_device, client_config, dataclass_from_args, resolve_draft_flag, resolve_model_flag)
 
 
 def add_peer_parser(sub) -> None:
@@ -124,7 +27,7 @@ def add_peer_parser(sub) -> None:
                        description="Join the swarm as a volunteer: load blocks START:END of the model and serve "
                                    "inference sessions over libp2p until stopped (Ctrl-C). To be reachable from other "
                                    "machines: --port PORT --identity FILE (and --public-ip IP behind NAT).")
-    add_model_args(p, "Hugging Face model directory")
+    add_model_args(p)
     p.add_argument("--blocks", help="START:END, end exclusive (e.g. 0:4) [default: where the swarm is weakest]")
     p.add_argument("--num-blocks", type=positive(), help="how many blocks to take when choosing [default: what fits in memory]")
     p.add_argument("--port", type=int, help="listen on /ip4/0.0.0.0/tcp/PORT, direct inference port PORT+1: the same "
@@ -161,6 +64,7 @@ def cmd_peer(args) -> int:
                        args.identity, args.initial_peers, args.device, args.dtype, dataclass_from_args(Limits, args),
                        args.threads, args.direct, args.data_port, args.record_ttl, args.announce, args.public_ip,
                        args.port, args.summary_every)
+    opts.model = resolve_model_flag(args)  # once every flag is checked: a named model is fetched on first use
     try:
         asyncio.run(serve(opts))
     except (ListenError, ConnectionError) as e:  # a port in use, no bootstrap peer: exit 1, not 2 (a flag mistake)
@@ -175,9 +79,7 @@ def add_status_parser(sub) -> None:
                                    "fast and with how much free cache; exit code 1 when some block has no peer.")
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
                    help="any peers of the swarm (their 'listening on' multiaddrs)")
-    model = bundled.default_model()
-    p.add_argument("--model", default=model, required=model is None,
-                   help="model directory (names the model)" + (" [default: the bundled model]" if model else ""))
+    add_model_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_status)
 
@@ -189,88 +91,10 @@ def cmd_status(args) -> int:
 
     from swarm.client.status import format_status, swarm_status
 
-    ckpt = Checkpoint(args.model)
+    ckpt = Checkpoint(resolve_model_flag(args))
     status = asyncio.run(swarm_status(ckpt.model_id, ckpt.config.num_hidden_layers, args.initial_peers))
     print(json.dumps(status) if args.json else format_status(status))
     return 0 if status["complete"] else 1
-
-
-def _chat(args, model) -> int:
-    from swarm.chat import Chat, Console, run_interactive, run_scripted
-
-    draft = open_draft(args, args.command)
-    chat = Chat(model, load_tokenizer(args.model), draft, spec_config(args), sampling_params(args), args.max_new_tokens,
-                seed=args.seed, console=Console())
-    if args.prompt or not sys.stdin.isatty():  # prompts given, or piped in (a demo with no input answers one)
-        prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-        run_scripted(chat, prompts or (["def fibonacci(n):"] if args.command == "demo" else []))
-    else:
-        run_interactive(chat)
-    return 0
-
-
-def _add_chat_args(p) -> None:
-    add_decode_args(p, max_new_tokens=96, max_new_help="per reply")
-    p.add_argument("--prompt", nargs="+", help="answer these prompts and exit (no interaction)")
-
-
-def add_chat_parser(sub) -> None:
-    p = sub.add_parser("chat", help="chat with the model through the swarm (streaming, live stats)",
-                       description="Chat through the swarm: replies stream, with a live status line on a terminal. "
-                                   "Ctrl-C stops a reply, not the chat; /reset /stats /quit. While no peer serves "
-                                   "some blocks the chat waits (a countdown) and goes on once one does. Prompts "
-                                   "piped in (one a line) or given with --prompt are answered without interaction.")
-    add_model_args(p, "model directory")
-    p.add_argument("--local", action="store_true", help="no swarm: every block in this process")
-    add_client_args(p)
-    _add_chat_args(p)
-    p.set_defaults(func=cmd_chat)
-
-
-def cmd_chat(args) -> int:
-    from swarm.chat import Console, wait_for_swarm
-    from swarm.launch import exit_on_signals
-
-    set_threads(args.threads)
-    with exit_on_signals():  # SIGTERM / SIGHUP close the client; a swarm short of some blocks is waited for
-        model = open_model(args) if args.local else wait_for_swarm(lambda: open_model(args), Console(sys.stderr))
-        try:
-            return _chat(args, model)
-        finally:
-            if not args.local:
-                model.close()
-
-
-def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="start a local swarm of three peers on the bundled model, then chat",
-                       description="Starts three `swarm peer` processes on 127.0.0.1 (each a third of the model's "
-                                   "blocks), then a chat through them (as `swarm chat`: Ctrl-C stops a reply, /quit "
-                                   "leaves). The peers stop when the demo ends, however it ends.")
-    p.add_argument("--peers", type=positive(), default=3, help="how many local peers to start [default: 3]")
-    add_model_args(p, "model directory")
-    add_client_args(p)
-    _add_chat_args(p)
-    p.set_defaults(func=cmd_demo, local=False)
-
-
-def cmd_demo(args) -> int:
-    """Peers in their own sessions (Ctrl-C reaches the chat only), stopped however the demo ends (local_swarm)."""
-    from peer.model import Checkpoint
-    from swarm.client.swarm_model import SwarmModel
-    from swarm.launch import even_spans, local_swarm
-
-    set_threads(args.threads or 1)
-    spans = even_spans(Checkpoint(args.model).config.num_hidden_layers, args.peers)
-    print(f"starting {args.peers} peers on 127.0.0.1 ...", file=sys.stderr)
-    with local_swarm(args.model, spans) as peers:
-        for p, span in zip(peers, spans):
-            print(f"  peer …{p.peer_id[-8:]} serves blocks {span[0]}:{span[1]} at {p.addr}", file=sys.stderr)
-        model = SwarmModel(args.model, [peers[0].addr] + args.initial_peers, client_config(args), args.dtype,
-                           args.device)
-        try:
-            return _chat(args, model)
-        finally:
-            model.close()
 
 
 def add_measure_parser(sub) -> None:
@@ -284,9 +108,8 @@ def add_measure_parser(sub) -> None:
                    help="instead of --initial-peers: start --peers peers here behind delay proxies of this profile")
     p.add_argument("--matrix", help="instead of --initial-peers: a JSON one-way latency matrix in ms (client first)")
     p.add_argument("--peers", type=positive(), default=2, help="peers of an emulated WAN [default: 2]")
-    p.add_argument("--model", default=bundled.default_model(), required=bundled.default_model() is None,
-                   help="model directory" + (" [default: the bundled model]" if bundled.default_model() else ""))
-    p.add_argument("--draft", default=bundled.default_draft(), help="draft model directory for the speculative modes")
+    add_model_flag(p)
+    add_draft_flag(p)
     p.add_argument("--no-speculative", dest="speculative", action="store_false", help="measure plain decoding only")
     p.add_argument("--prompts", type=positive(), default=3, help="first N HumanEval prompts [default: 3]")
     p.add_argument("--max-new-tokens", type=positive(), default=64, help="tokens per prompt and mode [default: 64]")
@@ -308,7 +131,13 @@ def add_measure_parser(sub) -> None:
 def cmd_measure(args) -> int:
     from swarm.bench.measure import run_cli
 
-    return run_cli(args, client_config(args))
+    config = client_config(args)
+    if not (args.emulate or args.matrix or args.initial_peers):  # before a named model is fetched
+        raise ValueError("give --initial-peers MULTIADDR (or --emulate PROFILE, or --matrix FILE.json)")
+    resolve_model_flag(args)
+    if args.speculative:
+        resolve_draft_flag(args)
+    return run_cli(args, config)
 
 
 def add_simulate_parser(sub) -> None:

@@ -3,7 +3,10 @@
 Each group of flags is declared once and turned into the library's own object: client flags into a
 `ClientConfig`, decoding flags into `SamplingParams` + `SpecConfig`, peer limits into `Limits` (the
 flags are generated from its fields, with the field comments as help). Defaults come from those
-objects; none is restated here. Knows argparse and the library's config objects; no policy.
+objects; none is restated here. `--model NAME|DIR|FILE` and `--draft` are turned into directories by
+`resolve_model_flag` / `resolve_draft_flag` (through `swarm.registry`): the one place every command
+resolves them, when it runs, never at parse time (`--help` fetches nothing). Knows argparse and the
+library's config objects; no policy.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import inspect
 import textwrap
 
 from swarm.argtypes import fraction, non_negative, positive
-from swarm.bundled import default_draft, default_model
 from swarm.client.config import TRANSPORTS, WIRE_DTYPES, ClientConfig
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.speculative import SpecConfig
+from swarm.registry import DEFAULT_MODEL, MODELS, resolve_draft, resolve_model
 
 CLIENT = ClientConfig()
 SPEC = SpecConfig()
@@ -37,10 +40,38 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device wants cpu, cuda or cuda:N, got {device!r}")
 
 
-def add_model_args(p, what: str = "Hugging Face model directory (config.json, *.safetensors, tokenizer.json)") -> None:
-    model = default_model()
-    p.add_argument("--model", default=model, required=model is None,
-                   help=what + (" [default: the bundled model]" if model else ""))
+def add_model_flag(p) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|DIR|FILE",
+                   help=f"a model name ({', '.join(MODELS)}; one the package does not ship is fetched and converted "
+                        "on first use, then cached), a Hugging Face model directory (config.json, *.safetensors, "
+                        "tokenizer.json) or a .gguf file (converted once) [default: %(default)s]")
+
+
+def add_draft_flag(p) -> None:
+    p.add_argument("--draft", default=None, metavar="NAME|DIR|FILE",
+                   help="draft model for speculative decoding, as --model [default: the model's own draft, when it "
+                        "has one]")
+
+
+def resolve_model_flag(args) -> str:
+    """--model as a model directory, resolved once (the spec as given stays in `args.model_spec`)."""
+    if getattr(args, "model_spec", None) is None:
+        args.model_spec, args.model = args.model, str(resolve_model(args.model))
+    return args.model
+
+
+def resolve_draft_flag(args) -> str | None:
+    """--draft as a directory, resolved once: the draft named, else the model's own, else None (plain)."""
+    resolve_model_flag(args)
+    if getattr(args, "draft_spec", None) is None:
+        args.draft_spec = args.draft or ""
+        draft = resolve_draft(args.model_spec, args.draft)
+        args.draft = str(draft) if draft else None
+    return args.draft
+
+
+def add_model_args(p) -> None:
+    add_model_flag(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="weights and activations; bfloat16/float16 halve memory (float32 is the exact reference)")
@@ -80,7 +111,6 @@ def client_config(args) -> ClientConfig:
 
 def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
     """Sampling and speculation: every field of `SamplingParams` and `SpecConfig` a user may set."""
-    draft = default_draft()
     p.add_argument("--max-new-tokens", type=positive(), default=max_new_tokens,
                    help=(max_new_help or "tokens to generate") + " [default: %(default)s]")
     p.add_argument("--temperature", type=non_negative(), default=SamplingParams().temperature,
@@ -88,8 +118,7 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
     p.add_argument("--top-p", type=fraction(), default=SamplingParams().top_p,
                    help="sample from the smallest set of tokens whose probabilities add up to P [default: %(default)s]")
     p.add_argument("--seed", type=int, default=0, help="random seed of sampling (same seed, same text) [default: 0]")
-    p.add_argument("--draft", default=draft,
-                   help="draft model directory for speculative decoding" + (" [default: the bundled draft]" if draft else ""))
+    add_draft_flag(p)
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
                    help="draft locally, verify through the target [default: on through the swarm with a draft "
                         "that fits the model, off with --local]")

@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from peer.trio_thread import block_stop_signals
+
 PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent (thread) dies
 
 
@@ -72,6 +74,7 @@ class PeerProcess:
                 raise
 
     def _pump(self) -> None:  # keep reading stdout so the peer never blocks on a full pipe
+        block_stop_signals()
         for line in self.proc.stdout:
             self._lines.put(line)
         self._lines.put(None)
@@ -145,11 +148,34 @@ def exit_on_signals(*signums: int):
         raise SystemExit(128 + signum)
 
     before = {s: signal.signal(s, leave) for s in signums}
+    wakeup_r, wakeup_w = os.pipe()
+    os.set_blocking(wakeup_w, False)
+    old_fd = signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+    threading.Thread(target=_forward_to_main, args=(wakeup_r, signums), name="signal-forward", daemon=True).start()
     try:
         yield
     finally:
+        signal.set_wakeup_fd(old_fd)
+        os.close(wakeup_w)  # the forwarder reads EOF and ends
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def _forward_to_main(fd: int, signums: tuple[int, ...]) -> None:
+    """The kernel may hand a process's SIGTERM to any thread that does not block it (torch's OpenMP
+    workers do not); Python then runs the handler only when the main thread next checks, which a
+    blocked input() never does. The wakeup fd tells this thread a signal came: it sends it again to
+    the main thread itself, which interrupts input() so the handler runs (once: it ignores the rest)."""
+    block_stop_signals()
+    main = threading.main_thread().ident
+    try:
+        while data := os.read(fd, 64):
+            for signum in set(data) & set(signums):
+                if signal.getsignal(signum) not in (signal.SIG_IGN, signal.SIG_DFL):
+                    signal.pthread_kill(main, signum)
+            time.sleep(0.05)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

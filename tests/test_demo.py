@@ -149,8 +149,9 @@ def demo_env(tmp_path: Path) -> dict:
 
 
 def start_demo(tmp_path: Path, *flags: str, peers: int = 3) -> tuple[Terminal, list[int]]:
-    """`swarm demo` on a terminal, at its first prompt; returns it and its peers' process ids."""
-    term = Terminal([sys.executable, "-m", "swarm.cli", "demo", "--peers", str(peers), *flags], demo_env(tmp_path))
+    """`swarm demo` on the tiny pair, on a terminal, at its first prompt; returns it and its peers' process ids."""
+    term = Terminal([sys.executable, "-m", "swarm.cli", "demo", "--model", "tiny", "--peers", str(peers), *flags],
+                    demo_env(tmp_path))
     term.read_until(r">>> ", 120)
     found = peers_of(term.pid)
     assert len(found) == peers, f"expected {peers} peer processes, found {found}"
@@ -162,7 +163,7 @@ def demo_folders(tmp_path: Path) -> list[str]:
 
 
 # --- the demo on a terminal ---------------------------------------------------------------------------
-@pytest.mark.skipif(bundled.default_model() is None, reason="needs the bundled model")
+@pytest.mark.skipif(not (bundled.TINY_MODEL / "config.json").exists(), reason="needs the bundled model")
 def test_ctrl_c_stops_only_the_reply_and_the_next_prompt_answers(tmp_path):
     term, peers = start_demo(tmp_path, "--max-new-tokens", "300")
     try:
@@ -187,7 +188,7 @@ def test_ctrl_c_stops_only_the_reply_and_the_next_prompt_answers(tmp_path):
         term.close()
 
 
-@pytest.mark.skipif(bundled.default_model() is None, reason="needs the bundled model")
+@pytest.mark.skipif(not (bundled.TINY_MODEL / "config.json").exists(), reason="needs the bundled model")
 @pytest.mark.parametrize("how, peers", [("SIGTERM", 2), ("hangup", 1), ("SIGKILL", 1)])
 def test_a_stopped_demo_leaves_no_peer(tmp_path, how, peers):
     """SIGTERM, a closed terminal (the kernel's SIGHUP) and SIGKILL: no peer outlives the demo; the
@@ -212,7 +213,7 @@ def test_a_stopped_demo_leaves_no_peer(tmp_path, how, peers):
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (CI installs it)")
-@pytest.mark.skipif(bundled.default_model() is None, reason="needs the bundled model")
+@pytest.mark.skipif(not (bundled.TINY_MODEL / "config.json").exists(), reason="needs the bundled model")
 def test_demo_script_in_tmux(tmp_path):
     """scripts/demo.sh as a newcomer runs it: a prompt, Ctrl-C mid-reply, a second prompt, /quit."""
     tmux = ["tmux", "-L", f"specswarm-test-{os.getpid()}"]
@@ -226,7 +227,7 @@ def test_demo_script_in_tmux(tmp_path):
     def keys(*k: str) -> None:
         subprocess.run(tmux + ["send-keys", "-t", "demo", *k], env=env, check=True)
 
-    command = "bash scripts/demo.sh --max-new-tokens 300; echo \"demo exited $?\"; sleep 60"
+    command = "bash scripts/demo.sh --model tiny --max-new-tokens 300; echo \"demo exited $?\"; sleep 60"
     subprocess.run(tmux + ["new-session", "-d", "-s", "demo", "-x", "120", "-y", "40", "-c", str(ROOT), command],
                    env=env, check=True)
     socket = subprocess.run(tmux + ["display", "-p", "#{socket_path}"], env=env, capture_output=True, text=True,

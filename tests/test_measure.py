@@ -9,17 +9,18 @@ import sys
 
 import pytest
 
-from swarm.bundled import DEFAULT_DRAFT, DEFAULT_MODEL
+from swarm.bundled import TINY_DRAFT, TINY_MODEL
 from swarm.launch import even_spans, start_peers
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").exists() or not (DEFAULT_DRAFT / "config.json").exists(),
+pytestmark = pytest.mark.skipif(not (TINY_MODEL / "config.json").exists() or not (TINY_DRAFT / "config.json").exists(),
                                 reason="the bundled models are missing")
 
 
 def test_measure_json_has_one_entry_per_quantity(tmp_path):
-    peers = start_peers(DEFAULT_MODEL, even_spans(4, 2), log_dir=tmp_path)
+    peers = start_peers(TINY_MODEL, even_spans(4, 2), log_dir=tmp_path)
     try:
-        out = subprocess.run([sys.executable, "-m", "swarm.cli", "measure", "--initial-peers", *[p.addr for p in peers],
+        out = subprocess.run([sys.executable, "-m", "swarm.cli", "measure", "--model", "tiny",
+                              "--initial-peers", *[p.addr for p in peers],
                               "--json", "--prompts", "1", "--max-new-tokens", "8", "--k", "2", "--reps", "2",
                               "--threads", "1"],
                              capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})

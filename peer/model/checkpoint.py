@@ -1,5 +1,8 @@
 """Lazy loading of a Hugging Face checkpoint directory, one block range (or the head) at a time.
 
+`Checkpoint(path)` also takes a `.gguf` file: it is converted once into a cached directory
+(`gguf.convert_gguf`) and that directory is loaded; `source` is what was given, `path` what is read.
+
 Reads `config.json` and the safetensors headers up front; tensors are read one by one with
 `safe_open` only when a `BlockRange` or `ModelHead` asks for them, so a peer serving blocks 8-15
 never touches the bytes of blocks 0-7. Single-file (`model.safetensors`) and sharded
@@ -17,6 +20,7 @@ from safetensors import safe_open
 
 from .blocks import BlockRange, ModelHead
 from .config import ConfigError, ModelConfig
+from .gguf import GGUFError, convert_gguf
 from .layers import rope_inv_freq
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -38,8 +42,10 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 class Checkpoint:
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_dir():
+        self.source = self.path = Path(path)
+        if self.path.is_file() or (self.path.suffix.lower() == ".gguf" and not self.path.is_dir()):
+            self.path = _from_gguf(self.path)
+        elif not self.path.is_dir():
             raise CheckpointError(f"model directory {self.path} does not exist")
         self.config = ModelConfig.from_dir(self.path)
         self.weight_map = self._weight_map()
@@ -136,6 +142,16 @@ class Checkpoint:
         if cfg.tie_word_embeddings:
             head.lm_head.weight = head.embed_tokens.weight
         return head.eval()
+
+
+def _from_gguf(path: Path) -> Path:
+    """The converted directory of a GGUF file; CheckpointError if it is missing, broken or not a model we run."""
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist")
+    try:
+        return convert_gguf(path)
+    except (GGUFError, ConfigError) as e:
+        raise CheckpointError(f"cannot load {path}: {e}") from e
 
 
 def _check_shapes(module: torch.nn.Module, state: dict, path: Path) -> None:

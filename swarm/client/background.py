@@ -8,14 +8,20 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from peer.trio_thread import block_stop_signals
+
 
 class BackgroundLoop:
     """An asyncio loop in its own thread, so synchronous generation code can call async network code."""
 
     def __init__(self):
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="specswarm-client", daemon=True)
+        self.thread = threading.Thread(target=self._main, name="specswarm-client", daemon=True)
         self.thread.start()
+
+    def _main(self) -> None:
+        block_stop_signals()  # Ctrl-C and SIGTERM are the caller's (main thread's) business
+        self.loop.run_forever()
 
     def run(self, coro, timeout: float | None = None):
         """Run `coro` on the loop and wait for its result. If the wait ends early (the timeout, or Ctrl-C
