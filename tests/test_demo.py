@@ -165,7 +165,7 @@ def demo_folders(tmp_path: Path) -> list[str]:
 # --- the demo on a terminal ---------------------------------------------------------------------------
 @pytest.mark.skipif(not (bundled.TINY_MODEL / "config.json").exists(), reason="needs the bundled model")
 def test_ctrl_c_stops_only_the_reply_and_the_next_prompt_answers(tmp_path):
-    term, peers = start_demo(tmp_path, "--max-new-tokens", "300")
+    term, peers = start_demo(tmp_path, "--max-new-tokens", "1000")
     try:
         at = len(term.output)
         term.send("def fibonacci(n):\r")
@@ -227,7 +227,7 @@ def test_demo_script_in_tmux(tmp_path):
     def keys(*k: str) -> None:
         subprocess.run(tmux + ["send-keys", "-t", "demo", *k], env=env, check=True)
 
-    command = "bash scripts/demo.sh --model tiny --max-new-tokens 300; echo \"demo exited $?\"; sleep 60"
+    command = "bash scripts/demo.sh --model tiny --max-new-tokens 1000; echo \"demo exited $?\"; sleep 60"
     subprocess.run(tmux + ["new-session", "-d", "-s", "demo", "-x", "120", "-y", "40", "-c", str(ROOT), command],
                    env=env, check=True)
     socket = subprocess.run(tmux + ["display", "-p", "#{socket_path}"], env=env, capture_output=True, text=True,
