@@ -176,3 +176,17 @@ def test_the_default_model_answers_with_code_through_three_peers():
     assert "```" in reply and "def " in reply, out.stdout
     assert "<|im_end|>" not in reply and "<|im_start|>" not in reply
     assert reply.count(" -> ") == 2, reply  # the route: three hops
+
+
+@pytest.mark.timeout(600)
+def test_the_default_model_keeps_a_two_turn_conversation():
+    """The second question only makes sense with the first one in the context: the template re-renders
+    both turns, so the model answers about Italy's capital, not a generic 'Italy'."""
+    out = subprocess.run([sys.executable, "-m", "swarm.cli", "chat", "--local", "--max-new-tokens", "32",
+                          "--system", "Answer in one short sentence.",
+                          "--prompt", "What is the capital of France?", "And of Italy?"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=580)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, second = out.stdout.split(">>> And of Italy?", 1)
+    assert "Paris" in first, out.stdout
+    assert "Rome" in second, out.stdout
