@@ -23,6 +23,8 @@ sockets, routes' planning or peers.
 from __future__ import annotations
 
 import copy
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -265,6 +267,10 @@ def run_interactive(chat: Chat, out=None) -> None:
         import readline  # noqa: F401 - line editing and history for input(); signals wake it, too
     except ImportError:
         pass
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        # started as a background job of a non-interactive shell (which ignores SIGINT, and Python then
+        # keeps it ignored): at a prompt on a terminal, Ctrl-C must still stop a reply
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     console = chat.console = Console(out) if out is not None or chat.console is None else chat.console
     kind = "a message" if chat.template is not None else "a prompt (a code model: it continues your text)"
     console.line(f"specswarm chat — route {chat.where}. Type {kind}. /system TEXT /reset /stats /quit; "
