@@ -69,7 +69,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from train_model import _TqdmHandler, autocast, hardware_line, lr_at, pick_amp
+from train_model import autocast, hardware_line, lr_at, pick_amp, start_run
 
 log = logging.getLogger("train_draft")
 
@@ -618,15 +618,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    for noisy in ("transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    t_start = time.time()
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    t_start = start_run(args.seed, args.threads)
     dev = torch.device(args.device)
     amp = pick_amp(args.amp, dev)
     p = PRESETS[args.preset]

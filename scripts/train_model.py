@@ -842,17 +842,22 @@ def pick_amp(choice: str, dev: torch.device) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "none"
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def start_run(seed: int, threads: int) -> float:
+    """Logging through tqdm (quiet libraries), torch threads, seeds; returns the start time."""
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     for noisy in ("transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    t_start = time.time()
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.set_num_threads(threads)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return time.time()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = start_run(args.seed, args.threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = pick_amp(args.amp, dev)
     p = PRESETS[args.preset]
