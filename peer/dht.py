@@ -211,9 +211,13 @@ class SwarmDHT:
                 await self.node.run_trio(self._stop_trio)
         except ConnectionError:
             pass  # the node is closed, and _serve_trio with it
-        if self._runner is not None:
-            (outcome,) = await asyncio.gather(self._runner, return_exceptions=True)
-            if isinstance(outcome, Exception) and not isinstance(outcome, ConnectionError):
+        if self._runner is not None:  # a DHT service that will not stop must not hang the shutdown
+            done, _ = await asyncio.wait([self._runner], timeout=2 * RPC_TIMEOUT)
+            outcome = self._runner.exception() if done and not self._runner.cancelled() else None
+            if not done:
+                log.warning("DHT service on %s did not stop within %.0f s; closing regardless",
+                            self.node.peer_id, 2 * RPC_TIMEOUT)
+            elif isinstance(outcome, Exception) and not isinstance(outcome, ConnectionError):
                 log.warning("DHT service on %s had failed: %r", self.node.peer_id, outcome)
         log.info("DHT on %s closed", self.node.peer_id)
 
