@@ -1,6 +1,7 @@
 """Speculative vs plain decoding through a local swarm, side by side, on HumanEval prompts.
 
-Starts N peer processes on 127.0.0.1 serving the bundled target (or --model; --wan PROFILE puts
+Starts N peer processes on 127.0.0.1 serving the target (--model, SmolLM2-135M-Instruct by default,
+speculating with its own draft unless --draft names one; --wan PROFILE puts
 swarm.bench.wan's delay proxies on every link), then for every prompt runs, interleaved in an order that
 rotates per prompt so background load hits all alike: plain greedy through the chain, speculative with
 every fixed k (1, 2, 3, 4, 6, 8), k=4 pipelined, a greedy tree, and the cost model (`AdaptiveK`) without
@@ -8,9 +9,13 @@ pipelining, with pipelining forced, as by default (it decides), and allowed tree
 as the reference. Reports tokens/s, tokens per round (committed tokens per verification round used),
 drafts per round, acceptance, pipelined rounds thrown away, the speedup over plain push, and whether
 every output matched --local token for token. Each mode's round policy (the cost model) carries over
-from prompt to prompt, as it does between a chat's turns.
+from prompt to prompt, as it does between a chat's turns. Prompts go in raw (completions) by default,
+with --chat as a chat turn through the model's chat template (`swarm.bench.prompts.chat_turn`); the
+token budget is the same fixed count either way.
 
     python scripts/bench_speculative.py                      # 3 peers, 10 prompts, 64 tokens
+    python scripts/bench_speculative.py --model tiny --prompts 3   # the small bundled pair
+    python scripts/bench_speculative.py --chat               # prompts as chat turns through the chat template
     python scripts/bench_speculative.py --peers 2 --prompts 20 --json
     python scripts/bench_speculative.py --wan continental --prompts 3   # through swarm.bench.wan's delay proxies
     python scripts/bench_speculative.py --modes "spec k=4" "adaptive (default)"
@@ -29,13 +34,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from swarm.bench.prompts import humaneval_prompts  # noqa: E402
-from swarm.bundled import TINY_DRAFT, TINY_MODEL  # noqa: E402
+from swarm.bench.workload import WorkloadError, open_workload  # noqa: E402
 from swarm.client.swarm_model import SwarmModel  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
 from swarm.decode.speculative import SpecConfig  # noqa: E402
 from swarm.decode.target import LocalModel  # noqa: E402
+from swarm.flags import add_draft_flag, add_model_flag  # noqa: E402
 from swarm.launch import even_spans, start_peers  # noqa: E402
-from swarm.text import load_tokenizer  # noqa: E402
 
 MODES = {
     **{f"spec k={k}": SpecConfig(k=k, pipeline=False) for k in (1, 2, 3, 4, 6, 8)},
@@ -50,8 +55,10 @@ MODES = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(TINY_MODEL))
-    ap.add_argument("--draft", default=str(TINY_DRAFT))
+    add_model_flag(ap)
+    add_draft_flag(ap)
+    ap.add_argument("--chat", action="store_true",
+                    help="feed each prompt as a chat turn through the model's chat template (default: raw completion)")
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=10, help="first N HumanEval prompts")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -62,8 +69,12 @@ def main() -> None:
     args = ap.parse_args()
     modes = {name: MODES[name] for name in (args.modes or MODES)}
     torch.set_num_threads(1)
+    try:
+        work = open_workload(args.model, args.draft, args.chat)
+    except WorkloadError as e:
+        raise SystemExit(f"error: {e}") from None
+    args.model_spec, args.model, args.draft = work.model_spec, str(work.model_dir), str(work.draft_dir)
     local, draft = LocalModel.load(args.model), LocalModel.load(args.draft)
-    tokenizer = load_tokenizer(args.model)
     cfg = local.head.cfg
     context = cfg.max_position_embeddings - args.new_tokens - 40
     totals = {name: dict(tokens=0, seconds=0.0, rounds=0, drafted=0, accepted=0, mismatches=0, wasted_rounds=0)
@@ -80,7 +91,7 @@ def main() -> None:
             model = wan.model() if wan else SwarmModel(args.model, [p.addr for p in peers])
             policies = {}  # each mode's round policy, as its last generation left it
             for i, text in enumerate(tqdm(humaneval_prompts(args.prompts), desc=f"{args.peers} peers", file=sys.stderr)):
-                prompt = tokenizer.encode(text).ids[-context:]
+                prompt = work.encode(text)[-context:]
                 ref = generate(local, prompt, args.new_tokens, stop_at_eos=False)
                 runs = {"local plain": ref, "plain push": generate(model, prompt, args.new_tokens, stop_at_eos=False)}
                 order = list(modes)
@@ -111,10 +122,12 @@ def main() -> None:
                          wasted_rounds=t["wasted_rounds"],
                          outputs_differing_from_local=t["mismatches"]) for name, t in totals.items()}
     if args.json:
-        print(json.dumps(dict(model=args.model, draft=args.draft, peers=args.peers, prompts=args.prompts, wan=args.wan,
+        print(json.dumps(dict(model=args.model, draft=args.draft, model_spec=work.model_spec, draft_spec=work.draft_spec,
+                              prompt_mode=work.prompt_mode, peers=args.peers, prompts=args.prompts, wan=args.wan,
                               new_tokens=args.new_tokens, modes=report)))
         return
     where = f"emulated WAN '{args.wan}'" if args.wan else "127.0.0.1"
+    print(f"{args.model_spec} ({args.model}), draft {args.draft}; prompts {work.prompt_mode}")
     print(f"{args.peers} peers on {where}, {args.prompts} HumanEval prompts, {args.new_tokens} greedy tokens:")
     print(f"{'mode':>24} | tokens/s | x plain push | tokens/round | drafts/round | acceptance | wasted | != local")
     for name, r in report.items():

@@ -14,6 +14,11 @@ main ones: adaptive and adaptive + pipelined) run on the first --sweep-prompts p
 ms/token barely depends on the prompt. Writes JSON and PNG plots: ms/token vs one-way latency,
 speedup vs number of peers, tokens per round vs k, measured vs predicted per mode.
 
+The target is --model (SmolLM2-135M-Instruct by default; `--model tiny`: the small bundled pair),
+speculating with its own draft unless --draft names one. Prompts go in raw (completions) by default,
+with --chat as a chat turn through the model's chat template (`swarm.bench.prompts.chat_turn`); the
+token budget is the same fixed count either way.
+
     python scripts/wan_bench.py                                  # continental, 2 peers, 20 prompts, 128 tokens
     python scripts/wan_bench.py --profiles lan metro continental intercontinental --prompts 3 --sweep-prompts 2
     python scripts/wan_bench.py --peers 2 4 --all-prompts --sweep-prompts 164
@@ -40,12 +45,12 @@ from swarm.bench.prompts import load_prompts  # noqa: E402
 from swarm.bench.report import format_report, plot_report  # noqa: E402
 from swarm.bench.wan.links import PROFILES, load_matrix  # noqa: E402
 from swarm.bench.wan.swarm import WanSwarm  # noqa: E402
-from swarm.bundled import TINY_DRAFT, TINY_MODEL  # noqa: E402
+from swarm.bench.workload import WorkloadError, open_workload  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
 from swarm.decode.sampling import SamplingParams  # noqa: E402
 from swarm.decode.speculative import SpecConfig  # noqa: E402
 from swarm.decode.target import LocalModel  # noqa: E402
-from swarm.text import load_tokenizer  # noqa: E402
+from swarm.flags import add_draft_flag, add_model_flag  # noqa: E402
 
 PETALS = ROOT.parent / "shared" / "anchors" / "petals"
 MAIN_MODES = ("spec adaptive", "spec adaptive+pipeline", "spec adaptive (auto pipeline)")  # on every prompt; the rest on --sweep-prompts
@@ -136,7 +141,7 @@ def plots(results: list[dict], out_dir: Path) -> list[str]:
             ax.plot([r["one_way_ms"] for r in reps], [ms(r, mode) for r in reps], "o-", label=mode)
         ax.set_xlabel("one-way latency per link (ms)")
         ax.set_ylabel("ms per token")
-        ax.set_title(f"{peers} peers, emulated WAN, bundled pair, greedy")
+        ax.set_title(f"{peers} peers, emulated WAN, greedy")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -184,8 +189,10 @@ def plots(results: list[dict], out_dir: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(TINY_MODEL))
-    ap.add_argument("--draft", default=str(TINY_DRAFT))
+    add_model_flag(ap)
+    add_draft_flag(ap)
+    ap.add_argument("--chat", action="store_true",
+                    help="feed each prompt as a chat turn through the model's chat template (default: raw completion)")
     ap.add_argument("--profiles", nargs="+", default=["continental"], choices=sorted(PROFILES))
     ap.add_argument("--matrix", help="a JSON one-way latency matrix (client first) instead of --profiles")
     ap.add_argument("--peers", type=int, nargs="+", default=[2], help="chain lengths (each at most the model's blocks)")
@@ -205,10 +212,15 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
+    try:
+        work = open_workload(args.model, args.draft, args.chat)
+    except WorkloadError as e:
+        raise SystemExit(f"error: {e}") from None
+    args.model, args.draft = str(work.model_dir), str(work.draft_dir)
     local, draft = LocalModel.load(args.model), LocalModel.load(args.draft)
     n_blocks = local.head.cfg.num_hidden_layers
-    prompts = load_prompts(load_tokenizer(args.model), 164 if args.all_prompts else args.prompts, args.max_new_tokens,
-                           local.head.cfg.max_position_embeddings)
+    prompts = load_prompts(work.tokenizer, 164 if args.all_prompts else args.prompts, args.max_new_tokens,
+                           local.head.cfg.max_position_embeddings, work.template)
     args.sweep_prompts = min(args.sweep_prompts, len(prompts))
     configs = []
     if args.matrix:
@@ -237,7 +249,8 @@ def main() -> None:
         print(format_report(rep), file=sys.stderr)
         print(f"outputs differing from --local: {rep['outputs_differing_from_local']}", file=sys.stderr)
     bar.close()
-    out = dict(command=" ".join(sys.argv), model=args.model, draft=args.draft, prompts=len(prompts),
+    out = dict(command=" ".join(sys.argv), model=args.model, draft=args.draft, model_spec=work.model_spec,
+               draft_spec=work.draft_spec, prompt_mode=work.prompt_mode, prompts=len(prompts),
                sweep_prompts=args.sweep_prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                cpu_count=os.cpu_count(), petals=petals_baseline(), results=results)
     Path(f"{args.out}.json").write_text(json.dumps(out, indent=1))

@@ -215,6 +215,7 @@ def assemble_draft(layers_dir: str | Path, target_dir: str | Path, out_dir: str 
     """A whole Hugging Face directory for a draft kept as its own layers only (`config.json` +
     `layers.safetensors`: model.layers.*, model.norm.weight): its tensors plus the target's
     `model.embed_tokens.weight` (and the target's LM head when the draft's config does not tie it),
+    plus the target's own blocks the draft shares unchanged (its config's `specswarm_target_layers`),
     config.json from the draft, the tokenizer files from the target. Into `out_dir` when given
     (rewritten each call), else once into the cache, in a folder named by a hash of what went in."""
     layers_dir, target_dir = Path(layers_dir), Path(target_dir)
@@ -236,7 +237,7 @@ def assemble_draft(layers_dir: str | Path, target_dir: str | Path, out_dir: str 
     out.parent.mkdir(parents=True, exist_ok=True)
     part = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        _write_draft(layers_dir, target_dir, config, part)
+        _write_draft(layers_dir, target_dir, config, part, target.get("num_hidden_layers", 0))
         if out.exists():
             if out_dir is None:  # another process assembled the same draft meanwhile
                 return out
@@ -247,7 +248,20 @@ def assemble_draft(layers_dir: str | Path, target_dir: str | Path, out_dir: str 
     return out
 
 
-def _write_draft(layers_dir: Path, target_dir: Path, config: dict, out: Path) -> None:
+def _tensor_names(model_dir: Path, prefix: str) -> list[str]:
+    """The names of `model_dir`'s tensors that start with `prefix` (single file or sharded)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = json.loads(index.read_text())["weight_map"]
+    else:
+        names = json.loads(_header(model_dir / "model.safetensors"))
+    found = sorted(n for n in names if n.startswith(prefix))
+    if not found:
+        raise ValueError(f"{model_dir} has no tensors {prefix}*")
+    return found
+
+
+def _write_draft(layers_dir: Path, target_dir: Path, config: dict, out: Path, target_layers: int) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -257,6 +271,16 @@ def _write_draft(layers_dir: Path, target_dir: Path, config: dict, out: Path) ->
     if not config.get("tie_word_embeddings", False):  # an untied draft takes the target's head (or its tied embeddings)
         head = "lm_head.weight"
         wanted[head] = head if _weight_file(target_dir, head, required=False) else "model.embed_tokens.weight"
+    # A draft may share the target's first blocks unchanged: "specswarm_target_layers": [target block of
+    # draft block 0, of draft block 1, ...]; its own blocks follow them.
+    shared = config.get("specswarm_target_layers") or []
+    if not isinstance(shared, list) or not all(isinstance(i, int) and 0 <= i < target_layers for i in shared):
+        raise ValueError(f"the draft in {layers_dir}: specswarm_target_layers must list blocks of the target "
+                         f"(0..{target_layers - 1}), got {shared!r}")
+    for j, i in enumerate(shared):
+        prefix = f"model.layers.{i}."
+        for name in _tensor_names(target_dir, prefix):
+            wanted[f"model.layers.{j}." + name[len(prefix):]] = name
     for name, source in wanted.items():
         if name not in tensors:
             with safe_open(str(_weight_file(target_dir, source)), framework="pt") as f:

@@ -141,6 +141,35 @@ def test_assemble_draft_takes_the_targets_embeddings(tmp_path):
     assert explicit == tmp_path / "mine" and (explicit / "model.safetensors").exists()
 
 
+def test_assemble_draft_copies_the_target_blocks_it_shares(tmp_path):
+    """A draft whose first blocks are the target's own ("specswarm_target_layers") ships only the rest;
+    assembly copies the shared blocks in, and a bad list is refused in one line."""
+    import json
+
+    from swarm.decode.target import LocalModel
+
+    target = load_file(str(TINY_MODEL / "model.safetensors"))
+    config = json.loads((TINY_MODEL / "config.json").read_text())
+    shipped = tmp_path / "shared-draft"
+    shipped.mkdir()
+    own = {k.replace("model.layers.3.", "model.layers.2."): v for k, v in target.items() if k.startswith("model.layers.3.")}
+    save_file({**own, "model.norm.weight": target["model.norm.weight"]}, str(shipped / "layers.safetensors"))
+    (shipped / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3,
+                                                     "specswarm_target_layers": [0, 1]}))
+    out = assemble_draft(shipped, TINY_MODEL)
+    got = load_file(str(out / "model.safetensors"))
+    for j, i in ((0, 0), (1, 1), (2, 3)):
+        block = {k[len(f"model.layers.{i}."):]: v for k, v in target.items() if k.startswith(f"model.layers.{i}.")}
+        assert block and all(torch.equal(got[f"model.layers.{j}.{k}"], v) for k, v in block.items())
+    assert not any(k.startswith("model.layers.3.") for k in got)
+    draft = LocalModel.load(out)
+    assert draft.head.cfg.num_hidden_layers == 3
+    (shipped / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3,
+                                                     "specswarm_target_layers": [0, 9]}))
+    with pytest.raises(ValueError, match="specswarm_target_layers must list blocks of the target"):
+        assemble_draft(shipped, TINY_MODEL, tmp_path / "bad")
+
+
 def test_assemble_draft_refuses_a_draft_of_another_shape(tmp_path, tiny):
     layers = layers_only(TINY_DRAFT, tmp_path / "d")
     with pytest.raises(ValueError, match="does not fit"):
