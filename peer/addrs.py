@@ -129,7 +129,8 @@ def usable(addrs: Sequence[str], bootstrap: Sequence[str] = (), verdict: str = "
     through `bootstrap` could dial, given the reachability `verdict` (module docstring)."""
     hosts = bootstrap_hosts(bootstrap)
     kinds = [scope(hp[1]) if hp else "global" for hp in map(host_port, addrs)]
-    loopback_swarm = all(scope(h) == "loopback" for h in hosts) if hosts else all(k == "loopback" for k in kinds)
+    real = [k for k in kinds if k not in ("unspecified", "multicast")]
+    loopback_swarm = all(scope(h) == "loopback" for h in hosts) if hosts else all(k == "loopback" for k in real)
     out = []
     for addr, kind in zip(addrs, kinds):
         hp = host_port(addr)

@@ -72,8 +72,10 @@ def parse_request(body: bytes) -> tuple[bytes, dict[str, int]]:
     """(nonce, {kind: port}) from a request body; DialbackError("bad_request", why) for anything else."""
     try:
         msg = json.loads(body)
-        nonce = bytes.fromhex(msg["nonce"]) if isinstance(msg, dict) and isinstance(msg.get("nonce"), str) else b""
-    except (ValueError, RecursionError, KeyError):  # (UnicodeDecodeError is a ValueError)
+        if not isinstance(msg, dict):
+            raise ValueError
+        nonce = bytes.fromhex(msg["nonce"]) if isinstance(msg.get("nonce"), str) else b""
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         raise DialbackError("bad_request", "a request is one JSON object {v, nonce, ports}") from None
     if msg.get("v") != 1:
         raise DialbackError("bad_request", f"unsupported version {str(msg.get('v'))[:20]!r} (this peer speaks 1)")
@@ -225,7 +227,7 @@ class DialbackServer:
             except trio.TooSlowError:
                 results[kind] = "timeout"
             except OSError as exc:
-                results[kind] = "refused" if exc.errno == errno.ECONNREFUSED else "unreachable"
+                results[kind] = "refused" if _refused(exc) else "unreachable"
             except Exception as exc:  # the connection broke half way (trio.BrokenResourceError, ...)
                 log.debug("dial-back to %s:%d failed: %r", ip, port, exc)
                 results[kind] = "broken"
@@ -254,6 +256,12 @@ class DialbackServer:
                 break
             got += chunk
         return "ok" if got == want else "no_ack"
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a failed connect was refused (trio hides the errno in the errors of every attempt)."""
+    causes = getattr(exc.__cause__, "exceptions", [exc.__cause__]) if exc.__cause__ else []
+    return any(getattr(e, "errno", None) == errno.ECONNREFUSED for e in [exc, *causes])
 
 
 async def ask(host: Any, helper: ID, nonce: bytes, ports: dict[str, int], timeout: float = ASK_TIMEOUT) -> dict:
