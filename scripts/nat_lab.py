@@ -31,6 +31,7 @@ Python API (tests/test_nat_lab.py):
         lab.run("vol", ["ip", "route"])                          # subprocess.run inside the namespace
         p = lab.popen(lab.pub, [sys.executable, "-m", ...])      # Popen inside it; stopped at cleanup
         lab.ping("vol", lab.pub.ip); lab.tcp_probe("pub", lab.vol.ip, 8000)
+        lab.forward_ports("31330:31331")                         # router A forwards them to vol
     # everything gone here, also after an exception, Ctrl-C or SIGTERM (SIGHUP)
 
 Stdlib only; needs root, `ip` (iproute2) and `iptables` (installed with apt-get when missing, if asked to).
@@ -234,6 +235,14 @@ class Lab:
             ["-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
             ["-A", "INPUT", "-p", "icmp", "-j", "ACCEPT"],
         ]
+
+    def forward_ports(self, ports: str = "31330:31331") -> None:
+        """Port forwarding on router A (TCP `ports`, FIRST:LAST, on its WAN address to the volunteer), as a
+        volunteer would set it up at home: new inbound connections on those ports reach `vol`."""
+        self._in(self.rtra, "iptables", "-t", "nat", "-A", "PREROUTING", "-i", "wan", "-p", "tcp", "--dport", ports,
+                 "-j", "DNAT", "--to-destination", self.vol.ip)
+        self._in(self.rtra, "iptables", "-A", "FORWARD", "-i", "wan", "-o", "lan", "-p", "tcp", "-d", self.vol.ip,
+                 "--dport", ports, "-j", "ACCEPT")
 
     # running things inside
 

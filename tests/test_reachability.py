@@ -21,7 +21,7 @@ from peer.addrs import scope, usable
 from peer.dht import SwarmDHT
 from peer.dialback import DialbackError, RateLimit, parse_request
 from peer.p2p import NO_ADDRESS, P2PNode
-from peer.reachability import Reachability, Verdict
+from peer.reachability import Reachability
 from peer.record import PeerRecord, RecordError, _seal
 from peer.transport import listen_tcp, parse_tcp_addr
 from swarm.launch import PeerProcess
