@@ -21,7 +21,7 @@ from peer.addrs import scope, usable
 from peer.dht import SwarmDHT
 from peer.dialback import DialbackError, RateLimit, parse_request
 from peer.p2p import NO_ADDRESS, P2PNode
-from peer.reachability import Reachability
+from peer.reachability import Reachability, Verdict
 from peer.record import PeerRecord, RecordError, _seal
 from peer.transport import listen_tcp, parse_tcp_addr
 from swarm.launch import PeerProcess
@@ -241,6 +241,34 @@ def test_verdicts_and_plans():
             for n in (me, old, helper):
                 await n.close()
     asyncio.run(main())
+
+
+def test_watch_applies_a_changed_verdict(caplog):
+    """The periodic re-check asks the connected peers that speak the protocol; a new verdict is applied and
+    logged, the same one is not; explicit modes are never re-checked."""
+    async def main():
+        helper, me = [await P2PNode.start() for _ in range(2)]
+        await Reachability(helper).start()
+        reach = Reachability(me, bootstrap=[helper.addrs[0]])
+        await me.connect(helper.addrs[0])
+        applied: list[Verdict] = []
+
+        async def apply(v: Verdict) -> None:
+            applied.append(v)
+        task = asyncio.ensure_future(reach.watch(Verdict("private"), apply, every=0.3, observe_every=0.1))
+        try:
+            await poll(lambda: asyncio.sleep(0, applied), lambda got: len(got) >= 1)
+            await asyncio.sleep(1.0)  # more checks, same verdict: nothing more applied
+        finally:
+            task.cancel()
+        assert [v.state for v in applied] == ["public"] and applied[0].observed == "127.0.0.1"
+        told = Reachability(me, mode="public")
+        await asyncio.wait_for(told.watch(Verdict("public", checked=False), apply, every=0.1), 1)  # returns at once
+        for n in (me, helper):
+            await n.close()
+    with caplog.at_level("INFO", logger="specswarm.reachability"):
+        asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records if "reachability: PUBLIC" in r.getMessage()], caplog.text
 
 
 # --- DHT and records -----------------------------------------------------------------------------------
