@@ -181,7 +181,8 @@ class Reachability:
             return line
         if verdict.state == "private":
             ports = f"{port}-{dp}" if dp == (port or 0) + 1 else f"{port}" + (f" and {dp}" if dp else "")
-            listen = " ".join(sorted({host_port(a)[1] for a in self.node.bound if host_port(a)})) or "?"
+            hosts = sorted({host_port(a)[1] for a in self.node.bound if host_port(a)})
+            listen = " ".join([h for h in hosts if scope(h) != "loopback"] or hosts) or "?"
             given = (f" (--announce/--public-ip say {' '.join(self.initial)}: nobody got through; --reachability "
                      "public overrides this check)") if self.configured else ""
             return (f"reachability: PRIVATE — you are behind a NAT or firewall: {verdict.answered} peer(s) could not "

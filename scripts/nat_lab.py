@@ -588,8 +588,8 @@ def run_scenario(lab: Lab, log_dir: Path, port: int = 31330, wait_s: float = 30.
     result["status"] = status
     out(f"[{time.monotonic() - t0:5.1f}s] `swarm status --json` from {lab.cli.name}:")
     for p in status.get("peers", []):
-        out(f"    peer …{p['peer_id'][-8:]} blocks {p['blocks']} {p['state']} reachable={p['reachable']} "
-            f"addrs={p['addrs']} data_addr={p['data_addr']}")
+        out(f"    peer …{p['peer_id'][-8:]} blocks {p['blocks']} {p['state']} reachability={p.get('reachability')} "
+            f"observed={p.get('observed')} reachable={p['reachable']} addrs={p['addrs']} data_addr={p['data_addr']}")
     if "peers" in status:
         out(f"    coverage {status['coverage']} gaps {status['gaps']} complete={status['complete']}")
     else:
@@ -600,6 +600,8 @@ def run_scenario(lab: Lab, log_dir: Path, port: int = 31330, wait_s: float = 30.
     for line in (gen.stdout.strip().splitlines() + [f"stderr: {line}" for line in gen.stderr.strip().splitlines()])[-12:]:
         out(f"    {line}")
     for name in ("pub", "vol"):
+        verdict = [x for x in (log_dir / f"{name}.log").read_text().splitlines() if "reachability:" in x][:1]
+        out(f"--- {name}'s verdict: {verdict[0].split(': ', 1)[1] if verdict else '(none logged)'}")
         out(f"--- last lines of {name}'s log:")
         out(textwrap.indent(swarm.tail(name, 6), "    "))
     return result
