@@ -28,7 +28,10 @@ behind when it exits (a departed node in routing tables costs every later lookup
 py-libp2p 0.8.1 alone does not do that last part: a server adds whoever opens a KAD stream to it,
 client-mode nodes included; our servers (`_ServerKadDHT`) add such a peer only once identify says
 that it offers the KAD protocol itself. The KAD handler is registered before the first dial, so
-that identify, which runs on every new connection, already lists it for a server.
+that identify, which runs on every new connection, already lists it for a server (connections opened
+earlier, e.g. for a reachability check, get an identify push). A serving peer that others cannot dial
+(`reachable=False`, peer/reachability.py) publishes like a server but runs Kademlia as a client, and
+`set_reachable` switches the mode when its reachability changes.
 
 py-libp2p quirks handled (with a few private calls into its stores; pinned by libp2p<0.9):
   * get_value/find_providers answer from the local store whenever it has anything (a stale record,
@@ -129,10 +132,10 @@ class SwarmDHT:
     """Our records on a KadDHT in `node`'s trio thread: a server (publishes, answers others) or a
     client (looks up only). `await SwarmDHT.start(...)`."""
 
-    def __init__(self, node: P2PNode, ttl: float, server: bool = True):
+    def __init__(self, node: P2PNode, ttl: float, server: bool = True, reachable: bool = True):
         if not 0 < ttl <= MAX_TTL:
             raise ValueError(f"ttl must be in (0, {MAX_TTL}] seconds, not {ttl}")
-        self.node, self.ttl, self.server = node, ttl, server
+        self.node, self.ttl, self.server, self.reachable = node, ttl, server, reachable
         self.dht: KadDHT | None = None  # trio thread only
         self._record: PeerRecord | None = None  # the latest announced, republished every ttl/2
         self._due = math.inf
@@ -141,13 +144,17 @@ class SwarmDHT:
 
     @classmethod
     async def start(cls, node: P2PNode, bootstrap: Sequence[str] = (), ttl: float = 120.0, *,
-                    server: bool = True) -> SwarmDHT:
+                    server: bool = True, reachable: bool = True) -> SwarmDHT:
         """Run a KadDHT (strict validation) in `node`, joined through `bootstrap` multiaddrs. `server`:
         a serving peer's DHT (announces, answers requests, in others' routing tables); False: a
-        client's (finds records; py-libp2p's client mode, and no background maintenance)."""
-        self = cls(node, ttl, server)
+        client's (finds records; py-libp2p's client mode, and no background maintenance). A serving
+        peer that others cannot dial (`reachable=False`) announces and republishes, but runs Kademlia
+        as a client, so that nobody hands it out as a contact."""
+        self = cls(node, ttl, server, reachable)
         logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_not_eof_warning)
         await node.run_trio(self._create_trio)  # before dialling: identify must already list our KAD protocol
+        if server and reachable:  # peers we are connected to already (dial-back helpers) must hear of it
+            await node.push_identify()
         peers = []
         for addr in bootstrap:
             try:
@@ -159,8 +166,8 @@ class SwarmDHT:
         await node.run_trio(self._join_trio, peers)
         if server:
             self._runner = asyncio.ensure_future(node.run_trio(self._serve_trio))
-        log.info("DHT %s on %s started (%d bootstrap peers, ttl %.0f s)", "server" if server else "client",
-                 node.peer_id, len(peers), ttl)
+        kind = ("server" if reachable else "publisher in client mode (unreachable)") if server else "client"
+        log.info("DHT %s on %s started (%d bootstrap peers, ttl %.0f s)", kind, node.peer_id, len(peers), ttl)
         return self
 
     async def announce(self, record: PeerRecord) -> None:
@@ -182,6 +189,16 @@ class SwarmDHT:
             await self.node.run_trio(self._publish_trio)
         self._record = record
         await self.node.run_trio(self._publish_trio)
+
+    async def set_reachable(self, reachable: bool) -> None:
+        """A serving peer's Kademlia mode after its reachability changed: server if others can dial it,
+        client if not (its routing table is kept); connected peers are told at once (identify push)."""
+        if not self.server or self._closed or reachable == self.reachable:
+            return
+        self.reachable = reachable
+        await self.node.run_trio(self._switch_trio, reachable)
+        await self.node.push_identify()
+        log.info("DHT on %s now runs as a %s", self.node.peer_id, "server" if reachable else "client (unreachable)")
 
     async def find(self, model: str, blocks: range | None = None, *, include_offline: bool = False) -> list[PeerRecord]:
         """Each peer's newest valid, unexpired record of `model` (of those overlapping `blocks`, if
@@ -224,12 +241,21 @@ class SwarmDHT:
     # trio thread
 
     async def _create_trio(self) -> None:
-        if self.server:  # registers the KAD protocol's handler: what identify tells others
-            self.dht = _ServerKadDHT(self.node.host, DHTMode.SERVER, strict_validation=True)
+        if self.server:  # in server mode, registers the KAD protocol's handler: what identify tells others
+            mode = DHTMode.SERVER if self.reachable else DHTMode.CLIENT
+            self.dht = _ServerKadDHT(self.node.host, mode, strict_validation=True)
         else:
             self.dht = KadDHT(self.node.host, DHTMode.CLIENT, strict_validation=True)
         self.dht.register_validator(NAMESPACE, _RecordValidator())
         self._lock, self._stop = trio.Lock(), trio.Event()
+
+    async def _switch_trio(self, reachable: bool) -> None:
+        table = self.dht.routing_table
+        peers = table.get_peer_ids()
+        await self.dht.switch_mode(DHTMode.SERVER if reachable else DHTMode.CLIENT)  # (empties the table)
+        for peer in peers:
+            if not table.peer_in_table(peer):
+                await table.add_peer(peer, skip_server_mode_check=True)
 
     async def _join_trio(self, bootstrap_ids: list[str]) -> None:
         table = self.dht.routing_table

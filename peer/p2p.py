@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import math
 import socket
@@ -41,13 +40,16 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID, Transport as Noise
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID, Yamux
-from libp2p.utils.address_validation import expand_wildcard_address
 
+from peer.addrs import check_announce, concrete as _concrete
 from peer.trio_thread import TrioThread, unwrap
 from protocol import framing
 
 log = logging.getLogger("specswarm.p2p")
 DEFAULT_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
+# Told (identify, DHT provider entries) when no address of ours is dialable: py-libp2p's DHT drops a provider
+# entry without an address, and no py-libp2p node dials a circuit address (none without a relay in front).
+NO_ADDRESS = multiaddr.Multiaddr("/p2p-circuit")
 PEERSTORE_TTL = 24 * 3600  # seconds a dialled address is remembered (libp2p's connect() uses 120)
 Handler = Callable[["P2PStream"], Awaitable[None]]
 
@@ -99,49 +101,10 @@ def _bind_problem(maddr: str) -> str | None:
     return None
 
 
-def check_announce(announce: Sequence[str] = (), public_ip: str | None = None, peer_id: str | None = None) -> list[str]:
-    """The `announce` multiaddrs without their /p2p/ part, checked: each /ip4|ip6|dns*/HOST/tcp/PORT with a
-    concrete host and port (a /p2p/ part must name `peer_id`, when given); `public_ip` an IP address.
-    ValueError (one line) for anything else."""
-    out = []
-    for text in announce:
-        try:
-            ma = multiaddr.Multiaddr(text)
-            names = [p.name for p in ma.protocols()]
-            shape = names[0] in ("ip4", "ip6", "dns", "dns4", "dns6") and names[1:] in (["tcp"], ["tcp", "p2p"])
-            host, port = ma.value_for_protocol(names[0]), int(ma.value_for_protocol("tcp"))
-            wildcard = port == 0 or (names[0] in ("ip4", "ip6") and ipaddress.ip_address(host).is_unspecified)
-            if not shape or wildcard or (peer_id and len(names) == 3 and ma.value_for_protocol("p2p") != peer_id):
-                raise ValueError
-        except Exception:
-            raise ValueError(f"--announce wants the /ip4/HOST/tcp/PORT others dial (or /ip6, /dns4, /dns6; no "
-                             f"wildcard or port 0; /p2p/ only with this peer's id), got {text!r}") from None
-        out.append(f"/{names[0]}/{host}/tcp/{port}")
-    if public_ip is not None:
-        try:
-            if ipaddress.ip_address(public_ip).is_unspecified or ipaddress.ip_address(public_ip).is_multicast:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"--public-ip wants the IP address others reach this machine at (e.g. 203.0.113.7), "
-                             f"got {public_ip!r}") from None
-    return out
-
-
-def _concrete(addrs: list[Any], announce: Sequence[str] = (), public_ip: str | None = None):
-    """(where it listens, as peers can dial it: a wildcard (0.0.0.0, ::) becomes each interface's address;
-    what to tell others: `announce` and each bound port on `public_ip`, else the former)."""
-    out: list[str] = []
-    for addr in addrs:
-        text = str(addr)
-        candidates = [text]
-        if text.startswith(("/ip4/0.0.0.0/", "/ip6/::/")):
-            candidates = [str(a) for a in expand_wildcard_address(addr)]
-            if text.startswith("/ip4/"):
-                candidates.append(text.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1))
-        out += [c for c in candidates if c not in out]
-    ports = [a.split("/")[4] for a in out if public_ip and a.split("/")[3] == "tcp"]
-    told = list(announce) + [f"/ip{6 if ':' in (public_ip or '') else 4}/{public_ip}/tcp/{p}" for p in ports]
-    return out, list(dict.fromkeys(told)) or out
+def _as_async(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
+    async def run() -> Any:
+        return fn()
+    return run
 
 
 class P2PStream:
@@ -248,7 +211,7 @@ class P2PNode(TrioThread):
         self.frame_timeout: float | None = 30.0  # seconds from a frame's first byte to its last (slowloris)
         self.peer_id: str = str(ID.from_pubkey(key_pair.public_key))
         self._announce, self._public_ip = check_announce(announce, public_ip, self.peer_id), public_ip
-        self._advertised: list[multiaddr.Multiaddr] = []  # what libp2p tells others (identify, DHT)
+        self._advertised: list[multiaddr.Multiaddr] | None = None  # what libp2p tells others (identify, DHT)
         self.addrs: list[str] = []  # what others should dial: announced, else bound (full, with /p2p/<id>)
         self.bound: list[str] = []  # where it listens, wildcards made concrete (full multiaddrs)
         self._handlers: dict[str, Handler] = {}
@@ -299,6 +262,25 @@ class P2PNode(TrioThread):
         """`await async_fn(*args)` in the trio thread, where it may use `self.host`; returns its result."""
         return await self._call(async_fn, *args)
 
+    async def set_addrs(self, addrs: Sequence[str]) -> None:
+        """Tell others `addrs` (multiaddrs, /p2p/ part optional; may be none) from now on: in `addrs`, in
+        identify (pushed to the connected peers at once) and so in the DHT."""
+        bare = [a.split("/p2p/")[0] for a in addrs]
+        self._advertised = [multiaddr.Multiaddr(a) for a in bare]
+        self.addrs = [f"{a}/p2p/{self.peer_id}" for a in bare]
+        await self.push_identify()
+
+    async def push_identify(self) -> None:
+        """Send our identify (addresses, protocols) to every connected peer now (after a change)."""
+        await self._call(self._host._push_identify_to_all_peers)
+
+    async def observed_ips(self) -> set[str]:
+        """The IPs connected peers say they see us at (identify's observed addresses)."""
+        def ips() -> set[str]:
+            manager = getattr(self._host, "_observed_addr_manager", None)
+            return {str(a).split("/")[2] for a in (manager.addrs(min_observers=1) if manager else [])}
+        return await self._call(_as_async(ips))
+
     @property
     def host(self) -> Any:
         """The py-libp2p host: use it only from trio code (run_trio)."""
@@ -325,7 +307,7 @@ class P2PNode(TrioThread):
             # One connection per peer; this also ends dial_peer's 250 ms happy-eyeballs wait on success.
             # No auto-connector: it redials every peer ever seen (departed clients too) to keep 50 open.
             connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
-            addrs_factory=lambda candidates: list(self._advertised or candidates))  # never 0.0.0.0
+            addrs_factory=lambda found: list(found if self._advertised is None else self._advertised or [NO_ADDRESS]))
         async with host.run(listen_addrs=maddrs), trio.open_nursery() as nursery:
             self._nursery = nursery
             missing = [a for a in listen if str(multiaddr.Multiaddr(a)) not in host.get_network().listeners]

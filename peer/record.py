@@ -1,8 +1,9 @@
 """The signed discovery record a peer publishes about itself, and the rules every reader checks.
 
 A `PeerRecord` says, for one model: peer id, multiaddrs, block range [start, end), direct data
-address, throughput, free cache, state, public keys, RTTs to the peers of the next blocks, and when
-it was issued and expires. On the wire it is canonical JSON, a newline, then the hex Ed25519
+address, throughput, free cache, state, public keys, RTTs to the peers of the next blocks, when
+it was issued and expires, and (since issue 15; optional, so that older records still verify) its
+reachability verdict and the IP other peers see it at. On the wire it is canonical JSON, a newline, then the hex Ed25519
 signature (by the peer's libp2p key) of a domain tag + the JSON. `verify` believes a record only if
 it is well-formed (every field checked), at most 16 KiB, signed by the key that hashes to the peer
 id it names, and unexpired (with at most MAX_TTL + CLOCK_SKEW to go). The newest record wins.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import math
 import time
@@ -31,6 +33,7 @@ from protocol.messages import is_tcp_addr
 NAMESPACE = "specswarm"
 PROTOCOL_VERSION = 1
 STATES = ("joining", "online", "leaving", "offline")
+REACHABILITY = ("public", "private", "unknown")  # peer/reachability.py
 MAX_RECORD_BYTES = 16 * 1024
 MAX_TTL = 600.0  # seconds a record may live (so a dead peer cannot look alive for longer)
 CLOCK_SKEW = 60.0  # tolerated for "expires too far in the future"
@@ -60,6 +63,8 @@ class PeerRecord:
     rtts: dict[str, float] = field(default_factory=dict)  # peer id -> ms
     issued: float = 0.0  # unix seconds; the newest record of a peer wins
     expires: float = 0.0
+    reachability: str = "unknown"  # can peers dial it: public, private, unknown (not checked)
+    observed: str | None = None  # the IP address other peers see it at
 
     @property
     def blocks(self) -> range:
@@ -152,6 +157,10 @@ _RULES = {  # field -> is its value acceptable (an exception means no)
                                                                  for k, ms in v.items()),
     "issued": _num, "expires": _num,
 }
+_OPTIONAL = {  # field -> (rule, value when absent): records from before these fields still verify
+    "reachability": (lambda v: v in REACHABILITY, "unknown"),
+    "observed": (lambda v: v is None or (_str(v, 64) and ipaddress.ip_address(v) is not None), None),
+}
 
 
 def _check(d: Any) -> PeerRecord:
@@ -160,14 +169,16 @@ def _check(d: Any) -> PeerRecord:
         raise RecordError("malformed: not a JSON object")
     if missing := [name for name in _RULES if name not in d]:
         raise RecordError(f"malformed: missing {missing}")
-    for name, ok in _RULES.items():
+    values = {name: d[name] for name in _RULES}
+    values.update({name: d.get(name, absent) for name, (_, absent) in _OPTIONAL.items()})
+    for name, ok in [*_RULES.items(), *((name, rule) for name, (rule, _) in _OPTIONAL.items())]:
         try:
-            good = ok(d[name])
+            good = ok(values[name])
         except Exception:
             good = False
         if not good:
-            raise RecordError(f"malformed: bad {name}: {d[name]!r}"[:200])
-    rec = PeerRecord(**{name: d[name] for name in _RULES})  # unknown keys (newer versions) are ignored
+            raise RecordError(f"malformed: bad {name}: {values[name]!r}"[:200])
+    rec = PeerRecord(**values)  # unknown keys (newer versions) are ignored
     if rec.start >= rec.end or rec.issued > rec.expires:
         raise RecordError("malformed: empty block range, or issued after it expires")
     return rec

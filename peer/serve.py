@@ -1,13 +1,17 @@
 """A volunteer peer process: join the swarm, choose and load blocks, announce them, serve until stopped.
 
-In order: start the libp2p node and the DHT (bootstrapping from --initial-peers); if no --blocks
-were given, measure this machine's block throughput (cached) and take the span the swarm is
-weakest on; announce it as "joining"; load the blocks; serve inference streams (libp2p and a direct
-TCP port, both told to others on the addresses they dial: --announce / --public-ip, else the bound
-ones, never a wildcard); print them ('listening on ...'; a warning if only loopback); announce
-"online" and keep the record fresh (free cache, RTTs to the peers that serve the next blocks); log
-a summary line (sessions, tokens, refusals) every --summary-every seconds; on Ctrl-C or SIGTERM
-announce "offline", log a last summary and leave.
+In order: start the libp2p node, answer other peers' dial-back checks and bind the direct TCP port;
+find out whether peers can reach this one (peer/reachability.py: the --initial-peers dial it back on
+fresh connections; one log line says the verdict and what to do about it) and tell others only
+addresses they can use (--announce / --public-ip, else the verified or bound ones, never a wildcard;
+none when private); start the DHT (bootstrapping from --initial-peers; Kademlia as a client when
+private); if no --blocks were given, measure this machine's block throughput (cached) and take the
+span the swarm is weakest on; announce it as "joining" (with the verdict and the address peers see
+us at); load the blocks; serve inference streams (libp2p and the direct port); print the addresses
+('listening on ...'; a warning if only loopback); announce "online" and keep the record fresh (free
+cache, RTTs to the peers that serve the next blocks; the verdict, checked again every 10 minutes and
+when peers see us at a new address); log a summary line (sessions, tokens, refusals) every
+--summary-every seconds; on Ctrl-C or SIGTERM announce "offline", log a last summary and leave.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import torch
 from peer import set_threads
 from peer.dht import SwarmDHT
 from peer.model import Checkpoint
-from peer.p2p import DEFAULT_LISTEN, ListenError, P2PNode, check_announce
+from peer.addrs import check_announce
+from peer.p2p import DEFAULT_LISTEN, ListenError, P2PNode
+from peer.reachability import MODES, Reachability, Verdict
 from peer.record import PeerRecord
 from peer.limits import Limits
 from peer.server import BlockServer
@@ -57,6 +63,7 @@ class PeerOptions:
     public_ip: str | None = None  # announce the bound ports on this IP
     port: int | None = None  # listen on /ip4/0.0.0.0/tcp/PORT, direct data port PORT + 1: stable addresses
     summary_every: float = 60.0  # seconds between summary lines (0: only at shutdown)
+    reachability: str = "auto"  # auto: ask peers to dial back; public / private: as said, not checked
 
     def __post_init__(self):
         if self.port is not None:
@@ -72,6 +79,8 @@ class PeerOptions:
         if self.summary_every < 0:
             raise ValueError(f"--summary-every wants seconds >= 0, got {self.summary_every}")
         check_announce(self.announce, self.public_ip)
+        if self.reachability not in MODES:
+            raise ValueError(f"--reachability wants one of {', '.join(MODES)}, got {self.reachability!r}")
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -131,11 +140,20 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
     dht = tcp_server = server = None
     tasks: list[asyncio.Task] = []
     try:
-        dht = await SwarmDHT.start(node, opts.initial_peers, ttl=opts.record_ttl)
+        reach = Reachability(node, opts.reachability, opts.initial_peers, bool(opts.announce or opts.public_ip))
+        await reach.start()
+        if opts.direct:  # bound before the check, so that helpers can dial it back too
+            tcp_server, reach.data_port = await listen_direct(lambda s, name: _direct(reach.sniff(s), name, server),
+                                                              opts)
+        verdict = await reach.check()
+        plan = reach.plan(verdict)
+        await node.set_addrs(plan.addrs)
+        log.log(logging.WARNING if verdict.state == "private" else logging.INFO, "%s", reach.describe(verdict, plan))
+        dht = await SwarmDHT.start(node, opts.initial_peers, ttl=opts.record_ttl, reachable=plan.kad_server)
         throughput = block_throughput(ckpt, opts.device, opts.dtype)
         span = opts.blocks or await choose_span(dht, ckpt, opts, throughput)
         record = PeerRecord(ckpt.model_id, *span, throughput=throughput, cache_tokens=opts.limits.cache_tokens,
-                            state="joining")
+                            state="joining", reachability=verdict.state, observed=verdict.observed)
         await dht.announce(record)
         t0 = time.perf_counter()
         blocks = ckpt.load_blocks(*span, opts.dtype, opts.device)
@@ -145,8 +163,7 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
         server = BlockServer(blocks, ckpt.model_id, opts.limits, open_stream=lambda addr: dial(node, addr),
                              name=node.peer_id, key_pair=node.key_pair)
         node.set_stream_handler(INFERENCE_PROTOCOL, lambda s: server.handle(s, s.remote_peer_id[-8:]))
-        if opts.direct:
-            tcp_server, server.data_addr = await listen_direct(server, node, opts)
+        server.data_addr = plan.data_addr
         record.state, record.data_addr = "online", server.data_addr
         record.x25519 = server.static.public.hex()  # the signed record vouches for it too
         await dht.announce(record)
@@ -155,6 +172,15 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
         tasks.append(loop.create_task(server.expire_idle(min(5.0, opts.limits.session_timeout / 2))))
         if opts.summary_every > 0:
             tasks.append(loop.create_task(summaries(server, opts.summary_every)))
+
+        async def apply(new: Verdict) -> None:  # a re-check changed the verdict
+            plan = reach.plan(new)
+            await node.set_addrs(plan.addrs)
+            await dht.set_reachable(plan.kad_server)
+            server.data_addr = record.data_addr = plan.data_addr
+            record.reachability, record.observed = new.state, new.observed
+            await dht.announce(record)
+        tasks.append(loop.create_task(reach.watch(verdict, apply)))
         stop = stop_on_signals()
         if ready is not None:
             ready.set()
@@ -179,28 +205,41 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
         await node.close()
 
 
-async def listen_direct(server: BlockServer, node: P2PNode, opts: PeerOptions):
-    """The direct inference port: bound where libp2p listens (all interfaces for 0.0.0.0), announced on
-    the host of the first address others are told. Returns (asyncio server, its tcp:// address)."""
+async def _direct(stream, name: str, server: BlockServer | None) -> None:
+    """A connection to the direct port: served once the blocks are loaded; before that only a dial-back
+    probe is answered (the sniffer does it, then ends the stream), anything else is hung up on."""
+    if server is not None:
+        await server.handle(stream, name)
+        return
+    try:
+        await asyncio.wait_for(stream.recv(), 10)
+    except (EOFError, OSError, ValueError, asyncio.TimeoutError):
+        pass
+    finally:
+        await stream.close()
+
+
+async def listen_direct(handler, opts: PeerOptions):
+    """The direct inference port, bound where libp2p listens (all interfaces for 0.0.0.0); `await
+    handler(stream, name)` per connection. Returns (asyncio server, its port). Others are told it on the
+    host of the first address they are told (`Reachability.plan`)."""
     bind = _host_of(opts.listen[0])
     try:
-        tcp_server, bound = await listen_tcp(server.handle, bind, opts.data_port, opts.limits.max_frame,
+        tcp_server, bound = await listen_tcp(handler, bind, opts.data_port, opts.limits.max_frame,
                                              opts.limits.frame_timeout or None)
     except OSError as exc:
         why = ("address in use (is another peer running? choose another --data-port or --port)"
                if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc))
         raise ListenError(f"could not listen on tcp://{bind}:{opts.data_port} for direct inference streams: {why}") \
             from None
-    host, port = _host_of(node.addrs[0]) if node.addrs else bind, parse_tcp_addr(bound)[1]
-    data_addr = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-    log.info("direct inference streams on %s%s", data_addr, f" (bound to {bound})" if bound != data_addr else "")
-    return tcp_server, data_addr
+    log.info("direct inference streams on %s", bound)
+    return tcp_server, parse_tcp_addr(bound)[1]
 
 
 def print_addresses(node: P2PNode) -> None:
-    """The 'listening on' lines (what others dial: give one as --initial-peers), and a warning when
-    nobody else can."""
-    for addr in node.addrs:
+    """The 'listening on' lines (what others dial: give one as --initial-peers; a private peer announces
+    none, so where it listens: peers on its own network may dial that), and a warning when nobody else can."""
+    for addr in node.addrs or node.bound:
         print(f"listening on {addr}", flush=True)
     loopback = set()
     for addr in node.bound:

@@ -31,6 +31,7 @@ Python API (tests/test_nat_lab.py):
         lab.run("vol", ["ip", "route"])                          # subprocess.run inside the namespace
         p = lab.popen(lab.pub, [sys.executable, "-m", ...])      # Popen inside it; stopped at cleanup
         lab.ping("vol", lab.pub.ip); lab.tcp_probe("pub", lab.vol.ip, 8000)
+        lab.forward_ports("31330:31331")                         # router A forwards them to vol
     # everything gone here, also after an exception, Ctrl-C or SIGTERM (SIGHUP)
 
 Stdlib only; needs root, `ip` (iproute2) and `iptables` (installed with apt-get when missing, if asked to).
@@ -234,6 +235,14 @@ class Lab:
             ["-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
             ["-A", "INPUT", "-p", "icmp", "-j", "ACCEPT"],
         ]
+
+    def forward_ports(self, ports: str = "31330:31331") -> None:
+        """Port forwarding on router A (TCP `ports`, FIRST:LAST, on its WAN address to the volunteer), as a
+        volunteer would set it up at home: new inbound connections on those ports reach `vol`."""
+        self._in(self.rtra, "iptables", "-t", "nat", "-A", "PREROUTING", "-i", "wan", "-p", "tcp", "--dport", ports,
+                 "-j", "DNAT", "--to-destination", self.vol.ip)
+        self._in(self.rtra, "iptables", "-A", "FORWARD", "-i", "wan", "-o", "lan", "-p", "tcp", "-d", self.vol.ip,
+                 "--dport", ports, "-j", "ACCEPT")
 
     # running things inside
 
@@ -579,8 +588,8 @@ def run_scenario(lab: Lab, log_dir: Path, port: int = 31330, wait_s: float = 30.
     result["status"] = status
     out(f"[{time.monotonic() - t0:5.1f}s] `swarm status --json` from {lab.cli.name}:")
     for p in status.get("peers", []):
-        out(f"    peer …{p['peer_id'][-8:]} blocks {p['blocks']} {p['state']} reachable={p['reachable']} "
-            f"addrs={p['addrs']} data_addr={p['data_addr']}")
+        out(f"    peer …{p['peer_id'][-8:]} blocks {p['blocks']} {p['state']} reachability={p.get('reachability')} "
+            f"observed={p.get('observed')} reachable={p['reachable']} addrs={p['addrs']} data_addr={p['data_addr']}")
     if "peers" in status:
         out(f"    coverage {status['coverage']} gaps {status['gaps']} complete={status['complete']}")
     else:
@@ -591,6 +600,8 @@ def run_scenario(lab: Lab, log_dir: Path, port: int = 31330, wait_s: float = 30.
     for line in (gen.stdout.strip().splitlines() + [f"stderr: {line}" for line in gen.stderr.strip().splitlines()])[-12:]:
         out(f"    {line}")
     for name in ("pub", "vol"):
+        verdict = [x for x in (log_dir / f"{name}.log").read_text().splitlines() if "reachability:" in x][:1]
+        out(f"--- {name}'s verdict: {verdict[0].split(': ', 1)[1] if verdict else '(none logged)'}")
         out(f"--- last lines of {name}'s log:")
         out(textwrap.indent(swarm.tail(name, 6), "    "))
     return result

@@ -26,7 +26,9 @@ def add_peer_parser(sub) -> None:
     p = sub.add_parser("peer", help="serve a range of the model's blocks to the swarm",
                        description="Join the swarm as a volunteer: load blocks START:END of the model and serve "
                                    "inference sessions over libp2p until stopped (Ctrl-C). To be reachable from other "
-                                   "machines: --port PORT --identity FILE (and --public-ip IP behind NAT).")
+                                   "machines: --port PORT --identity FILE (and --public-ip IP behind NAT with "
+                                   "forwarded ports). At start it logs whether peers can reach it ('reachability: "
+                                   "PUBLIC/PRIVATE/UNKNOWN') and what to do about it.")
     add_model_args(p)
     p.add_argument("--blocks", help="START:END, end exclusive (e.g. 0:4) [default: where the swarm is weakest]")
     p.add_argument("--num-blocks", type=positive(), help="how many blocks to take when choosing [default: what fits in memory]")
@@ -38,6 +40,10 @@ def add_peer_parser(sub) -> None:
                    "/ip4/203.0.113.7/tcp/PORT, /dns4/NAME/tcp/PORT), published and printed instead of the bound ones")
     p.add_argument("--public-ip", metavar="IP",
                    help="announce the bound ports (libp2p, direct) on this IP (behind NAT: the public one)")
+    p.add_argument("--reachability", choices=["auto", "public", "private"], default="auto",
+                   help="auto: ask the --initial-peers to dial this peer back on fresh connections, and announce only "
+                        "addresses they reached (checked again every 10 min); public / private: take it as said "
+                        "(private: announce no address, DHT as a client) [default: auto]")
     p.add_argument("--identity", metavar="FILE", help="key file; created on first use, same peer id on every restart")
     p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR",
                    help="any peers of the swarm (their 'listening on' lines) [default: none, start a new swarm]")
@@ -63,7 +69,7 @@ def cmd_peer(args) -> int:
     opts = PeerOptions(args.model, parse_blocks(args.blocks) if args.blocks else None, args.num_blocks, args.listen,
                        args.identity, args.initial_peers, args.device, args.dtype, dataclass_from_args(Limits, args),
                        args.threads, args.direct, args.data_port, args.record_ttl, args.announce, args.public_ip,
-                       args.port, args.summary_every)
+                       args.port, args.summary_every, args.reachability)
     opts.model = resolve_model_flag(args)  # once every flag is checked: a named model is fetched on first use
     try:
         asyncio.run(serve(opts))

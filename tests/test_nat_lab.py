@@ -2,13 +2,16 @@
 
 The topology does what it says (outbound from behind either NAT works, new inbound is dropped; the hard
 NAT maps each destination to a new port), nothing is left behind (namespaces, processes; also on an
-exception, SIGTERM or Ctrl-C), a client behind NAT B can use a public peer (the control), and a route
-that needs the volunteer behind NAT A fails today: issue 15. Needs root, `ip netns` and iptables
+exception, SIGTERM or Ctrl-C), a client behind NAT B can use a public peer (the control), a route
+that needs the volunteer behind NAT A fails today (issue 15: relays), and reachability works: a public
+peer finds out it is public, the NATed volunteer that it is private (and announces nothing nobody can
+dial, and stays out of routing tables), the same volunteer with forwarded ports that it is public. Needs root, `ip netns` and iptables
 (`scripts/nat_lab.py check --install`); skipped otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -162,3 +165,93 @@ def test_route_through_a_natted_volunteer(lab, tmp_path):
                            f"{gen.stderr[-2000:]}")
     assert gen.returncode == 0, f"volunteer announced {vol}; {gen.stderr.strip().splitlines()[-1:]}"
     assert gen.stdout.strip()
+
+
+# --- (d) reachability (issue 15, part 1) ------------------------------------------------------------------
+
+CLOSEST_PEERS = textwrap.dedent("""
+    import asyncio, sys
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+    from peer.dht import SwarmDHT
+    from peer.p2p import P2PNode
+
+    async def main(boot):  # the contacts DHT servers hand out (a swarm of < 20: all in their routing tables)
+        node = await P2PNode.start(listen=["/ip4/0.0.0.0/tcp/0"])
+        dht = await SwarmDHT.start(node, [boot], server=False)
+        try:  # (a random key: FIND_NODE for a peer's own id answers with that peer whatever the tables hold)
+            key = ID.from_pubkey(create_new_key_pair().public_key).to_bytes()
+            print(" ".join(map(str, await node.run_trio(dht.dht.peer_routing.find_closest_peers_network, key))))
+        finally:
+            await dht.close()
+            await node.close()
+    asyncio.run(main(*sys.argv[1:]))
+""")
+
+
+def status_of(lab, swarm, pub: str, n: int, within: float = 40.0) -> dict:
+    """`swarm status --json` from behind NAT B, once it lists `n` online peers (or `within` s have passed)."""
+    deadline, status = time.monotonic() + within, {}
+    while time.monotonic() < deadline:
+        st = swarm.cli(lab.cli, "status", "--model", "tiny", "--json", "--initial-peers", pub, timeout=40)
+        try:
+            status = {p["peer_id"]: p for p in json.loads(st.stdout)["peers"]}
+        except (ValueError, KeyError):
+            status = {}
+        if sum(p["state"] == "online" for p in status.values()) >= n:
+            break
+        time.sleep(1)
+    return status
+
+
+def peer_id(addrs: list[str]) -> str:
+    return addrs[0].rsplit("/p2p/", 1)[1]
+
+
+@pytest.mark.timeout(180)
+def test_reachability_public_and_natted(lab, tmp_path):
+    """A second peer on the public segment is dialled back: PUBLIC, at the address the first one saw it at
+    (no --public-ip needed). The volunteer behind NAT A (no flags): PRIVATE with a line saying what to do, no
+    address in its record, no direct address, Kademlia as a client: the public peer never hands it out."""
+    swarm = nat_lab.Swarm(lab, tmp_path)
+    pub = start_public(lab, swarm, "0:2")
+    pub2 = swarm.peer(lab.pub, "pub2", "--blocks", "0:2", "--port", "31340", "--initial-peers", pub)
+    vol = swarm.peer(lab.vol, "vol", "--blocks", "2:4", "--port", "31330", "--initial-peers", pub)
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("pub", "pub2", "vol")}
+    assert "reachability: UNKNOWN — no peer could check (no --initial-peers" in logs["pub"], logs["pub"]
+    assert f"reachability: PUBLIC — peers reach you at {lab.pub.ip}:31340 " in logs["pub2"], logs["pub2"]
+    line = next((x for x in logs["vol"].splitlines() if "reachability:" in x), logs["vol"])
+    assert "WARNING specswarm.peer: reachability: PRIVATE — you are behind a NAT or firewall" in line, line
+    assert f"could not dial you back at {lab.rtra.wan_ip}:31330" in line and "forward TCP port(s) 31330-31331" in line
+    assert "clients will not be able to use this peer until relays land (issue 15)" in line
+    assert "DHT publisher in client mode (unreachable)" in logs["vol"]
+    status = status_of(lab, swarm, pub, 3)
+    me, other, nat = status[peer_id([pub])], status[peer_id(pub2)], status[peer_id(vol)]
+    assert (me["reachability"], me["addrs"]) == ("unknown", [pub])
+    assert (other["reachability"], other["observed"]) == ("public", lab.pub.ip)
+    assert other["addrs"] == [f"/ip4/{lab.pub.ip}/tcp/31340/p2p/{peer_id(pub2)}"]
+    assert other["data_addr"] == f"tcp://{lab.pub.ip}:31341" and other["reachable"]
+    assert (nat["reachability"], nat["observed"], nat["addrs"], nat["data_addr"]) == \
+        ("private", lab.rtra.wan_ip, [], None), nat
+    closest = lab.run(lab.pub, [sys.executable, "-c", CLOSEST_PEERS, pub], timeout=60)
+    assert closest.returncode == 0 and peer_id(pub2) in closest.stdout, closest.stderr[-2000:]
+    assert peer_id(vol) not in closest.stdout
+
+
+@pytest.mark.timeout(180)
+def test_reachability_with_forwarded_ports(lab, tmp_path):
+    """The same volunteer with ports 31330-31331 forwarded on its router (and still no flags): dialled back
+    through the forward, PUBLIC at the router's address, which it announces; a client behind NAT B generates
+    through it."""
+    lab.forward_ports("31330:31331")
+    swarm = nat_lab.Swarm(lab, tmp_path)
+    pub = start_public(lab, swarm, "0:2")
+    vol = swarm.peer(lab.vol, "vol", "--blocks", "2:4", "--port", "31330", "--initial-peers", pub)
+    log = (tmp_path / "vol.log").read_text()
+    assert f"reachability: PUBLIC — peers reach you at {lab.rtra.wan_ip}:31330 " in log, log
+    nat = status_of(lab, swarm, pub, 2)[peer_id(vol)]
+    assert (nat["reachability"], nat["observed"], nat["data_addr"]) == \
+        ("public", lab.rtra.wan_ip, f"tcp://{lab.rtra.wan_ip}:31331"), nat
+    assert nat["addrs"] == [f"/ip4/{lab.rtra.wan_ip}/tcp/31330/p2p/{peer_id(vol)}"]
+    gen = swarm.cli(lab.cli, *nat_lab.generate_argv(pub, max_new_tokens=4), timeout=75)
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr[-2000:]

@@ -1,5 +1,8 @@
 """`swarm status`: who serves which blocks of a model, how fast, how far from here, and what is missing.
 
+Each peer's `reachability` (public, private, unknown: what its own dial-back check found) and `observed`
+(the IP other peers see it at) come from its signed record; `reachable` is whether it answered us here.
+
 It looks records up as a DHT client (`SwarmDHT.start(..., server=False)`): no peer keeps it in its
 routing table once it has gone."""
 
@@ -37,7 +40,8 @@ async def swarm_status(model_id: str, num_blocks: int, initial_peers: list[str],
     for r in records:
         peers.append(dict(peer_id=r.peer_id, blocks=[r.start, r.end], state=r.state, throughput=r.throughput,
                           free_cache_tokens=r.cache_tokens, rtt_ms=rtts.get(r.peer_id), reachable=rtts.get(r.peer_id) is not None,
-                          addrs=r.addrs, data_addr=r.data_addr, expires_in_s=round(r.expires - time.time(), 1)))
+                          addrs=r.addrs, data_addr=r.data_addr, reachability=r.reachability, observed=r.observed,
+                          expires_in_s=round(r.expires - time.time(), 1)))
     coverage = [sum(1 for p in peers if p["state"] == "online" and p["reachable"] and p["blocks"][0] <= b < p["blocks"][1])
                 for b in range(num_blocks)]
     gaps = _runs([b for b, n in enumerate(coverage) if n == 0])
@@ -57,11 +61,13 @@ def _runs(blocks: list[int]) -> list[list[int]]:
 
 def format_status(status: dict) -> str:
     lines = [f"model {status['model']}: {len(status['peers'])} peers, {status['num_blocks']} blocks",
-             f"{'peer':<14} {'blocks':>7} {'state':<8} {'tok/s/block':>11} {'rtt ms':>7} {'free cache':>10}  address"]
+             f"{'peer':<14} {'blocks':>7} {'state':<8} {'reach':<8} {'seen at':<15} {'tok/s/block':>11} {'rtt ms':>7} "
+             f"{'free cache':>10}  address"]
     for p in status["peers"]:
         rtt = f"{p['rtt_ms']:.1f}" if p["rtt_ms"] is not None else "-"
         lines.append(f"…{p['peer_id'][-12:]:<13} {p['blocks'][0]:>3}:{p['blocks'][1]:<3} {p['state']:<8} "
-                     f"{p['throughput']:>11.0f} {rtt:>7} {p['free_cache_tokens']:>10}  {p['addrs'][0] if p['addrs'] else ''}")
+                     f"{p['reachability']:<8} {p['observed'] or '-':<15} {p['throughput']:>11.0f} {rtt:>7} "
+                     f"{p['free_cache_tokens']:>10}  {p['addrs'][0] if p['addrs'] else '(none: not dialable)'}")
     cov = " ".join(str(n) for n in status["coverage"])
     lines.append(f"online peers per block: {cov}")
     if status["gaps"]:
