@@ -307,6 +307,17 @@ def chat_ids(tok, prompt: str) -> list[int]:
     return list(ids)
 
 
+def left_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the left to one length (as batched generation wants), and the attention mask."""
+    L = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, L - len(x):] = torch.tensor(x)
+        mask[r, L - len(x):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate_data(model, tok, prompts: list[dict], p: Preset, args, dev, amp, desc: str) -> list[dict]:
     """Sampled answers of the target to each prompt (chat template applied), batched with left padding."""
@@ -320,13 +331,8 @@ def generate_data(model, tok, prompts: list[dict], p: Preset, args, dev, amp, de
     bar = tqdm(total=len(jobs), desc=desc, unit="seq", mininterval=2)
     for b in range(0, len(jobs), p.gen_batch):
         batch = jobs[b: b + p.gen_batch]
-        L = max(len(encoded[i]) for i, _ in batch)
-        ids = torch.full((len(batch), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), L), dtype=torch.long)
-        for r, (i, _) in enumerate(batch):
-            e = encoded[i]
-            ids[r, L - len(e):] = torch.tensor(e)
-            mask[r, L - len(e):] = 1
+        ids, mask = left_padded([encoded[i] for i, _ in batch], pad)
+        L = ids.shape[1]
         torch.manual_seed(g_seed + b)  # each batch seeded on its own: a rerun or a resume gives the same text
         with autocast(dev, amp):
             seqs = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
@@ -433,12 +439,8 @@ def continue_raw(model, prefixes: list[list[int]], pad: int, max_new: int, batch
     made = 0
     for b in range(0, len(order), batch_size):
         batch = order[b: b + batch_size]
-        L = max(len(prefixes[i]) for i in batch)
-        ids = torch.full((len(batch), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), L), dtype=torch.long)
-        for r, i in enumerate(batch):
-            ids[r, L - len(prefixes[i]):] = torch.tensor(prefixes[i])
-            mask[r, L - len(prefixes[i]):] = 1
+        ids, mask = left_padded([prefixes[i] for i in batch], pad)
+        L = ids.shape[1]
         with autocast(dev, amp):
             seqs = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
                                   max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=pad,

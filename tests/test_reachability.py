@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -25,6 +22,8 @@ from peer.reachability import Reachability, Verdict
 from peer.record import PeerRecord, RecordError, _seal
 from peer.transport import listen_tcp, parse_tcp_addr
 from swarm.launch import PeerProcess
+from test_dht import poll  # find() until ok(result), bounded
+from test_volunteer import swarm, wait_for  # the same peer-process helpers
 
 pytestmark = pytest.mark.timeout(60)
 NONCE = bytes(range(16))
@@ -273,13 +272,6 @@ def test_watch_applies_a_changed_verdict(caplog):
 
 # --- DHT and records -----------------------------------------------------------------------------------
 
-async def poll(fn, ok, within: float = 8.0):
-    deadline = time.monotonic() + within
-    while True:
-        got = await fn()
-        if ok(got) or time.monotonic() > deadline:
-            return got
-        await asyncio.sleep(0.1)
 
 
 def test_private_peer_publishes_as_a_dht_client_and_public_ones_join_after_a_check():
@@ -343,20 +335,6 @@ def test_records_carry_reachability_and_old_ones_still_verify():
 
 # --- two peer processes on loopback ---------------------------------------------------------------------
 
-def swarm(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swarm.cli", *argv], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_for(path, text: str, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        log = path.read_text()
-        if text in log or time.monotonic() > deadline:
-            return log
-        time.sleep(0.2)
-
-
 @pytest.mark.timeout(180)
 def test_loopback_swarm(tiny, tmp_path):
     """The first peer cannot be checked (UNKNOWN); the second is dialled back by it on loopback (PUBLIC, its
@@ -368,12 +346,12 @@ def test_loopback_swarm(tiny, tmp_path):
         second = PeerProcess(path, (4, 8), "--initial-peers", first.addr, log_file=tmp_path / "second.log")
         third = PeerProcess(path, (4, 8), "--initial-peers", first.addr, "--reachability", "private",
                             log_file=tmp_path / "third.log")
-        log1 = wait_for(tmp_path / "first.log", "reachability:")
+        log1 = wait_for(tmp_path / "first.log", "reachability:", 20)
         assert "reachability: UNKNOWN — no peer could check (no --initial-peers: the first peer" in log1, log1
         port = second.addr.split("/")[4]
-        log2 = wait_for(tmp_path / "second.log", "reachability:")
+        log2 = wait_for(tmp_path / "second.log", "reachability:", 20)
         assert f"INFO specswarm.peer: reachability: PUBLIC — peers reach you at 127.0.0.1:{port} " in log2, log2
-        log3 = wait_for(tmp_path / "third.log", "reachability:")
+        log3 = wait_for(tmp_path / "third.log", "reachability:", 20)
         assert "reachability: PRIVATE (--reachability private: not checked)" in log3, log3
         assert "DHT publisher in client mode (unreachable)" in log3
         out = swarm("status", "--model", path, "--initial-peers", first.addr, "--json")
