@@ -259,8 +259,14 @@ class SwarmDHT:
 
     async def _join_trio(self, bootstrap_ids: list[str]) -> None:
         table = self.dht.routing_table
-        for peer_id in bootstrap_ids:  # serving peers, by definition: no need to wait for identify
-            await table.add_peer(ID.from_base58(peer_id), skip_server_mode_check=True)
+        for peer_id in bootstrap_ids:
+            pid = ID.from_base58(peer_id)
+            if not await _offers_kad(self.node.host, pid):  # a peer that runs no DHT server (a private one)
+                log.warning("bootstrap peer %s does not serve the DHT (a peer behind a NAT, or not a specswarm "
+                            "peer): records cannot be found through it; give a public peer in --initial-peers",
+                            peer_id)
+                continue
+            await table.add_peer(pid, skip_server_mode_check=True)
         if self.server:  # look ourselves up: fills our routing table, puts us in others'
             me = self.node.host.get_id()
             for peer in await self.dht.peer_routing.find_closest_peers_network(me.to_bytes()):

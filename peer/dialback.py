@@ -13,7 +13,11 @@ on those ports:
 It then answers `{"v": 1, "nonce": ..., "observed": <the requester's IP as seen>, "results": {"libp2p":
 "ok"|"timeout"|"refused"|"unreachable"|"not_you", "data": "ok"|"no_ack"|...}}`, or on refusal `{"v": 1,
 "error": <code>, "message": <one line>}` (codes: bad_request, too_large, timeout, rate_limited, busy,
-unsupported).
+unsupported, relayed).
+
+A request must come on a direct connection: over a relayed one (Circuit Relay, peer/relay.py) the IP the
+helper sees is the relay's, so the helper refuses it ("relayed") and `ask` does not even send it. The
+dial-backs themselves never go through a relay: they are plain TCP connections to an IP.
 
 Hostile input: the helper dials only the observed IP, never an address from the message (no amplification
 toward third parties, no SSRF), at most the two ports named, each once; requests are at most MAX_REQUEST
@@ -42,6 +46,7 @@ from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 
+from peer.relay import is_relayed
 from protocol import framing
 
 log = logging.getLogger("specswarm.dialback")
@@ -181,6 +186,9 @@ class DialbackServer:
         peer = stream.muxed_conn.peer_id
         try:
             try:
+                if is_relayed(stream.muxed_conn):
+                    raise DialbackError("relayed", "this request came through a relay, so the IP seen here is the "
+                                                   "relay's: ask over a direct connection")
                 with trio.fail_after(READ_TIMEOUT):
                     body = await _read_frame(stream, MAX_REQUEST)
                 if ip is None:
@@ -267,6 +275,10 @@ def _refused(exc: BaseException) -> bool:
 async def ask(host: Any, helper: ID, nonce: bytes, ports: dict[str, int], timeout: float = ASK_TIMEOUT) -> dict:
     """The requester's side (trio): ask `helper` to dial us back on `ports`; its parsed answer (parse_reply).
     DialbackError for a refusal, OSError/EOFError/trio.TooSlowError/libp2p errors when it cannot answer."""
+    conns = [c for c in host.get_network().get_connections(helper) if not c.is_closed]
+    if conns and all(map(is_relayed, conns)):  # (a stream takes a direct connection when there is one)
+        raise DialbackError("relayed", f"we reach {helper} through a relay only: the IP it would dial back is the "
+                                       "relay's")
     with trio.fail_after(timeout):
         stream = await host.new_stream(helper, [PROTOCOL])
         try:

@@ -165,8 +165,8 @@ class Reachability:
         if not verdict.checked:
             what = "PUBLIC" if verdict.state == "public" else "PRIVATE"
             tail = "announcing " + told if verdict.state == "public" else (
-                "announcing " + told + ", DHT as a client; clients will not be able to use this peer until relays "
-                "land (issue 15)")
+                "announcing " + told + ", DHT as a client; clients reach it through a relay, and WebRTC where the "
+                "NATs allow")
             return f"reachability: {what} (--reachability {verdict.state}: not checked) — {tail}"
         if verdict.state == "public":
             where = f"{verdict.observed}:{port}"
@@ -186,9 +186,9 @@ class Reachability:
             given = (f" (--announce/--public-ip say {' '.join(self.initial)}: nobody got through; --reachability "
                      "public overrides this check)") if self.configured else ""
             return (f"reachability: PRIVATE — you are behind a NAT or firewall: {verdict.answered} peer(s) could not "
-                    f"dial you back at {verdict.observed}:{port} (you listen on {listen}){given}; clients will not be "
-                    f"able to use this peer until relays land (issue 15) — forward TCP port(s) {ports} to this machine, "
-                    f"or run it where peers can reach it; announcing {told}, DHT as a client")
+                    f"dial you back at {verdict.observed}:{port} (you listen on {listen}){given}; clients will reach "
+                    f"this peer through a relay, and over WebRTC where the NATs allow hole punching — for direct "
+                    f"connections (fastest) forward TCP port(s) {ports} to this machine; DHT as a client")
         why = ("no --initial-peers: the first peer of a new swarm" if not self.bootstrap else
                f"none of the {verdict.asked} peers asked answered (older versions?)" if verdict.asked else
                "no bootstrap peer could be reached")

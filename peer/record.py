@@ -3,7 +3,7 @@
 A `PeerRecord` says, for one model: peer id, multiaddrs, block range [start, end), direct data
 address, throughput, free cache, state, public keys, RTTs to the peers of the next blocks, when
 it was issued and expires, and (since issue 15; optional, so that older records still verify) its
-reachability verdict and the IP other peers see it at. On the wire it is canonical JSON, a newline, then the hex Ed25519
+reachability verdict, the IP other peers see it at and, for a public peer, its STUN server's URL. On the wire it is canonical JSON, a newline, then the hex Ed25519
 signature (by the peer's libp2p key) of a domain tag + the JSON. `verify` believes a record only if
 it is well-formed (every field checked), at most 16 KiB, signed by the key that hashes to the peer
 id it names, and unexpired (with at most MAX_TTL + CLOCK_SKEW to go). The newest record wins.
@@ -65,6 +65,7 @@ class PeerRecord:
     expires: float = 0.0
     reachability: str = "unknown"  # can peers dial it: public, private, unknown (not checked)
     observed: str | None = None  # the IP address other peers see it at
+    stun: str | None = None  # "stun:HOST:PORT": this (public) peer answers STUN binding requests there
 
     @property
     def blocks(self) -> range:
@@ -160,7 +161,15 @@ _RULES = {  # field -> is its value acceptable (an exception means no)
 _OPTIONAL = {  # field -> (rule, value when absent): records from before these fields still verify
     "reachability": (lambda v: v in REACHABILITY, "unknown"),
     "observed": (lambda v: v is None or (_str(v, 64) and ipaddress.ip_address(v) is not None), None),
+    "stun": (lambda v: v is None or _stun_url(v), None),
 }
+
+
+def _stun_url(v: Any) -> bool:
+    if not (_str(v, 128) and v.startswith("stun:")):
+        return False
+    host, _, port = v.removeprefix("stun:").rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536 and ipaddress.ip_address(host.strip("[]")) is not None
 
 
 def _check(d: Any) -> PeerRecord:

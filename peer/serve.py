@@ -4,8 +4,10 @@ In order: start the libp2p node, answer other peers' dial-back checks and bind t
 find out whether peers can reach this one (peer/reachability.py: the --initial-peers dial it back on
 fresh connections; one log line says the verdict and what to do about it) and tell others only
 addresses they can use (--announce / --public-ip, else the verified or bound ones, never a wildcard;
-none when private); start the DHT (bootstrapping from --initial-peers; Kademlia as a client when
-private); if no --blocks were given, measure this machine's block throughput (cached) and take the
+when private, only `/p2p-circuit` addresses through relays); start the DHT (bootstrapping from
+--initial-peers; Kademlia as a client when private); behind a NAT, reserve relay slots (peer/nat.py;
+public peers relay by default, `P2PNode.start(relay=...)`, and answer STUN for the swarm), and answer
+WebRTC offers of those who reach us through a relay (peer/paths.py); if no --blocks were given, measure this machine's block throughput (cached) and take the
 span the swarm is weakest on; announce it as "joining" (with the verdict and the address peers see
 us at); load the blocks; serve inference streams (libp2p and the direct port); print the addresses
 ('listening on ...'; a warning if only loopback); announce "online" and keep the record fresh (free
@@ -35,9 +37,12 @@ from peer.p2p import DEFAULT_LISTEN, ListenError, P2PNode
 from peer.reachability import MODES, Reachability, Verdict
 from peer.record import PeerRecord
 from peer.limits import Limits
+from peer.nat import NatOptions, NatSupport
+from peer.paths import Paths, PathSettings
+from peer.relay import RelayLimits
 from peer.server import BlockServer
 from peer.throughput import block_throughput, choose_blocks
-from peer.transport import INFERENCE_PROTOCOL, dial, fetch_info, listen_tcp, parse_tcp_addr
+from peer.transport import INFERENCE_PROTOCOL, addr_of, dial, fetch_info, listen_tcp, parse_tcp_addr
 
 log = logging.getLogger("specswarm.peer")
 
@@ -64,6 +69,10 @@ class PeerOptions:
     port: int | None = None  # listen on /ip4/0.0.0.0/tcp/PORT, direct data port PORT + 1: stable addresses
     summary_every: float = 60.0  # seconds between summary lines (0: only at shutdown)
     reachability: str = "auto"  # auto: ask peers to dial back; public / private: as said, not checked
+    relay: bool = True  # act as a Circuit Relay v2 relay for peers behind NATs (useful when public)
+    relay_limits: RelayLimits = field(default_factory=RelayLimits)
+    nat: NatOptions = field(default_factory=NatOptions)  # relays to reserve on when private; STUN when public
+    paths: PathSettings = field(default_factory=PathSettings)  # WebRTC, STUN, TURN for peers behind NATs
 
     def __post_init__(self):
         if self.port is not None:
@@ -91,6 +100,11 @@ def parse_blocks(text: str) -> tuple[int, int]:
     if not 0 <= a < b:
         raise ValueError(f"--blocks wants START:END with 0 <= START < END, got {text!r}")
     return a, b
+
+
+def _port_of(maddr: str) -> int | None:
+    parts = maddr.split("/")
+    return int(parts[4]) or None if len(parts) > 4 and parts[3] == "tcp" and parts[4].isdigit() else None
 
 
 def _host_of(maddr: str) -> str:
@@ -135,10 +149,27 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
     set_threads(opts.threads)
     ckpt = Checkpoint(opts.model)
     cfg = ckpt.config
-    node = await P2PNode.start(opts.identity, opts.listen, opts.limits.max_frame, opts.announce, opts.public_ip)
+    node = await P2PNode.start(opts.identity, opts.listen, opts.limits.max_frame, opts.announce, opts.public_ip,
+                               relay=opts.relay_limits if opts.relay else None)
     node.frame_timeout = opts.limits.frame_timeout or None
-    dht = tcp_server = server = None
+    node.paths = paths = Paths(node, opts.paths, opts.limits.max_frame)
+    dht = tcp_server = server = record = plan = verdict = None
     tasks: list[asyncio.Task] = []
+    nat = NatSupport(node, opts.nat, paths, opts.initial_peers, _host_of(opts.listen[0]), _port_of(opts.listen[0]))
+
+    async def readdress(live: list[str]) -> None:  # relay slots lost or regained (node.reserve keeps them alive)
+        if plan is not None and verdict.state == "private":
+            await node.set_addrs(plan.addrs + live)
+            if record is not None:
+                await dht.announce(record)
+    node.on_reservations = readdress
+
+    async def behind_nat(verdict: Verdict) -> None:  # relay slots when private, STUN when public (peer/nat.py)
+        found = await _find(dht, ckpt.model_id)
+        await nat.update(verdict.state, plan.addrs, [(addr_of(r.peer_id, r.addrs), r.reachability, r.stun)
+                                                     for r in found])
+        if record is not None:
+            record.stun = nat.stun_url
     try:
         reach = Reachability(node, opts.reachability, opts.initial_peers, bool(opts.announce or opts.public_ip))
         await reach.start()
@@ -150,10 +181,11 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
         await node.set_addrs(plan.addrs)
         log.log(logging.WARNING if verdict.state == "private" else logging.INFO, "%s", reach.describe(verdict, plan))
         dht = await SwarmDHT.start(node, opts.initial_peers, ttl=opts.record_ttl, reachable=plan.kad_server)
+        await behind_nat(verdict)
         throughput = block_throughput(ckpt, opts.device, opts.dtype)
         span = opts.blocks or await choose_span(dht, ckpt, opts, throughput)
         record = PeerRecord(ckpt.model_id, *span, throughput=throughput, cache_tokens=opts.limits.cache_tokens,
-                            state="joining", reachability=verdict.state, observed=verdict.observed)
+                            state="joining", reachability=verdict.state, observed=verdict.observed, stun=nat.stun_url)
         await dht.announce(record)
         t0 = time.perf_counter()
         blocks = ckpt.load_blocks(*span, opts.dtype, opts.device)
@@ -163,6 +195,7 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
         server = BlockServer(blocks, ckpt.model_id, opts.limits, open_stream=lambda addr: dial(node, addr),
                              name=node.peer_id, key_pair=node.key_pair)
         node.set_stream_handler(INFERENCE_PROTOCOL, lambda s: server.handle(s, s.remote_peer_id[-8:]))
+        paths.serve(server.handle)  # WebRTC offers from clients and peers that reach us through a relay
         server.data_addr = plan.data_addr
         record.state, record.data_addr = "online", server.data_addr
         record.x25519 = server.static.public.hex()  # the signed record vouches for it too
@@ -174,8 +207,10 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
             tasks.append(loop.create_task(summaries(server, opts.summary_every)))
 
         async def apply(new: Verdict) -> None:  # a re-check changed the verdict
-            plan = reach.plan(new)
-            await node.set_addrs(plan.addrs)
+            nonlocal plan, verdict
+            plan, verdict = reach.plan(new), new
+            await node.set_addrs(plan.addrs + (nat.circuit_addrs() if new.state == "private" else []))
+            await behind_nat(new)
             await dht.set_reachable(plan.kad_server)
             server.data_addr = record.data_addr = plan.data_addr
             record.reachability, record.observed = new.state, new.observed
@@ -190,6 +225,7 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
             except asyncio.TimeoutError:
                 record.cache_tokens = server.free_tokens
                 record.rtts = await measure_next_hops(node, dht, ckpt.model_id, span[1])
+                await behind_nat(verdict)  # (re-)reserve relay slots that were lost
                 await dht.announce(record)
     finally:
         log.info("shutting down: announcing offline and closing")
@@ -202,7 +238,17 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
             await server.close()
         if dht is not None:
             await dht.close("offline")
+        await paths.close()
+        await nat.close()
         await node.close()
+
+
+async def _find(dht: SwarmDHT, model_id: str) -> list[PeerRecord]:
+    try:
+        return await dht.find(model_id)
+    except Exception as exc:  # noqa: BLE001 - a failed lookup must not stop serving; tried again later
+        log.warning("could not look up the swarm's peers: %s", exc)
+        return []
 
 
 async def _direct(stream, name: str, server: BlockServer | None) -> None:

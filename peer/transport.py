@@ -1,7 +1,8 @@
 """Which pipe carries inference traffic to an address.
 
 A multiaddr (`/ip4/.../tcp/.../p2p/<id>`) is dialled over libp2p (Noise-encrypted, NAT-friendly,
-slower per frame). A `tcp://host:port` address is a peer's direct data listener: plain asyncio TCP
+slower per frame), or, when the node has `paths` (peer/paths.py) and the peer is only reachable
+through a relay, over a WebRTC data channel where one can be made. A `tcp://host:port` address is a peer's direct data listener: plain asyncio TCP
 with the same framing (fastest; see scripts/bench_transport.py). Peers offer their direct address
 in their `InfoReply`; clients choose with `--transport`.
 
@@ -58,6 +59,8 @@ async def dial(node, addr: str, max_frame: int = DEFAULT_MAX_FRAME):
     if node is None:
         raise BadAddress(f"cannot dial {addr!r}: a libp2p address, and no libp2p node to dial it with")
     try:
+        if node.paths is not None:  # peer/paths.py: relayed peers are reached over WebRTC where it pays
+            return await node.paths.dial(addr)
         return await node.open_stream(addr, INFERENCE_PROTOCOL)
     except ValueError as exc:  # the multiaddr or its peer id does not parse
         raise BadAddress(str(exc)) from None

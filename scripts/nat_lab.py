@@ -282,6 +282,26 @@ class Lab:
         self._procs.append(proc)
         return proc
 
+    def turn(self, user: str = "specswarm", password: str = "lab-secret", port: int = 3478) -> list[str]:
+        """Start coturn (Debian's `turnserver`) on the public segment, long-term credentials; the client
+        flags that use it (`--turn turn:IP:PORT --turn-user U --turn-password P`)."""
+        binary = shutil.which("turnserver")
+        if binary is None:
+            raise RuntimeError("no turnserver: apt-get install coturn (scripts/test.sh does, as root)")
+        ip = self.pub.ip
+        argv = [binary, "-n", "--listening-ip", ip, "--relay-ip", ip, "--listening-port", str(port),
+                "--min-port", "49200", "--max-port", "49400", "--lt-cred-mech", "--user", f"{user}:{password}",
+                "--realm", "specswarm-lab", "--no-tls", "--no-dtls", "--no-cli", "--log-file", "stdout",
+                "--simple-log", "--pidfile", f"/tmp/{self.tag}turn.pid"]
+        self.popen(self.pub, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # listening on UDP: `ss` inside the namespace
+            out = self.run(self.pub, ["ss", "-uln"], capture_output=True, text=True).stdout
+            if f"{ip}:{port}" in out:
+                return ["--turn", f"turn:{ip}:{port}", "--turn-user", user, "--turn-password", password]
+            time.sleep(0.1)
+        raise RuntimeError("turnserver did not start listening within 10 s")
+
     def ping(self, src: Node | str, dst_ip: str, timeout: float = 1.0) -> bool:
         """One ICMP echo from `src` to `dst_ip` (a raw socket in Python: no ping binary needed)."""
         code = textwrap.dedent(f"""
@@ -552,24 +572,48 @@ class Swarm:
             return "(no log)"
 
 
-def generate_argv(initial_peer: str, max_new_tokens: int = 8, timeout: float = 15.0,
+def generate_argv(initial_peer: str | None, max_new_tokens: int = 8, timeout: float = 15.0,
                   prompt: str = "def add(a, b):") -> list[str]:
-    return ["generate", "--model", "tiny", "--threads", "1", "--initial-peers", initial_peer,
+    """`swarm generate` through `initial_peer`'s swarm (None: --local)."""
+    where = ["--initial-peers", initial_peer] if initial_peer else ["--local"]
+    return ["generate", "--model", "tiny", "--threads", "1", *where,
             "--max-new-tokens", str(max_new_tokens), "--timeout", str(timeout), "--prompt", prompt]
 
 
+MODES = {  # the acceptance's four ways through the swarm: generate's flags
+    "plain push": ["--no-speculative"],
+    "plain client-mediated": ["--no-speculative", "--no-push"],
+    "speculative push": ["--speculative"],
+    "speculative client-mediated": ["--speculative", "--no-push"],
+}
+
+
+def generate_json(swarm: Swarm, node: Node, pub: str, flags: list[str], timeout: float = 90.0) -> dict:
+    """`swarm generate --json` from `node`: its JSON (text, paths per hop ...) plus rc and stderr's tail."""
+    gen = swarm.cli(node, *generate_argv(pub, max_new_tokens=16), "--json", *flags, timeout=timeout)
+    try:
+        out = json.loads(gen.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        out = {}
+    return {**out, "rc": gen.returncode, "stderr": gen.stderr.strip()[-1500:]}
+
+
 def run_scenario(lab: Lab, log_dir: Path, port: int = 31330, wait_s: float = 30.0,
-                 volunteer_args: list[str] | None = None, out=print) -> dict:
-    """Public peer (blocks 0:2), volunteer behind NAT A (2:4, only --initial-peers), generate + status from
-    the client behind NAT B. Returns what happened (also printed through `out`)."""
+                 volunteer_args: list[str] | None = None, out=print, turn: bool = False,
+                 modes: dict[str, list[str]] = MODES) -> dict:
+    """Public peer (blocks 0:2), volunteer behind NAT A (2:4, only --initial-peers), status and generate (each
+    of `modes`, and --local as the reference) from the client behind NAT B; with `turn`, coturn on the public
+    segment and both NATed sides told of it. Returns what happened (also printed through `out`)."""
     swarm = Swarm(lab, log_dir)
     result: dict = {}
     t0 = time.monotonic()
+    turn_flags = lab.turn() if turn else []
     pub_addrs = swarm.peer(lab.pub, "pub", "--blocks", "0:2", "--port", str(port), "--public-ip", lab.pub.ip)
     pub = pub_addrs[0]
-    out(f"[{time.monotonic() - t0:5.1f}s] public peer in {lab.pub.name} announces: {' '.join(pub_addrs)}")
+    out(f"[{time.monotonic() - t0:5.1f}s] public peer in {lab.pub.name} announces: {' '.join(pub_addrs)}"
+        + (f"; TURN server {turn_flags[1]}" if turn else ""))
     extra = ["--port", str(port)] if volunteer_args is None else volunteer_args
-    vol_addrs = swarm.peer(lab.vol, "vol", "--blocks", "2:4", *extra, "--initial-peers", pub)
+    vol_addrs = swarm.peer(lab.vol, "vol", "--blocks", "2:4", *extra, *turn_flags, "--initial-peers", pub)
     out(f"[{time.monotonic() - t0:5.1f}s] volunteer in {lab.vol.name} (behind {lab.rtra.wan_ip}"
         f"{', hard NAT' if lab.hard_nat else ''}) announces: {' '.join(vol_addrs)}")
     result.update({"public_addrs": pub_addrs, "volunteer_addrs": vol_addrs})
@@ -577,28 +621,36 @@ def run_scenario(lab: Lab, log_dir: Path, port: int = 31330, wait_s: float = 30.
     status: dict = {}
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        st = swarm.cli(lab.cli, "status", "--model", "tiny", "--json", "--initial-peers", pub, timeout=30)
+        st = swarm.cli(lab.cli, "status", "--model", "tiny", "--json", "--initial-peers", pub, *turn_flags, timeout=45)
         try:
             status = json.loads(st.stdout)
         except ValueError:
             status = {"error": (st.stderr or st.stdout).strip()[-500:]}
-        if sum(p.get("state") == "online" for p in status.get("peers", [])) >= 2:
+        if sum(p.get("state") == "online" and p.get("reachable") for p in status.get("peers", [])) >= 2:
             break
         time.sleep(1)
     result["status"] = status
     out(f"[{time.monotonic() - t0:5.1f}s] `swarm status --json` from {lab.cli.name}:")
     for p in status.get("peers", []):
         out(f"    peer …{p['peer_id'][-8:]} blocks {p['blocks']} {p['state']} reachability={p.get('reachability')} "
-            f"observed={p.get('observed')} reachable={p['reachable']} addrs={p['addrs']} data_addr={p['data_addr']}")
+            f"observed={p.get('observed')} reachable={p['reachable']} path={p.get('path')} rtt_ms={p.get('rtt_ms')} "
+            f"addrs={p['addrs']} data_addr={p['data_addr']}")
     if "peers" in status:
         out(f"    coverage {status['coverage']} gaps {status['gaps']} complete={status['complete']}")
     else:
         out(f"    {status}")
-    gen = swarm.cli(lab.cli, *generate_argv(pub), timeout=90)
-    result["generate"] = {"rc": gen.returncode, "stdout": gen.stdout, "stderr": gen.stderr}
-    out(f"[{time.monotonic() - t0:5.1f}s] generate from {lab.cli.name}: exit {gen.returncode}")
-    for line in (gen.stdout.strip().splitlines() + [f"stderr: {line}" for line in gen.stderr.strip().splitlines()])[-12:]:
-        out(f"    {line}")
+    ref = generate_json(swarm, lab.cli, None, [])
+    result["local"] = ref
+    out(f"[{time.monotonic() - t0:5.1f}s] reference (--local): {ref.get('text', ref)!r}")
+    result["runs"] = {}
+    for name, flags in modes.items():
+        run = generate_json(swarm, lab.cli, pub, flags + turn_flags)
+        run["identical"] = run.get("text") is not None and run.get("text") == ref.get("text")
+        result["runs"][name] = run
+        hops = ", ".join(f"{h} via {p}" for h, p in zip(run.get("route", []), run.get("paths", [])))
+        out(f"[{time.monotonic() - t0:5.1f}s] {name}: exit {run['rc']}, "
+            + (f"{'identical to --local' if run['identical'] else 'DIFFERENT: ' + repr(run.get('text'))}; {hops}; "
+               f"{run.get('tokens_per_s', 0):.1f} tokens/s" if run["rc"] == 0 else run["stderr"][-600:]))
     for name in ("pub", "vol"):
         verdict = [x for x in (log_dir / f"{name}.log").read_text().splitlines() if "reachability:" in x][:1]
         out(f"--- {name}'s verdict: {verdict[0].split(': ', 1)[1] if verdict else '(none logged)'}")
@@ -643,9 +695,11 @@ def cmd_scenario(args) -> int:
             expected_ok = ("vol -> pub", "cli -> pub")
             sane = all((what == "connected") == (path in expected_ok) for path, what in reach.items())
             print("topology:", "as intended (outbound works, new inbound is dropped)" if sane else "NOT AS INTENDED")
-            result = run_scenario(lab, log_dir, port=args.port,
+            result = run_scenario(lab, log_dir, port=args.port, turn=args.turn,
                                   volunteer_args=shlex.split(args.volunteer_args) if args.volunteer_args else None)
-            rc = 0 if sane else 1
+            ok = all(r["rc"] == 0 and r["identical"] for r in result["runs"].values())
+            print("result:", "every mode generated the --local text" if ok else "SOME MODE FAILED (see above)")
+            rc = 0 if sane and ok else 1
             if args.json:
                 print(json.dumps(result, indent=1))
     except KeyboardInterrupt:
@@ -678,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "behind another NAT, print what happened, tear down")
     p.add_argument("--hard-nat", action="store_true", help="router A maps each connection to a new random port "
                                                            "(MASQUERADE --random-fully: endpoint-dependent mapping)")
+    p.add_argument("--turn", action="store_true", help="also run coturn on the public segment; the volunteer and "
+                                                       "the client use it (--turn ...)")
     p.add_argument("--keep", action="store_true", help="leave the lab (and peers) running for debugging")
     p.add_argument("--port", type=int, default=31330, help="the peers' --port [default: 31330]")
     p.add_argument("--volunteer-args", metavar="'ARGS'", help="the volunteer's listen flags instead of --port PORT "

@@ -17,11 +17,14 @@ from peer.model import CacheError, CheckpointError, ConfigError
 from swarm.argtypes import fraction, non_negative, positive
 from swarm.commands import add_chat_parser, add_demo_parser, add_generate_parser
 from swarm.flags import (add_client_args, add_dataclass_args, add_draft_flag, add_model_args, add_model_flag,
-                         check_device, client_config, dataclass_from_args, resolve_draft_flag, resolve_model_flag)
+                         add_nat_args, check_device, client_config, dataclass_from_args, path_settings,
+                         resolve_draft_flag, resolve_model_flag)
 
 
 def add_peer_parser(sub) -> None:
     from peer.limits import Limits
+    from peer.nat import NatOptions
+    from peer.relay import RelayLimits
 
     p = sub.add_parser("peer", help="serve a range of the model's blocks to the swarm",
                        description="Join the swarm as a volunteer: load blocks START:END of the model and serve "
@@ -55,6 +58,17 @@ def add_peer_parser(sub) -> None:
                    "(sessions, tokens/s, free cache, refusals; also at shutdown; 0: only then) [default: 60]")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug lines too, libp2p's included")
     add_dataclass_args(p.add_argument_group("limits (what this peer grants; docs/security.md)"), Limits)
+    nat = p.add_argument_group("behind NATs (a private peer is reached through relays and WebRTC; see README)")
+    nat.add_argument("--no-relay", dest="relay", action="store_false",
+                     help="do not relay for peers behind NATs (a public peer relays by default, within the --relay-* limits)")
+    nat.add_argument("--max-relays", type=non_negative(int), default=NatOptions().max_relays,
+                     help="relays a private peer reserves a slot on [default: %(default)s]")
+    nat.add_argument("--no-stun-server", dest="stun_server", action="store_false",
+                     help="do not answer STUN binding requests (a public peer does, for WebRTC hole punching)")
+    nat.add_argument("--stun-port", type=int, default=None,
+                     help="UDP port of the STUN server [default: the libp2p TCP port's number]")
+    add_nat_args(p)
+    add_dataclass_args(p.add_argument_group("relay limits (for peers behind NATs)"), RelayLimits, prefix="relay")
     p.set_defaults(func=cmd_peer)
 
 
@@ -62,14 +76,18 @@ def cmd_peer(args) -> int:
     import asyncio
 
     from peer.limits import Limits
+    from peer.nat import NatOptions
     from peer.p2p import ListenError
+    from peer.relay import RelayLimits
     from peer.serve import PeerOptions, parse_blocks, serve
 
     check_device(args.device)
     opts = PeerOptions(args.model, parse_blocks(args.blocks) if args.blocks else None, args.num_blocks, args.listen,
                        args.identity, args.initial_peers, args.device, args.dtype, dataclass_from_args(Limits, args),
                        args.threads, args.direct, args.data_port, args.record_ttl, args.announce, args.public_ip,
-                       args.port, args.summary_every, args.reachability)
+                       args.port, args.summary_every, args.reachability, relay=args.relay,
+                       relay_limits=dataclass_from_args(RelayLimits, args, prefix="relay"),
+                       nat=NatOptions(args.max_relays, args.stun_server, args.stun_port), paths=path_settings(args))
     opts.model = resolve_model_flag(args)  # once every flag is checked: a named model is fetched on first use
     try:
         asyncio.run(serve(opts))
@@ -87,6 +105,7 @@ def add_status_parser(sub) -> None:
                    help="any peers of the swarm (their 'listening on' multiaddrs)")
     add_model_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_nat_args(p)
     p.set_defaults(func=cmd_status)
 
 
@@ -98,7 +117,9 @@ def cmd_status(args) -> int:
     from swarm.client.status import format_status, swarm_status
 
     ckpt = Checkpoint(resolve_model_flag(args))
-    status = asyncio.run(swarm_status(ckpt.model_id, ckpt.config.num_hidden_layers, args.initial_peers))
+    settings = path_settings(args)
+    status = asyncio.run(swarm_status(ckpt.model_id, ckpt.config.num_hidden_layers, args.initial_peers,
+                                      settings=settings))
     print(json.dumps(status) if args.json else format_status(status))
     return 0 if status["complete"] else 1
 

@@ -110,11 +110,13 @@ def _generate(args, model, load_seconds: float) -> int:
         if not args.local:
             cfg = model.config
             out.update(route=[str(h) for h in model.route], push=cfg.push, wire_dtype=cfg.wire_dtype,
-                       transport=cfg.transport)
+                       transport=cfg.transport, paths=[model.paths.path_of(h.peer_id) or "direct" for h in model.route])
         print(json.dumps(out))
     else:
         sys.stdout.write("\n")
-        route = "local" if args.local else "route " + " -> ".join(str(h) for h in model.route)
+        route = "local" if args.local else "route " + " -> ".join(
+            f"{h}" + (f" ({p})" if (p := model.paths.path_of(h.peer_id)) not in (None, "direct") else "")
+            for h in model.route)
         per_round = f", {result.tokens_per_round:.2f} tokens/round" if spec else ""
         print(f"[{len(result.tokens)} tokens in {result.seconds:.2f} s, {result.tokens_per_s:.1f} tokens/s{per_round}, "
               f"{mode}, {route}, {args.device}/{args.dtype}]", file=sys.stderr)

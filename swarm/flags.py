@@ -98,6 +98,7 @@ def add_client_args(p) -> None:
                    help="how long a peer that failed a step is left out of routes")
     p.add_argument("--max-failovers", type=non_negative(int), default=CLIENT.max_failovers,
                    help="re-routes one step may try before giving up")
+    add_nat_args(p)
     p.add_argument("--insecure", action="store_true",
                    help="INSECURE, for benchmarks only: send hidden states and instructions in plaintext "
                         "(sessions are sealed end to end by default)")
@@ -106,7 +107,26 @@ def add_client_args(p) -> None:
 def client_config(args) -> ClientConfig:
     return ClientConfig(push=args.push, wire_dtype=args.wire_dtype, transport=args.transport, sealed=not args.insecure,
                         timeout=args.timeout, ban_seconds=args.ban_seconds, max_failovers=args.max_failovers,
-                        discovery=args.discovery, route=args.route)
+                        discovery=args.discovery, route=args.route, paths=path_settings(args))
+
+
+def add_nat_args(p) -> None:
+    """How to reach peers behind NATs (peer/paths.py): WebRTC hole punching, STUN, TURN."""
+    g = p.add_argument_group("peers behind NATs")
+    g.add_argument("--no-webrtc", dest="webrtc", action="store_false",
+                   help="reach peers behind NATs through their relay only (no WebRTC hole punching)")
+    g.add_argument("--stun", metavar="stun:HOST:PORT",
+                   help="STUN server for WebRTC [default: a public peer's own, learnt from the swarm]")
+    g.add_argument("--turn", metavar="turn:HOST:PORT",
+                   help="TURN server: WebRTC through it when NATs defeat hole punching (needs --turn-user/--turn-password)")
+    g.add_argument("--turn-user", metavar="NAME", help="TURN user name")
+    g.add_argument("--turn-password", metavar="SECRET", help="TURN password (long-term credential)")
+
+
+def path_settings(args):
+    from peer.paths import PathSettings
+
+    return PathSettings(args.webrtc, args.stun, args.turn, args.turn_user, args.turn_password)
 
 
 def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
@@ -160,17 +180,21 @@ def field_comments(cls) -> dict[str, str]:
     return out
 
 
-def add_dataclass_args(p, cls) -> None:
+def add_dataclass_args(p, cls, prefix: str = "") -> None:
+    """A flag per field of `cls` (--PREFIX-FIELD-NAME), its comment as help; dest is the field name (with
+    `prefix`_ before it when given)."""
     helps = field_comments(cls)
     for f in dataclasses.fields(cls):
-        flag = LIMIT_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        flag = ("--" + prefix + "-" + f.name.replace("_", "-")) if prefix else \
+            LIMIT_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        dest = f"{prefix}_{f.name}" if prefix else f.name
         text = helps.get(f.name, "")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             kind = int if f.type in (int, "int") else float
-            p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=text + " [default: %(default)s]")
+            p.add_argument(flag, dest=dest, type=kind, default=f.default, help=text + " [default: %(default)s]")
 
 
-def dataclass_from_args(cls, args):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def dataclass_from_args(cls, args, prefix: str = ""):
+    return cls(**{f.name: getattr(args, f"{prefix}_{f.name}" if prefix else f.name) for f in dataclasses.fields(cls)})

@@ -220,7 +220,7 @@ def test_verdicts_and_plans():
             assert plan.addrs == [] and plan.data_addr is None and not plan.kad_server
             line = broken.describe(v, plan)
             assert line.startswith("reachability: PRIVATE — you are behind a NAT or firewall") and \
-                "127.0.0.1:1" in line and "issue 15" in line and "forward TCP port(s) 1" in line and "\n" not in line
+                "127.0.0.1:1" in line and "through a relay" in line and "forward TCP port(s) 1" in line and "\n" not in line
             # no helper that speaks the protocol (an older peer), or none at all: unknown, flags as given
             v = await Reachability(me, bootstrap=[old.addrs[0]]).check()
             assert (v.state, v.asked, v.answered) == ("unknown", 1, 0)
@@ -338,7 +338,8 @@ def test_records_carry_reachability_and_old_ones_still_verify():
 @pytest.mark.timeout(180)
 def test_loopback_swarm(tiny, tmp_path):
     """The first peer cannot be checked (UNKNOWN); the second is dialled back by it on loopback (PUBLIC, its
-    loopback address announced); one started --reachability private announces nothing and is shown so."""
+    loopback address announced); one started --reachability private announces only its relayed address
+    (through the first) and is shown so, reached through the relay."""
     path = str(tiny("llama2").path)
     first = PeerProcess(path, (0, 4), log_file=tmp_path / "first.log")
     second = third = None
@@ -360,11 +361,16 @@ def test_loopback_swarm(tiny, tmp_path):
         assert (peers[second.peer_id]["reachability"], peers[second.peer_id]["observed"]) == ("public", "127.0.0.1")
         assert peers[second.peer_id]["addrs"] == [second.addr] and peers[second.peer_id]["reachable"]
         assert peers[second.peer_id]["data_addr"].startswith("tcp://127.0.0.1:")
-        assert (peers[third.peer_id]["reachability"], peers[third.peer_id]["addrs"],
-                peers[third.peer_id]["data_addr"]) == ("private", [], None)
+        # the private one holds a slot on the first (a relay, as every peer by default) and is reached through
+        # it: over WebRTC where this machine has a non-loopback interface (aioice never uses loopback)
+        third_seen = peers[third.peer_id]
+        assert (third_seen["reachability"], third_seen["addrs"][0], third_seen["data_addr"]) == \
+            ("private", f"{first.addr}/p2p-circuit/p2p/{third.peer_id}", None), third_seen
+        assert all("/p2p-circuit/p2p/" in a for a in third_seen["addrs"]) and len(third_seen["addrs"]) <= 2
+        assert third_seen["reachable"] and third_seen["path"] in ("webrtc", "relay"), third_seen
         table = swarm("status", "--model", path, "--initial-peers", first.addr).stdout
         row = next(line for line in table.splitlines() if line.startswith("…" + third.peer_id[-12:]))
-        assert " private " in row and "(none: not dialable)" in row, table
+        assert " private " in row and "/p2p-circuit/p2p/" in row, table
         assert " public   127.0.0.1 " in next(line for line in table.splitlines()
                                              if line.startswith("…" + second.peer_id[-12:])), table
     finally:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from peer.paths import PathSettings
+
 TRANSPORTS = ("tcp", "libp2p")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -35,6 +37,7 @@ class ClientConfig:
     discovery: bool = True  # look for peers in the DHT, not only the initial peers
     route: str | None = None  # an explicit chain "PEER:A:B,PEER:B:C"; None: plan the fastest
     addresses: AddressMap | None = None  # an emulated WAN's link map; None: reach peers directly
+    paths: PathSettings = PathSettings()  # peers behind NATs: WebRTC, STUN, TURN (peer/paths.py)
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:

@@ -74,6 +74,7 @@ class PeerInfo:
     rtts: dict = field(default_factory=dict)  # peer -> other peers, as the peer published them
     load: float = 0.0  # fraction of its cache in use
     model: str = ""
+    path: str | None = None  # how we reach it (peer/paths.py): direct, webrtc, webrtc-turn, relay; rtt_ms is on it
 
     def ms_for(self, n_blocks: int) -> float:
         per_block = 1000.0 / self.throughput if self.throughput else DEFAULT_MS_PER_BLOCK

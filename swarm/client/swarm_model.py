@@ -27,6 +27,7 @@ import torch
 from peer.dht import SwarmDHT
 from peer.model import Checkpoint, StepLayout
 from peer.p2p import P2PNode
+from peer.paths import Paths
 from peer.transport import addr_of, dial, fetch_info
 from swarm.client.background import BackgroundLoop
 from swarm.client.chain import ChainSession, RemoteError
@@ -53,6 +54,7 @@ class SwarmModel:
         self.bg = BackgroundLoop()
         try:
             self.node = self.bg.run(P2PNode.start())
+            self.node.paths = self.paths = Paths(self.node, config.paths)  # peers behind NATs: WebRTC, relays
             if config.discovery:
                 self.dht = self.bg.run(SwarmDHT.start(self.node, self.initial_peers, server=False))
             self.route = self.bg.run(self._plan())
@@ -84,6 +86,8 @@ class SwarmModel:
                            if r.state == "online" and addr_of(r.peer_id, r.addrs)}
             except Exception as e:  # noqa: BLE001 - discovery failing must not hide the peers we know
                 log.warning("DHT lookup failed: %s", e)
+        for r in records.values():
+            self.paths.learn_stun(r.stun)
         addrs = {peer_id_of(a): a for a in self.initial_peers}
         addrs.update({pid: p.addr for pid, p in self.peers.items()})
         addrs.update({pid: addr_of(pid, r.addrs) for pid, r in records.items()})
@@ -108,7 +112,7 @@ class SwarmModel:
             load = 1.0 - info.free_cache_tokens / max(rec.cache_tokens, 1) if rec and rec.cache_tokens else 0.0
             self.peers[pid] = PeerInfo(pid, addr, info.blocks, info.data_addr, rtt_ms=rtt, model=info.model,
                                        throughput=rec.throughput if rec else None, rtts=dict(rec.rtts) if rec else {},
-                                       load=max(0.0, min(load, 1.0)))
+                                       load=max(0.0, min(load, 1.0)), path=self.paths.path_of(pid))
 
     def _usable(self) -> dict[str, PeerInfo]:
         now = time.monotonic()
@@ -192,7 +196,7 @@ class SwarmModel:
     def close(self) -> None:
         """Close the DHT, then the node (even if the DHT would not close), then the loop, which first
         cancels and awaits whatever still runs on it. Close only the original, not a `with_config` view."""
-        for part in (self.dht, getattr(self, "node", None)):
+        for part in (self.dht, getattr(self, "paths", None), getattr(self, "node", None)):
             if part is not None:
                 try:
                     self.bg.run(part.close(), timeout=10)
