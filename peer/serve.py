@@ -228,19 +228,24 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
                 await behind_nat(verdict)  # (re-)reserve relay slots that were lost
                 await dht.announce(record)
     finally:
-        log.info("shutting down: announcing offline and closing")
-        for task in tasks:
-            task.cancel()
-        if tcp_server is not None:
-            tcp_server.close()
-        if server is not None:
-            log.info("summary: %s", server.summary(final=True))
-            await server.close()
-        if dht is not None:
-            await dht.close("offline")
-        await paths.close()
-        await nat.close()
-        await node.close()
+        await _shut_down(tasks, tcp_server, server, dht, paths, nat, node)
+
+
+async def _shut_down(tasks, tcp_server, server, dht, paths, nat, node) -> None:
+    """Stop serving (whatever of it had started): announce offline, close every part, the node last."""
+    log.info("shutting down: announcing offline and closing")
+    for task in tasks:
+        task.cancel()
+    if tcp_server is not None:
+        tcp_server.close()
+    if server is not None:
+        log.info("summary: %s", server.summary(final=True))
+        await server.close()
+    if dht is not None:
+        await dht.close("offline")
+    await paths.close()
+    await nat.close()
+    await node.close()
 
 
 async def _find(dht: SwarmDHT, model_id: str) -> list[PeerRecord]:

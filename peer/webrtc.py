@@ -171,9 +171,13 @@ def check_sdp(sdp: Any) -> SessionDescription:
 def _read_signal(raw: bytes, expect: str) -> dict:
     if len(raw) > MAX_SIGNAL:
         raise SignalError("too_large", f"signalling frame of {len(raw)} bytes (at most {MAX_SIGNAL})")
+    # a signalling message is one flat object: refuse nesting before the parser recurses into it (how deep
+    # json.loads goes before RecursionError depends on the interpreter's recursion limit at the time)
+    if raw.count(b"[") + raw.count(b"{") > 8:
+        raise SignalError("bad_request", "signalling frame is not JSON of the expected shape (nested too deeply)")
     try:
         msg = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+    except (ValueError, RecursionError):
         raise SignalError("bad_request", "signalling frame is not JSON") from None
     if not isinstance(msg, dict):
         raise SignalError("bad_request", "signalling frame is not a JSON object")

@@ -1,8 +1,9 @@
 """A NAT lab in Linux network namespaces: a public peer, a volunteer behind home router A, a client behind B.
 
     sudo .venv/bin/python scripts/nat_lab.py check              # prerequisites, one line each
-    sudo .venv/bin/python scripts/nat_lab.py scenario           # build, run peers + generate, tear down
-    sudo .venv/bin/python scripts/nat_lab.py scenario --hard-nat --keep   # endpoint-dependent NAT at A; keep it
+    sudo .venv/bin/python scripts/nat_lab.py scenario           # build, run peers, status + generate, tear down
+    sudo .venv/bin/python scripts/nat_lab.py scenario --hard-nat --turn   # endpoint-dependent NAT at A; coturn
+    sudo .venv/bin/python scripts/nat_lab.py scenario --hard-nat --keep   # (no TURN: the relay); keep it
     sudo .venv/bin/python scripts/nat_lab.py clean              # remove labs of processes that are gone
 
 Topology (every interface, bridge and iptables rule lives inside the lab's namespaces, none in the host's:
@@ -24,6 +25,11 @@ keeps the source port when it can (endpoint-independent mapping): a port-restric
 Namespaces are named `sslab<pid>-<n>-<role>` (roles: inet pub rtra vol rtrb cli), so concurrent labs do not
 collide and `clean` can tell an abandoned lab (its pid is gone) from a live one.
 
+The scenario: a public peer (blocks 0:2) and a volunteer behind NAT A (2:4, only --initial-peers), then from
+behind NAT B `swarm status` and `swarm generate --json` in four modes (plain/speculative x push/client-
+mediated) beside `--local`; it prints each hop's path (direct, webrtc, webrtc-turn, relay), whether the text
+is identical, and exits 1 if any mode failed. `scripts/bench_nat_paths.py` times the paths themselves.
+
 Python API (tests/test_nat_lab.py):
 
     with Lab(hard_nat=False) as lab:
@@ -32,6 +38,7 @@ Python API (tests/test_nat_lab.py):
         p = lab.popen(lab.pub, [sys.executable, "-m", ...])      # Popen inside it; stopped at cleanup
         lab.ping("vol", lab.pub.ip); lab.tcp_probe("pub", lab.vol.ip, 8000)
         lab.forward_ports("31330:31331")                         # router A forwards them to vol
+        turn_flags = lab.turn()                                  # coturn in pub: ["--turn", URL, ...]
     # everything gone here, also after an exception, Ctrl-C or SIGTERM (SIGHUP)
 
 Stdlib only; needs root, `ip` (iproute2) and `iptables` (installed with apt-get when missing, if asked to).

@@ -108,4 +108,7 @@ def test_benchmark_runs_every_path_in_the_lab(tmp_path):
     assert mb["relay"] > mb["tcp"] and mb["turn"] > mb["tcp"], mb  # relaying a megabyte is not free
     assert result["goal"]["met"] in (True, False), result["goal"]
     assert "decode step (2472 B)" in stdout and "goal (hole-punched" in stdout, stdout
-    assert (tmp_path / "plot.png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:  # (a dev extra: CI's test venv has none)
+        assert (tmp_path / "plot.png").stat().st_size > 0
+    else:
+        assert "no matplotlib: no plot" in stdout + stderr and not (tmp_path / "plot.png").exists()

@@ -373,6 +373,9 @@ def test_loopback_swarm(tiny, tmp_path):
         assert " private " in row and "/p2p-circuit/p2p/" in row, table
         assert " public   127.0.0.1 " in next(line for line in table.splitlines()
                                              if line.startswith("…" + second.peer_id[-12:])), table
+        # a bootstrap peer that runs no DHT server (the private one, reached through its relay) is said so
+        through = swarm("status", "--model", path, "--initial-peers", third_seen["addrs"][0], "--json")
+        assert f"bootstrap peer {third.peer_id} does not serve the DHT" in through.stderr, through.stderr[-2000:]
     finally:
         for p in (third, second, first):
             if p is not None:

@@ -3,7 +3,8 @@
 One probe of a client's current route gives raw numbers (a dict; `merge_probes` takes medians over
 several, `timings_from` turns them into the simulator's `ChainTimings`):
   - round trips on the data plane: the client to every peer of its route (an Info request on an
-    open stream), and between consecutive peers: pinged through the emulated link where the caller
+    open stream, over the path the client's streams take: direct, webrtc, webrtc-turn or relay, so a
+    relayed hop's two legs are in it), and between consecutive peers: pinged through the emulated link where the caller
     names the links (`EmulatedLinks`, e.g. a `WanLayout`), else what the peer published, else
     estimated from the client's own round trips;
   - each peer's compute per step by tokens per step (a one-hop session: the step's round trip minus
@@ -13,7 +14,7 @@ several, `timings_from` turns them into the simulator's `ChainTimings`):
   - the whole chain's compute as generation sees it (steps through a session of the route, push
     and client-mediated, minus the trip).
 
-Knows the client's surface (`route`, `peers`, `node`, `bg`, `dial`, `config`, `with_config`,
+Knows the client's surface (`route`, `peers`, `node`, `paths`, `bg`, `dial`, `config`, `with_config`,
 `session`), `ChainSession`, the protocol's Info message and the head / draft models. Must not know
 decoding loops or policies, the run loop over modes, reporting, or how an emulated WAN is built.
 """
@@ -130,7 +131,8 @@ async def _network(model, reps: int, progress, links: EmulatedLinks | None) -> d
     for hop, rtt in zip(model.route, client_rtt):
         compute.append(await _hop_compute(model, hop, rtt, reps))
         progress.update(1)
-    return dict(client_rtt=client_rtt, links=between, compute=compute)
+    paths = [model.paths.path_of(hop.peer_id) if getattr(model, "paths", None) else None for hop in model.route]
+    return dict(client_rtt=client_rtt, links=between, compute=compute, paths=paths)  # paths: peer/paths.py
 
 
 # --- the client -----------------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def merge_probes(probes: list[dict]) -> dict:
         draft=tuple(statistics.median(p["draft"][i] for p in probes) for i in range(2)),
         draft_prefill=_median_tables([p["draft_prefill"] for p in probes]),
         chain={mode: _median_tables([p["chain"][mode] for p in probes]) for mode in first["chain"]},
-        probes=len(probes))
+        paths=first.get("paths"), probes=len(probes))
 
 
 def timings_from(net: dict) -> ChainTimings:

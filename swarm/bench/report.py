@@ -46,9 +46,10 @@ class ModeTotals:
 def _probe_entries(route, timings: ChainTimings, net: dict) -> list[dict]:
     names = ["client"] + [f"peer{j + 1}" for j in range(len(route))]
     entries = []
-    for j, rtt in enumerate(net["client_rtt"]):
+    paths = net.get("paths") or [None] * len(net["client_rtt"])
+    for j, (rtt, path) in enumerate(zip(net["client_rtt"], paths)):
         entries.append(dict(quantity="rtt_ms", link=f"client<->{names[j + 1]}", measured=round(rtt, 3),
-                            source="data-plane ping"))
+                            source=f"data-plane ping ({path or 'direct'} path)"))
     for j, (rtt, source) in enumerate(net["links"]):
         entries.append(dict(quantity="rtt_ms", link=f"{names[j + 1]}<->{names[j + 2]}",
                             measured=round(rtt, 3), source=source))
