@@ -51,8 +51,8 @@ class NatSupport:
         (multiaddr, reachability, STUN URL) as their records say. Learns the swarm's STUN servers, reserves
         relay slots while private (and announces `addrs` + circuits when they change), runs the STUN server
         when we have a public address."""
-        for _, _, stun in peers:
-            self.paths.learn_stun(stun)
+        for addr, _, stun in peers:
+            self.paths.learn_stun(stun, [addr] if addr else [])
         if state == "private":
             before = self.circuit_addrs()
             if len(before) < self.opts.max_relays:

@@ -288,7 +288,10 @@ class P2PNode(TrioThread):
             return
         if addrs and all(map(is_circuit, addrs)):
             return await self._dial_circuits(peer_id, addrs, what, [])
-        known = self._host.get_peerstore().addrs(peer_id)
+        try:
+            known = self._host.get_peerstore().addrs(peer_id)
+        except Exception:  # noqa: BLE001 - py-libp2p's PeerStoreError: never heard of it
+            raise ConnectionError(f"could not connect to {what}: no address known for it") from None
         circuits = [a for a in known if is_circuit(a)]
         if circuits and all(map(is_circuit, known)):  # (e.g. a private peer, learnt from the DHT)
             return await self._dial_circuits(peer_id, circuits, what, [])

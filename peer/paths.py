@@ -84,11 +84,17 @@ class Paths:
         self._upgrading: dict[str, asyncio.Future] = {}
         self._acceptor = None
 
-    def learn_stun(self, url: str | None) -> None:
-        """A public peer's STUN server (from its record), used unless --stun names one."""
-        if url and not self.swarm_stun:
-            self.swarm_stun = url
-            log.info("using the swarm's STUN server %s for WebRTC", url)
+    def learn_stun(self, url: str | None, addrs: list[str] | None = None) -> None:
+        """A public peer's STUN server (from its record), used unless --stun names one. With `addrs` (the
+        peer's own), only on the host of one of its direct addresses: a record must not send our STUN
+        requests to some third party's machine."""
+        if not url or self.swarm_stun:
+            return
+        host = url.removeprefix("stun:").rpartition(":")[0].strip("[]")
+        if addrs is not None and not any(a.split("/")[2:3] == [host] for a in addrs if "/p2p-circuit" not in a):
+            return
+        self.swarm_stun = url
+        log.info("using the swarm's STUN server %s for WebRTC", url)
 
     def path_of(self, peer_id: str) -> str | None:
         return self.paths.get(peer_id)

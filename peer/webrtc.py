@@ -132,8 +132,10 @@ def _candidate_problem(ip: str, port: int) -> str | None:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return f"candidate host {ip[:64]!r} is not an IP address (host names and mDNS are not resolved)"
-    if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
-        return f"candidate address {ip} is not usable (unspecified, multicast or loopback)"
+    addr = getattr(addr, "ipv4_mapped", None) or addr  # ::ffff:127.0.0.1 is loopback too (3.11 says no)
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback or addr.is_reserved or addr.is_link_local \
+            or addr == ipaddress.IPv4Address("255.255.255.255") or (addr.version == 4 and addr.packed[0] == 0):
+        return f"candidate address {ip} is not usable (unspecified, multicast, loopback, link-local or reserved)"
     if not 0 < port < 65536:
         return f"candidate port {port} is out of range"
     return None
@@ -283,6 +285,7 @@ class RtcAcceptor:
             max_links_per_peer
         self.max_frame, self.frame_timeout, self.timeout = max_frame, frame_timeout, timeout
         self.links: dict[RtcLink, str | None] = {}  # link -> remote peer id
+        self._waiting: Counter[str | None] = Counter()  # remote peer id -> signallers whose offer is awaited
         self._closed = False
 
     def count(self, remote_peer_id: str | None = None) -> int:
@@ -293,6 +296,14 @@ class RtcAcceptor:
         error frame (and return None). Never raises for what the remote sends."""
         who = remote_peer_id or "an unknown peer"
         start = time.monotonic()
+        # signallers still to send their offer count against the same limits as links (a silent one holds a
+        # handler for `timeout` s)
+        if sum(self._waiting.values()) >= self.max_links or self._waiting[remote_peer_id] >= self.max_links_per_peer:
+            log.info("WebRTC offer from %s refused: busy, too many offers awaited", who)
+            await _refuse(signal, "busy", f"{self._waiting[remote_peer_id]} offers from you awaited already "
+                                          f"(at most {self.max_links_per_peer})")
+            return None
+        self._waiting[remote_peer_id] += 1
         try:
             async with asyncio.timeout(self.timeout):
                 raw = await signal.recv()
@@ -303,6 +314,8 @@ class RtcAcceptor:
         except Exception as exc:  # noqa: BLE001 - EOF, reset, an oversized frame on the signal stream...
             log.info("WebRTC offer from %s: could not read it (%s)", who, exc)
             return None
+        finally:
+            self._waiting[remote_peer_id] -= 1
         try:
             msg = _read_signal(raw, "offer")
             if msg["type"] != "offer":

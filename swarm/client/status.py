@@ -30,7 +30,7 @@ async def swarm_status(model_id: str, num_blocks: int, initial_peers: list[str],
         finally:
             await dht.close()
         for r in records:
-            paths.learn_stun(r.stun)
+            paths.learn_stun(r.stun, r.addrs)
 
         async def ping(addr: str):
             try:

@@ -87,7 +87,7 @@ class SwarmModel:
             except Exception as e:  # noqa: BLE001 - discovery failing must not hide the peers we know
                 log.warning("DHT lookup failed: %s", e)
         for r in records.values():
-            self.paths.learn_stun(r.stun)
+            self.paths.learn_stun(r.stun, r.addrs)
         addrs = {peer_id_of(a): a for a in self.initial_peers}
         addrs.update({pid: p.addr for pid, p in self.peers.items()})
         addrs.update({pid: addr_of(pid, r.addrs) for pid, r in records.items()})
