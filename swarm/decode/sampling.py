@@ -49,8 +49,20 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id from logits [vocab]."""
     if params.greedy:
         return int(logits.argmax(-1))
-    probs = token_probs(logits, params)
+    return draw(token_probs(logits, params), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One index drawn from `probs` with `generator`, on the generator's device whatever the tensor's: a
+    CUDA generator with CPU probabilities (or the reverse) is what crashed speculative decoding on a GPU."""
+    if generator is not None and probs.device != generator.device:
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def uniform(generator: torch.Generator | None = None) -> float:
+    """One U[0, 1) number from `generator`, made on its own device (CPU without one)."""
+    return float(torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu"))
 
 
 def verify(drafts: list[int], q: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None = None,
@@ -66,7 +78,7 @@ def verify(drafts: list[int], q: torch.Tensor, p: torch.Tensor, generator: torch
         px, qx = float(p[i, x]), float(q[i, x])
         if relaxed is not None and _relaxed_ok(p[i] if soft is None else soft[i], x, relaxed):
             continue
-        if px >= qx or float(torch.rand((), generator=generator, device=p.device)) < px / qx:
+        if px >= qx or uniform(generator) < px / qx:
             continue
         residual = (p[i] - q[i]).clamp_min(0)
         if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p is right
@@ -84,7 +96,7 @@ def _relaxed_ok(p: torch.Tensor, x: int, tau: float) -> bool:
 def _draw(probs: torch.Tensor, generator) -> int:
     if float(probs.max()) >= 1.0:
         return int(probs.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return draw(probs, generator)
 
 
 def verify_greedy_tree(tokens: list[int], parents: list[int], argmax: list[int]) -> tuple[list[int], int]:

@@ -38,7 +38,7 @@ import torch
 
 from peer.model import ModelHead, StepLayout
 from swarm.decode.round_policy import CostModel, RoundTiming, make_policy
-from swarm.decode.sampling import SamplingParams, token_probs, verify, verify_greedy_tree
+from swarm.decode.sampling import SamplingParams, draw, token_probs, verify, verify_greedy_tree
 from swarm.decode.target import GenerationResult, LocalModel, RunBlocks, embed_step
 
 
@@ -133,7 +133,7 @@ class Drafter:
                 confidence = float(torch.softmax(logits.float(), -1)[token])
                 self.top.append(logits.topk(min(8, logits.numel())).indices.tolist())
             else:
-                token = int(torch.multinomial(q, 1, generator=generator))
+                token = draw(q, generator)
                 confidence = float(q[token])
             keep, more = decide(self.confidences + [confidence]) if decide is not None else (True, True)
             if not keep:
