@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import nat_lab  # noqa: E402
-from swarm.bench.nat_paths import DEFAULT_REPS, DIRECT_PORT, PATHS, RELAY_PORT, SIZE_LABELS, SIZES  # noqa: E402
+from swarm.bench.nat_paths import DIRECT_PORT, PATHS, RELAY_PORT, SIZE_LABELS, SIZES, add_reps_args  # noqa: E402
 
 GOAL_MS = 2.0  # the hole-punched path may add this much per decode step over direct TCP
 ROLE = [sys.executable, "-m", "swarm.bench.nat_paths"]
@@ -245,11 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hard-nat", action="store_true", help="router A maps every connection to a new port "
                    "(hole punching fails there; the WebRTC row reports it)")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
-    p.add_argument("--reps", type=int, help="measured round trips per path for every size (default: "
-                   + ", ".join(f"{SIZE_LABELS[k]} {v}" for k, v in DEFAULT_REPS.items()) + ")")
-    p.add_argument("--reps-step", type=int, help="... for the decode step only")
-    p.add_argument("--reps-64k", type=int, help="... for 64 KB only")
-    p.add_argument("--reps-1m", type=int, help="... for 1 MB only")
+    add_reps_args(p)
     p.add_argument("--warmup", type=int, help="unmeasured rounds per size first [3]")
     p.add_argument("--ice-timeout", type=float, default=15.0, help="s for each WebRTC link to connect [15]")
     p.add_argument("--timeout", type=float, default=600.0, help="s for the client's whole run [600]")

@@ -351,11 +351,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--circuit", required=True, help="the server's circuit address through the relay")
     c.add_argument("--direct", required=True, help="tcp://HOST:PORT of the server's forwarded TCP echo port")
     c.add_argument("--paths", default=",".join(PATHS), help=f"which paths, comma-separated [{','.join(PATHS)}]")
-    c.add_argument("--reps", type=int, help="measured round trips per path for every size (default: "
-                   + ", ".join(f"{SIZE_LABELS[k]} {v}" for k, v in DEFAULT_REPS.items()) + ")")
-    c.add_argument("--reps-step", type=int, help="... for the decode step only")
-    c.add_argument("--reps-64k", type=int, help="... for 64 KB only")
-    c.add_argument("--reps-1m", type=int, help="... for 1 MB only")
+    add_reps_args(c)
     c.add_argument("--warmup", type=int, default=3, help="unmeasured rounds per size first [3]")
     c.add_argument("--hidden-size", type=int, default=HIDDEN_SIZE, help=f"the step's hidden size [{HIDDEN_SIZE}]")
     c.add_argument("--ice-timeout", type=float, default=15.0, help="s for a WebRTC link to connect [15]")
@@ -365,6 +361,15 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--turn-user")
         q.add_argument("--turn-password")
     return p
+
+
+def add_reps_args(p) -> None:
+    """--reps and its per-size overrides (the client role's and scripts/bench_nat_paths.py's)."""
+    p.add_argument("--reps", type=int, help="measured round trips per path for every size (default: "
+                   + ", ".join(f"{SIZE_LABELS[k]} {v}" for k, v in DEFAULT_REPS.items()) + ")")
+    p.add_argument("--reps-step", type=int, help="... for the decode step only")
+    p.add_argument("--reps-64k", type=int, help="... for 64 KB only")
+    p.add_argument("--reps-1m", type=int, help="... for 1 MB only")
 
 
 def main(argv: list[str] | None = None) -> int:
