@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--kill-at", type=int, default=100, help="kill after this many tokens")
     ap.add_argument("--prompt", default="def fibonacci(n):")
-    ap.add_argument("--no-push", dest="push", action="store_false")
+    ap.add_argument("--push", action=argparse.BooleanOptionalAction, default=None,
+                    help="force push / client-mediated [default: chosen per route]")
     ap.add_argument("--speculative", action="store_true", help="speculative decoding (adaptive k, pipelining auto)")
     ap.add_argument("--draft", default=str(TINY_DRAFT))
     ap.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,

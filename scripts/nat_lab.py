@@ -588,9 +588,9 @@ def generate_argv(initial_peer: str | None, max_new_tokens: int = 8, timeout: fl
 
 
 MODES = {  # the acceptance's four ways through the swarm: generate's flags
-    "plain push": ["--no-speculative"],
+    "plain push": ["--no-speculative", "--push"],
     "plain client-mediated": ["--no-speculative", "--no-push"],
-    "speculative push": ["--speculative"],
+    "speculative push": ["--speculative", "--push"],
     "speculative client-mediated": ["--speculative", "--no-push"],
 }
 

@@ -86,8 +86,10 @@ def add_client_args(p) -> None:
                    help="explicit chain PEER:A:B,PEER:B:C,... (PEER: a peer id or its unique end)")
     p.add_argument("--no-dht", dest="discovery", action="store_false",
                    help="use only the --initial-peers, do not look for more peers in the DHT")
-    p.add_argument("--no-push", dest="push", action="store_false",
-                   help="client-mediated: carry hidden states between peers through the client (2n hops)")
+    p.add_argument("--push", action=argparse.BooleanOptionalAction, default=CLIENT.push,
+                   help="--push: peers hand hidden states to the next peer (n + 1 hops); --no-push: client-mediated, "
+                        "the client carries every hop (2n) [default: per route, whichever the measured RTTs predict "
+                        "is faster]")
     p.add_argument("--wire-dtype", default=CLIENT.wire_dtype, choices=WIRE_DTYPES,
                    help="dtype of hidden states on the wire (float32 keeps outputs identical to --local)")
     p.add_argument("--timeout", type=positive(float), default=CLIENT.timeout,

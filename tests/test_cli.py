@@ -67,13 +67,15 @@ def test_bad_flags_get_one_line_and_exit_2(argv, mentions):
     assert out.returncode == 2 and len(lines) == 1 and mentions in lines[0] and "error" in lines[0], out.stderr
 
 
-def test_cuda_without_cuda_is_one_line():
+@pytest.mark.parametrize("argv", [["generate", "--local", "--prompt", "x"], ["peer", "--model", "tiny"]],
+                         ids=["generate", "peer"])
+def test_cuda_without_cuda_is_one_line(argv):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--local", "--prompt", "x", "--device", "cuda"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "swarm.cli", *argv, "--device", "cuda"],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "CUDA" in out.stderr, out.stderr
 
 

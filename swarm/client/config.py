@@ -27,7 +27,8 @@ class AddressMap(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
-    push: bool = True  # peers push hidden states to the next peer (n + 1 hops); False: client-mediated (2n)
+    push: bool | None = None  # True: peers push hidden states to the next peer (n + 1 hops); False: client-mediated
+    # (2n, as Petals); None: chosen per route from the predicted step time (swarm.client.route.choose_chain)
     wire_dtype: str = "float32"  # hidden states on the wire; float32 keeps outputs identical to --local
     transport: str = "tcp"  # "tcp": peers' direct data ports; "libp2p": libp2p streams
     sealed: bool = True  # per-hop encryption (protocol.crypto); False is for benchmarks only
@@ -51,4 +52,4 @@ class ClientConfig:
 
     @property
     def where(self) -> str:
-        return "push" if self.push else "client-mediated"
+        return {True: "push", False: "client-mediated", None: "push or client-mediated"}[self.push]

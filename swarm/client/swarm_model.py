@@ -2,7 +2,8 @@
 
 `SwarmModel` has the shape `swarm.decode` drives (`.head`, `.session(max_length)`), like `LocalModel`.
 It finds the model's peers (DHT records, looked up as a DHT client that leaves no trace in the
-peers' routing tables, and the initial peers), plans the fastest route, and keeps sessions alive when
+peers' routing tables, and the initial peers), plans the fastest route and, unless told, whether
+peers push to each other or the client carries every hop (`choose_chain`), and keeps sessions alive when
 peers die: `RemoteBlocks` keeps every step it sent; when a step fails it bans the peers that no longer
 answer, plans a new route, replays the steps (identical shapes, so identical caches) and retries;
 steps sent behind a failing one wait for it and go again, in order, by themselves. Outputs stay
@@ -32,7 +33,7 @@ from peer.transport import addr_of, dial, fetch_info
 from swarm.client.background import BackgroundLoop
 from swarm.client.chain import ChainSession, RemoteError
 from swarm.client.config import ClientConfig
-from swarm.client.route import Hop, PeerInfo, parse_route, peer_id_of, plan_route, to_hops
+from swarm.client.route import Hop, PeerInfo, choose_chain, parse_route, peer_id_of, to_hops
 
 log = logging.getLogger("specswarm.client")
 FAILURES = (RemoteError, ConnectionError, EOFError, OSError, asyncio.TimeoutError)
@@ -47,6 +48,7 @@ class SwarmModel:
         self.head = ckpt.load_head(dtype, device)
         self.model_id, self.num_blocks = ckpt.model_id, ckpt.config.num_hidden_layers
         self.initial_peers, self.config = list(initial_peers), config
+        self.auto_push = config.push is None  # choose push or client-mediated per route (`_plan` sets config.push)
         self.peers: dict[str, PeerInfo] = {}
         self.banned: dict[str, float] = {}  # peer id -> monotonic time the ban ends
         self.failovers = 0
@@ -67,7 +69,9 @@ class SwarmModel:
         bans; it re-plans its route if how peers are reached changed. Close only the original."""
         view = copy.copy(self)
         view.config = replace(self.config, **changes)
-        if {"transport", "route", "addresses"} & set(changes):
+        if "push" in changes:
+            view.auto_push = changes["push"] is None
+        if {"transport", "route", "addresses"} & set(changes) or ("push" in changes and view.auto_push):
             view.route = view.bg.run(view._plan())
         return view
 
@@ -122,8 +126,13 @@ class SwarmModel:
         await self._refresh()
         usable = self._usable()
         cfg = self.config
-        spans = parse_route(cfg.route, usable) if cfg.route else plan_route(usable, self.num_blocks)
-        hops = to_hops(spans, usable, cfg.transport, self.num_blocks)
+        forced = None if self.auto_push else cfg.push
+        plan = choose_chain(usable, self.num_blocks, forced, parse_route(cfg.route, usable) if cfg.route else None)
+        if self.auto_push:
+            self.config = cfg = replace(cfg, push=plan.push)
+            log.info("chain shape: %s (predicted step %.1f ms pushed, %.1f ms client-mediated)",
+                     cfg.where, plan.push_ms, plan.mediated_ms)
+        hops = to_hops(plan.route, usable, cfg.transport, self.num_blocks)
         if cfg.addresses is not None:  # e.g. an emulated WAN: the hop before each peer reaches it through its link
             hops = [replace(h, addr=cfg.addresses.route_addr(h.addr)) for h in hops]
         return hops

@@ -1,14 +1,17 @@
 """Turning logits into tokens: greedy, temperature and nucleus (top-p) sampling, and verifying drafts.
 
 `token_probs` is the distribution a sampler draws from; speculative verification (`verify`, lossless
-rejection sampling; `verify_greedy_tree`) compares the target's and the draft's versions of it, so
-both paths share this one definition. Knows tensors of logits and token ids; nothing of models,
+rejection sampling of a chain; `verify_tree`, its multi-candidate form for a sampled tree, whose
+first level `draw_siblings` draws; `verify_greedy_tree`) compares the target's and the draft's
+versions of it, so all paths share this one definition. Every random draw is made on the
+generator's device (`uniform`, `draw`). Knows tensors of logits and token ids; nothing of models,
 caches, peers or tokenizers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,3 +115,87 @@ def verify_greedy_tree(tokens: list[int], parents: list[int], argmax: list[int])
         if not nxt:
             return path, argmax[path[-1]]
         path.append(nxt[0])
+
+
+def verify_tree(tokens: list[int], parents: list[int], q: Sequence[torch.Tensor | None], p: torch.Tensor,
+                generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """Lossless verification of a sampled draft tree: (accepted path of node indices starting at 0, the next token).
+
+    Nodes as in `verify_greedy_tree` (node 0 = the last committed token; parents[i] into the node
+    list). p [n, vocab]: the target's distribution after every node. q[i] for a draft node i > 0:
+    the distribution tokens[i] was drawn from, or None for a deterministic candidate (an n-gram or
+    prompt-lookup token, a top-k pick: read as one-hot at the token); q[0] is unused.
+
+    Recursive rejection sampling: from the root, try the current node's children in order; accept
+    child c with probability min(1, r(x_c)/q_c(x_c)), r the residual (p[node] at first); on a
+    rejection r <- norm(max(r - q_c, 0)) (None: r with x_c removed) and the next sibling is tried.
+    An accepted child becomes the current node (r resets to p[c]); when none is, the next token is
+    drawn from r. One-hot p (greedy) gives `verify_greedy_tree`'s answer, with no random draw.
+
+    Why it is exact: one step (x ~ q; accept w.p. min(1, r(x)/q(x)), else draw from norm(max(r - q, 0)))
+    outputs a draw from r. Here the "else" draw is the same step again, on the next sibling, with the
+    residual as its target; by induction over the siblings (the last falls back to a real draw) the
+    token committed after a node follows p[node]. That needs every sibling's token to follow its
+    q[i] GIVEN the earlier siblings' tokens, and to be drawn independently of this function's
+    random numbers:
+      - i.i.d. draws from one q (with replacement, duplicates allowed): q[i] = that q for each;
+      - draws without replacement: q[i] must be the conditional, q with the earlier siblings' tokens
+        removed and renormalised (`draw_siblings(replace=False)` returns those); declaring the
+        plain q there (or de-duplicating after the fact) is biased;
+      - deterministic candidates (None): one-hot at x is x's distribution given x itself, so accept
+        w.p. r(x), else r without x, is exact however x was chosen, and mixes with sampled siblings.
+    Once child c is accepted the same argument holds at c with target p[c], provided c's children
+    follow their q given c (drafted before verification, from the draft's law after c's path, as
+    above), so by induction over the depth the committed tokens follow the target's own law.
+    O(nodes x vocab) at worst: every node is tried once, a rejection costs one residual.
+    """
+    if not len(q) == len(tokens) == len(parents) == p.shape[0]:
+        raise ValueError(f"tokens, parents, q and p must all have one entry per node: got {len(tokens)}, "
+                         f"{len(parents)}, {len(q)} and {p.shape[0]}")
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents[1:], 1):
+        children.setdefault(parent, []).append(i)
+    path = [0]
+    while True:
+        residual = p[path[-1]]
+        for c in children.get(path[-1], []):
+            x, qc = tokens[c], q[c]
+            rx, qx = float(residual[x]), 1.0 if qc is None else float(qc[x])
+            if rx > 0 and (rx >= qx or uniform(generator) < rx / qx):
+                path.append(c)
+                break
+            residual = _residual(residual, qc, x)
+        else:
+            return path, _draw(residual, generator)
+
+
+def _residual(r: torch.Tensor, q: torch.Tensor | None, x: int) -> torch.Tensor:
+    """norm(max(r - q, 0)) after rejecting x drawn from q (None: one-hot at x, so r without x)."""
+    if q is None:
+        left = r.clone()
+        left[x] = 0
+    else:
+        left = (r - q.to(r.device)).clamp_min(0)
+    mass = float(left.sum())
+    return r if mass <= 0 else left / mass  # mass 0: r == q up to rounding, so any draw from r is right
+
+
+def draw_siblings(q: torch.Tensor, width: int, generator: torch.Generator | None = None,
+                  replace: bool = True) -> tuple[list[int], list[torch.Tensor]]:
+    """Up to `width` sibling tokens drawn from q [vocab], and the distribution each was drawn from, to pass
+    to `verify_tree` as their q. replace=True: i.i.d. (duplicates possible; q itself for each).
+    replace=False: distinct tokens, each from q without the earlier ones (fewer than `width` when q
+    has fewer tokens of non-zero probability)."""
+    tokens: list[int] = []
+    conditionals: list[torch.Tensor] = []
+    left = q
+    while len(tokens) < width:
+        mass = float(left.sum())
+        if mass <= 0:
+            break
+        conditionals.append(q if replace else left / mass)
+        tokens.append(draw(conditionals[-1], generator))
+        if not replace:
+            left = left.clone()
+            left[tokens[-1]] = 0
+    return tokens, conditionals
