@@ -171,6 +171,7 @@ def check_runs(result: dict, want_path: str) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_route_through_a_natted_volunteer(lab, tmp_path):
     """Issue 15's acceptance: the volunteer behind NAT A (only --initial-peers, no NAT flags) reserves a slot on
     the public peer (a relay by default) and announces its /p2p-circuit address; the client behind NAT B
@@ -190,6 +191,7 @@ def test_route_through_a_natted_volunteer(lab, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_hard_nat_goes_through_turn(tmp_path):
     """Router A maps every connection to a new port (MASQUERADE --random-fully): hole punching cannot work. With
     coturn on the public segment (--turn on both NATed sides), the volunteer's hop is a TURN-relayed WebRTC
@@ -201,6 +203,7 @@ def test_hard_nat_goes_through_turn(tmp_path):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_hard_nat_without_turn_falls_back_to_the_relay(tmp_path):
     """The same hard NAT and no TURN server: WebRTC fails (after its timeout, once per peer), the libp2p relay
     carries the hop, and the output is still identical to --local."""
