@@ -7,8 +7,10 @@ addresses they can use (--announce / --public-ip, else the verified or bound one
 when private, only `/p2p-circuit` addresses through relays); start the DHT (bootstrapping from
 --initial-peers; Kademlia as a client when private); behind a NAT, reserve relay slots (peer/nat.py;
 public peers relay by default, `P2PNode.start(relay=...)`, and answer STUN for the swarm), and answer
-WebRTC offers of those who reach us through a relay (peer/paths.py); if no --blocks were given, measure this machine's block throughput (cached) and take the
-span the swarm is weakest on; announce it as "joining" (with the verdict and the address peers see
+WebRTC offers of those who reach us through a relay (peer/paths.py); measure this machine's block throughput
+(cached); plan memory (peer/memory.py: how many blocks fit, counted at --quant's size, and the KV cache
+budget unless --cache-tokens was given; one log line); if no --blocks were given, take the span the swarm is
+weakest on; announce it as "joining" (with the verdict and the address peers see
 us at); load the blocks; serve inference streams (libp2p and the direct port); print the addresses
 ('listening on ...'; a warning if only loopback); announce "online" and keep the record fresh (free
 cache, RTTs to the peers that serve the next blocks; the verdict, checked again every 10 minutes and
@@ -22,16 +24,14 @@ import asyncio
 import errno
 import ipaddress
 import logging
-import os
 import signal
 import time
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass, field, replace
 
 from peer import set_threads
 from peer.dht import SwarmDHT
-from peer.model import Checkpoint
+from peer.memory import MemoryPlan, describe, free_memory, plan_memory
+from peer.model import BlockRange, Checkpoint, KVCache, check_quant, parse_dtype
 from peer.addrs import check_announce
 from peer.p2p import DEFAULT_LISTEN, ListenError, P2PNode
 from peer.reachability import MODES, Reachability, Verdict
@@ -73,6 +73,8 @@ class PeerOptions:
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
     nat: NatOptions = field(default_factory=NatOptions)  # relays to reserve on when private; STUN when public
     paths: PathSettings = field(default_factory=PathSettings)  # WebRTC, STUN, TURN for peers behind NATs
+    quant: str = "none"  # "int8": weight-only int8 linear layers (half the bytes of bfloat16)
+    auto_cache_tokens: bool = False  # size limits.cache_tokens from the memory left after the blocks (peer/memory.py)
 
     def __post_init__(self):
         if self.port is not None:
@@ -90,6 +92,7 @@ class PeerOptions:
         check_announce(self.announce, self.public_ip)
         if self.reachability not in MODES:
             raise ValueError(f"--reachability wants one of {', '.join(MODES)}, got {self.reachability!r}")
+        self.quant = check_quant(self.quant)
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -112,25 +115,39 @@ def _host_of(maddr: str) -> str:
     return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6", "dns4", "dns6", "dns") else "127.0.0.1"
 
 
-def default_num_blocks(ckpt: Checkpoint, dtype: str, device: str) -> int:
-    """As many blocks as fit in 60 % of the free memory of the device (all of them for small models)."""
-    cfg = ckpt.config
-    params = 4 * cfg.hidden_size * cfg.num_attention_heads * cfg.head_dim + 3 * cfg.hidden_size * cfg.intermediate_size
-    per_block = params * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    if device.startswith("cuda"):
-        free = torch.cuda.mem_get_info(torch.device(device))[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(1, min(cfg.num_hidden_layers, int(0.6 * free // per_block)))
+def plan_blocks(ckpt: Checkpoint, opts: PeerOptions) -> MemoryPlan:
+    """How many blocks to take and how many cache tokens to grant (peer/memory.py), with its one log line."""
+    cfg, limits, dtype = ckpt.config, opts.limits, parse_dtype(opts.dtype)
+    free = free_memory(opts.device)
+    block_bytes = BlockRange.bytes_per_block(cfg, dtype, opts.quant)
+    kv = KVCache.bytes_per_token(1, cfg.num_key_value_heads, cfg.head_dim, dtype)
+    requested = opts.blocks[1] - opts.blocks[0] if opts.blocks else opts.num_blocks
+    ceiling = limits.max_sessions * limits.max_session_tokens if opts.device.startswith("cuda") else None
+    plan = plan_memory(free, block_bytes, kv, cfg.num_hidden_layers, requested,
+                       None if opts.auto_cache_tokens else limits.cache_tokens,
+                       min_cache_tokens=limits.max_session_tokens,
+                       max_cache_tokens=ceiling or limits.cache_tokens)
+    where = f"{opts.device} ({opts.dtype}" + (", int8 weights)" if opts.quant == "int8" else ")")
+    log.info("%s", describe(plan, free, block_bytes, kv, where))
+    return plan
 
 
-async def choose_span(dht: SwarmDHT, ckpt: Checkpoint, opts: PeerOptions, throughput: float) -> tuple[int, int]:
+async def choose_span(dht: SwarmDHT, ckpt: Checkpoint, n: int, throughput: float) -> tuple[int, int]:
     records = await dht.find(ckpt.model_id)
-    n = opts.num_blocks or default_num_blocks(ckpt, opts.dtype, opts.device)
     span = choose_blocks(ckpt.config.num_hidden_layers, [((r.start, r.end), r.throughput) for r in records], n)
     log.info("the swarm has %d peers of this model; taking blocks [%d, %d) where it is weakest "
              "(%d blocks, %.0f tokens/s per block here)", len(records), *span, n, throughput)
     return span
+
+
+def load_span(ckpt: Checkpoint, span: tuple[int, int], opts: PeerOptions, limits: Limits) -> BlockRange:
+    t0 = time.perf_counter()
+    blocks = ckpt.load_blocks(*span, opts.dtype, opts.device, opts.quant)
+    log.info("loaded blocks [%d, %d) of %d (model %s) in %.1f s (%s, %s, quant %s): weights %.1f MiB; "
+             "KV cache: %d tokens = %.1f MiB", *span, ckpt.config.num_hidden_layers, ckpt.model_id,
+             time.perf_counter() - t0, opts.device, opts.dtype, opts.quant, blocks.weight_bytes() / 2**20,
+             limits.cache_tokens, limits.cache_tokens * blocks.bytes_per_token() / 2**20)
+    return blocks
 
 
 async def measure_next_hops(node: P2PNode, dht: SwarmDHT, model_id: str, end: int) -> dict[str, float]:
@@ -148,7 +165,6 @@ async def measure_next_hops(node: P2PNode, dht: SwarmDHT, model_id: str, end: in
 async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
     set_threads(opts.threads)
     ckpt = Checkpoint(opts.model)
-    cfg = ckpt.config
     node = await P2PNode.start(opts.identity, opts.listen, opts.limits.max_frame, opts.announce, opts.public_ip,
                                relay=opts.relay_limits if opts.relay else None)
     node.frame_timeout = opts.limits.frame_timeout or None
@@ -182,17 +198,15 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
         log.log(logging.WARNING if verdict.state == "private" else logging.INFO, "%s", reach.describe(verdict, plan))
         dht = await SwarmDHT.start(node, opts.initial_peers, ttl=opts.record_ttl, reachable=plan.kad_server)
         await behind_nat(verdict)
-        throughput = block_throughput(ckpt, opts.device, opts.dtype)
-        span = opts.blocks or await choose_span(dht, ckpt, opts, throughput)
-        record = PeerRecord(ckpt.model_id, *span, throughput=throughput, cache_tokens=opts.limits.cache_tokens,
+        throughput = block_throughput(ckpt, opts.device, opts.dtype, quant=opts.quant)
+        memory = plan_blocks(ckpt, opts)
+        limits = replace(opts.limits, cache_tokens=memory.cache_tokens)
+        span = opts.blocks or await choose_span(dht, ckpt, memory.blocks, throughput)
+        record = PeerRecord(ckpt.model_id, *span, throughput=throughput, cache_tokens=limits.cache_tokens,
                             state="joining", reachability=verdict.state, observed=verdict.observed, stun=nat.stun_url)
         await dht.announce(record)
-        t0 = time.perf_counter()
-        blocks = ckpt.load_blocks(*span, opts.dtype, opts.device)
-        log.info("loaded blocks [%d, %d) of %d (model %s) in %.1f s (%s, %s); KV cache: %d tokens = %.1f MiB",
-                 *span, cfg.num_hidden_layers, ckpt.model_id, time.perf_counter() - t0, opts.device, opts.dtype,
-                 opts.limits.cache_tokens, opts.limits.cache_tokens * blocks.bytes_per_token() / 2**20)
-        server = BlockServer(blocks, ckpt.model_id, opts.limits, open_stream=lambda addr: dial(node, addr),
+        blocks = load_span(ckpt, span, opts, limits)
+        server = BlockServer(blocks, ckpt.model_id, limits, open_stream=lambda addr: dial(node, addr),
                              name=node.peer_id, key_pair=node.key_pair)
         node.set_stream_handler(INFERENCE_PROTOCOL, lambda s: server.handle(s, s.remote_peer_id[-8:]))
         paths.serve(server.handle)  # WebRTC offers from clients and peers that reach us through a relay

@@ -1,9 +1,10 @@
 """How fast this machine runs one block, measured once and cached; and which blocks a new peer should take.
 
 Throughput is tokens per second through ONE block during decoding (one new token per step, a short
-cache), measured on the real weights of one block on the chosen device and dtype. It is cached in
-`~/.cache/specswarm/throughput.json` (override with SPECSWARM_CACHE) per model, device, dtype and
-thread count, so a restarted peer joins at once.
+cache), measured on the real weights of one block on the chosen device, dtype and quantization (an int8
+block is what the peer will serve, so that is what is timed). It is cached in
+`~/.cache/specswarm/throughput.json` (override with SPECSWARM_CACHE) per model, device, dtype, quantization
+and thread count, so a restarted peer joins at once.
 
 Block choice (as Petals does): every block's swarm throughput is the sum over online peers serving
 it; a new peer takes the `n` consecutive blocks whose throughputs, sorted ascending, are smallest
@@ -26,9 +27,10 @@ def cache_file() -> Path:
     return Path(os.environ.get("SPECSWARM_CACHE", Path.home() / ".cache" / "specswarm")) / "throughput.json"
 
 
-def measure_block_throughput(ckpt: Checkpoint, device: str = "cpu", dtype: str = "float32", steps: int = 32) -> float:
-    """Decode steps per second through one block (block 0 of the checkpoint)."""
-    blocks = ckpt.load_blocks(0, 1, dtype, device)
+def measure_block_throughput(ckpt: Checkpoint, device: str = "cpu", dtype: str = "float32", steps: int = 32,
+                             quant: str = "none") -> float:
+    """Decode steps per second through one block (block 0 of the checkpoint, loaded as the peer will serve it)."""
+    blocks = ckpt.load_blocks(0, 1, dtype, device, quant)
     cache = blocks.new_cache(steps + 8)
     x = torch.randn(1, ckpt.config.hidden_size, dtype=blocks.dtype, device=blocks.device)
     blocks(x.repeat(8, 1), cache, StepLayout(0, 8))  # warm up and give attention something to read
@@ -42,9 +44,10 @@ def measure_block_throughput(ckpt: Checkpoint, device: str = "cpu", dtype: str =
     return steps / (time.perf_counter() - t0)
 
 
-def block_throughput(ckpt: Checkpoint, device: str, dtype: str, refresh: bool = False) -> float:
+def block_throughput(ckpt: Checkpoint, device: str, dtype: str, refresh: bool = False, quant: str = "none") -> float:
     """Cached `measure_block_throughput`."""
     key = f"{ckpt.model_id}|{device}|{dtype}|threads={torch.get_num_threads()}"
+    key += "" if quant == "none" else f"|{quant}"  # keys of float blocks as before
     path = cache_file()
     try:
         known = json.loads(path.read_text())
@@ -52,7 +55,7 @@ def block_throughput(ckpt: Checkpoint, device: str, dtype: str, refresh: bool = 
         known = {}
     if not refresh and isinstance(known.get(key), (int, float)):
         return float(known[key])
-    value = measure_block_throughput(ckpt, device, dtype)
+    value = measure_block_throughput(ckpt, device, dtype, quant=quant)
     known[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(known, indent=1))

@@ -1,10 +1,18 @@
-"""Time one step of a block range for 1..32 new tokens at several cache lengths.
+"""Time one step of a block range for 1..32 new tokens at several cache lengths, beside its memory floor.
 
 The question it answers: how much more does verifying k drafted tokens cost than decoding one?
 On a GPU, small k is nearly free (memory-bound); on a CPU it is not. Uses a checkpoint you point it at
 (`--model DIR`) or random weights of a named shape (`--shape llama3-8b`), so no download is needed.
+`--quant int8` times int8 weights (peer/model/quant.py).
+
+The memory floor of a step is the bytes it must read (the blocks' weights, plus the keys and values of
+the cache and the new tokens) divided by the memory bandwidth, measured in the same run as a large
+tensor copy (`x.copy_(y)`, counting the bytes read and written): no kernel can do a step faster than
+that, and a step near it is memory-bound (HBM on a GPU, DRAM on a CPU). `--json`: each row has its
+`floor_ms`; the report's `floor_ms` is that of one new token at the longest cache length.
 
     python scripts/bench_engine.py --shape tinyllama-1.1b --blocks 2 --device cpu
+    python scripts/bench_engine.py --shape llama3-8b --blocks 4 --device cuda --quant int8
     python scripts/bench_engine.py --model swarm/models/code-target --json
 """
 
@@ -22,17 +30,19 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peer.model import BlockRange, Checkpoint, ModelConfig, StepLayout, parse_dtype  # noqa: E402
+from peer.model.quant import quantize_linears  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, rope theta
     "llama3-8b": (4096, 14336, 32, 8, 500000.0),
     "llama2-7b": (4096, 11008, 32, 32, 10000.0),
     "tinyllama-1.1b": (2048, 5632, 32, 4, 10000.0),
     "qwen2-0.5b": (896, 4864, 14, 2, 1000000.0),
+    "smollm2-135m": (576, 1536, 9, 3, 100000.0),  # the default model's blocks (30 of them)
     "tiny": (64, 144, 4, 2, 10000.0),
 }
 
 
-def random_blocks(shape: str, n_blocks: int, dtype, device) -> BlockRange:
+def random_blocks(shape: str, n_blocks: int, dtype, device, quant: str = "none") -> BlockRange:
     hidden, inter, heads, kv, theta = SHAPES[shape]
     cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=32000, hidden_size=hidden, intermediate_size=inter,
                                    num_hidden_layers=n_blocks, num_attention_heads=heads, num_key_value_heads=kv,
@@ -41,12 +51,30 @@ def random_blocks(shape: str, n_blocks: int, dtype, device) -> BlockRange:
         blocks = BlockRange(cfg, 0, n_blocks)
     for p in blocks.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    return blocks.to(dtype).eval()
+    blocks = blocks.to(dtype)
+    if quant == "int8":
+        quantize_linears(blocks, blocks.linear_names(), dtype)
+    return blocks.eval()
 
 
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, mib: int, reps: int = 5) -> float:
+    """Bytes per second a large tensor copy moves here (read + write), the best of `reps`."""
+    n = mib * 2**20 // 4
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    dst.copy_(src)  # warm-up (page faults, lazy allocation)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
 
 
 def time_step(blocks: BlockRange, cache, hidden, start: int, reps: int) -> float:
@@ -63,7 +91,7 @@ def time_step(blocks: BlockRange, cache, hidden, start: int, reps: int) -> float
     return statistics.median(times)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", help="HF checkpoint directory (times blocks [0, --blocks))")
@@ -73,17 +101,26 @@ def main() -> None:
     ap.add_argument("--cache-lengths", default="0,128,512,2048")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--quant", default="none", choices=["none", "int8"], help="int8: weight-only int8 linear layers")
+    ap.add_argument("--copy-mib", type=int, default=None,
+                    help="size of the copy that measures memory bandwidth [default: 1024 on cuda, 256 on cpu]")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.manual_seed(0)
     dtype = parse_dtype(args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     if args.model:
         ckpt = Checkpoint(args.model)
         n = min(args.blocks, ckpt.config.num_hidden_layers)
-        blocks, name = ckpt.load_blocks(0, n, dtype, args.device), Path(args.model).name
+        blocks, name = ckpt.load_blocks(0, n, dtype, args.device, args.quant), Path(args.model).name
     else:
-        blocks, name = random_blocks(args.shape, args.blocks, dtype, args.device), args.shape
+        blocks, name = random_blocks(args.shape, args.blocks, dtype, args.device, args.quant), args.shape
+    bandwidth = copy_bandwidth(args.device, args.copy_mib or (1024 if args.device.startswith("cuda") else 256))
+    weight_bytes, kv_per_token = blocks.weight_bytes(), blocks.bytes_per_token()
     tokens = [int(t) for t in args.tokens.split(",")]
     lengths = [int(c) for c in args.cache_lengths.split(",")]
     cache = blocks.new_cache(max(lengths) + max(tokens))
@@ -95,23 +132,34 @@ def main() -> None:
                 blocks(torch.randn(length, width, dtype=dtype, device=args.device), cache, StepLayout(0, length))
             for n in tokens:
                 hidden = torch.randn(n, width, dtype=dtype, device=args.device)
+                floor = (weight_bytes + (length + n) * kv_per_token) / bandwidth
                 rows.append(dict(cache_length=length, new_tokens=n,
-                                 ms=1000 * time_step(blocks, cache, hidden, length, args.reps)))
+                                 ms=1000 * time_step(blocks, cache, hidden, length, args.reps), floor_ms=1000 * floor))
                 bar.update()
+    floor_ms = 1000 * (weight_bytes + (max(lengths) + 1) * kv_per_token) / bandwidth  # 1 token, longest cache
     report = dict(model=name, blocks=len(blocks.layers), device=str(args.device), dtype=str(dtype).split(".")[-1],
-                  torch=torch.__version__, rows=rows)
+                  quant=args.quant, weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token,
+                  copy_gb_per_s=bandwidth / 1e9, floor_ms=floor_ms, torch=torch.__version__, rows=rows)
     if args.json:
         print(json.dumps(report))
         return
-    print(f"{name}, {len(blocks.layers)} block(s), {report['device']} {report['dtype']}: ms per step "
-          f"(x = relative to 1 new token at the same cache length)")
-    print("new tokens | " + " | ".join(f"cache {c:>5}" for c in lengths))
+    print_table(report, tokens, lengths)
+
+
+def print_table(report: dict, tokens: list[int], lengths: list[int]) -> None:
+    rows = report["rows"]
+    quant = "" if report["quant"] == "none" else " (int8 weights)"
+    print(f"{report['model']}, {report['blocks']} block(s), {report['device']} {report['dtype']}{quant}: ms per step "
+          f"(x = relative to 1 new token at the same cache length; floor = the step's memory floor)")
+    print(f"memory floor = (weights {report['weight_bytes'] / 2**20:.1f} MiB + KV {report['kv_bytes_per_token']} B "
+          f"per cached token) / copy bandwidth {report['copy_gb_per_s']:.1f} GB/s (measured here)")
+    print("new tokens | " + " | ".join(f"cache {c:>5} (floor)" for c in lengths))
     for n in tokens:
         cells = []
         for length in lengths:
-            ms = next(r["ms"] for r in rows if r["cache_length"] == length and r["new_tokens"] == n)
+            row = next(r for r in rows if r["cache_length"] == length and r["new_tokens"] == n)
             one = next(r["ms"] for r in rows if r["cache_length"] == length and r["new_tokens"] == 1)
-            cells.append(f"{ms:7.2f} ({ms / one:4.1f}x)")
+            cells.append(f"{row['ms']:7.2f} ({row['ms'] / one:4.1f}x) {row['floor_ms']:6.2f}")
         print(f"{n:>10} | " + " | ".join(cells))
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: sets up .venv with the test extras on first use, installs the Debian tools the tests
 # drive when missing and run as root (tmux: the demo's scripted terminal session; iptables and iproute2:
-# the NAT lab's routers in network namespaces; coturn: the lab's TURN server), then runs the whole suite (extra args go to pytest).
+# the NAT lab's routers in network namespaces; coturn: the lab's TURN server; chromium: the web page's browser test,
+# driven headless over the DevTools protocol), then runs the whole suite (extra args go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -9,6 +10,7 @@ command -v tmux >/dev/null || missing+=(tmux)
 command -v iptables >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v turnserver >/dev/null || missing+=(coturn)
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]} (tools the tests drive)" >&2
     (apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||

@@ -34,7 +34,8 @@ def add_peer_parser(sub) -> None:
                                    "PUBLIC/PRIVATE/UNKNOWN') and what to do about it.")
     add_model_args(p)
     p.add_argument("--blocks", help="START:END, end exclusive (e.g. 0:4) [default: where the swarm is weakest]")
-    p.add_argument("--num-blocks", type=positive(), help="how many blocks to take when choosing [default: what fits in memory]")
+    p.add_argument("--num-blocks", type=positive(), help="how many blocks to take when choosing [default: what fits in "
+                   "memory, counted at --quant's size: the 'memory plan' log line says]")
     p.add_argument("--port", type=int, help="listen on /ip4/0.0.0.0/tcp/PORT, direct inference port PORT+1: the same "
                    "addresses (with --identity, multiaddr) after a restart; behind NAT forward both [not with --listen]")
     p.add_argument("--listen", nargs="+", metavar="MULTIADDR",
@@ -57,7 +58,10 @@ def add_peer_parser(sub) -> None:
     p.add_argument("--summary-every", type=float, default=60.0, metavar="SECONDS", help="seconds between summary lines "
                    "(sessions, tokens/s, free cache, refusals; also at shutdown; 0: only then) [default: 60]")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug lines too, libp2p's included")
-    add_dataclass_args(p.add_argument_group("limits (what this peer grants; docs/security.md)"), Limits)
+    add_dataclass_args(p.add_argument_group("limits (what this peer grants; docs/security.md)"), Limits,
+                       planned={"cache_tokens": "what the memory left after the blocks holds, from one session of "
+                                "--max-session-tokens to 32768 on a CPU (all sessions at their longest on a GPU); "
+                                "the 'memory plan' log line says"})
     nat = p.add_argument_group("behind NATs (a private peer is reached through relays and WebRTC; see README)")
     nat.add_argument("--no-relay", dest="relay", action="store_false",
                      help="do not relay for peers behind NATs (a public peer relays by default, within the --relay-* limits)")
@@ -87,7 +91,8 @@ def cmd_peer(args) -> int:
                        args.threads, args.direct, args.data_port, args.record_ttl, args.announce, args.public_ip,
                        args.port, args.summary_every, args.reachability, relay=args.relay,
                        relay_limits=dataclass_from_args(RelayLimits, args, prefix="relay"),
-                       nat=NatOptions(args.max_relays, args.stun_server, args.stun_port), paths=path_settings(args))
+                       nat=NatOptions(args.max_relays, args.stun_server, args.stun_port), paths=path_settings(args),
+                       quant=args.quant, auto_cache_tokens=args.cache_tokens is None)
     opts.model = resolve_model_flag(args)  # once every flag is checked: a named model is fetched on first use
     try:
         asyncio.run(serve(opts))
@@ -176,6 +181,39 @@ def add_simulate_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def add_api_parser(sub) -> None:
+    from swarm.api.run import add_server_args
+    from swarm.flags import add_decode_args
+
+    p = sub.add_parser("api", help="serve the model over an OpenAI-compatible HTTP API, with a web page of the swarm",
+                       description="An HTTP server for apps: /v1/models, /v1/completions and /v1/chat/completions "
+                                   "(OpenAI's shapes, streaming as server-sent events; every generation runs through "
+                                   "the swarm with its own sessions on the peers, speculatively by default), and at / "
+                                   "a web page with the swarm's map and a chat. Request parameters a request leaves "
+                                   "out take the decoding flags' values.")
+    add_model_args(p)
+    p.add_argument("--local", action="store_true", help="no swarm: every block in this process")
+    add_client_args(p)
+    add_decode_args(p, max_new_tokens=256, max_new_help="tokens per request that gives no max_tokens")
+    add_server_args(p)
+    p.set_defaults(func=cmd_api)
+
+
+def cmd_api(args) -> int:
+    from peer import set_threads
+    from swarm.api.run import run
+    from swarm.commands import open_draft, open_model
+    from swarm.launch import exit_on_signals
+
+    set_threads(args.threads)
+    check_device(args.device)
+    if args.local == bool(args.initial_peers):
+        raise ValueError("give either --local or --initial-peers MULTIADDR (a peer's 'listening on' line)")
+    resolve_model_flag(args)
+    with exit_on_signals():  # SIGTERM / SIGHUP stop the server: generations cancelled, sessions closed
+        return run(args, lambda: open_model(args), open_draft(args, "api"), args.initial_peers)
+
+
 EXIT_CODES = """exit codes:
   0  done
   1  a runtime failure: no route through the swarm, a peer or the network failed, a port in use
@@ -206,9 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.epilog = EXIT_CODES
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_generate_parser, add_peer_parser, add_status_parser, add_chat_parser, add_demo_parser,
-                add_measure_parser, add_simulate_parser):
+                add_api_parser, add_measure_parser, add_simulate_parser):
         add(sub)
-    for name in ("generate", "status", "chat", "demo", "measure"):  # `peer` has its own -v
+    for name in ("generate", "status", "chat", "demo", "api", "measure"):  # `peer` has its own -v
         sub.choices[name].add_argument("-v", "--verbose", action="store_true",
                                        help="also show progress lines (INFO) and py-libp2p's own logs")
     for p in sub.choices.values():

@@ -3,8 +3,9 @@ run), and the opening of the target and the draft they share.
 
 The model and the draft are resolved (`swarm.flags.resolve_model_flag` / `resolve_draft_flag`: a NAME
 fetched and converted on first use) when a command runs, after its flags were checked. Knows argparse,
-which library call each subcommand makes and how a chat is set up (template or raw continuation); no
-defaults (they live in the objects the flags build) and no decoding or network policy.
+which library call each subcommand makes and how a chat is set up (template or raw continuation;
+`demo --web` hands the demo's swarm to `swarm.api.run` instead); no defaults (they live in the objects
+the flags build) and no decoding or network policy.
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ def open_model(args):
                          "(a peer's 'listening on' line)")
     model = resolve_model_flag(args)
     if args.local:
-        return LocalModel.load(model, args.dtype, args.device)
+        return LocalModel.load(model, args.dtype, args.device, args.quant)
     from swarm.client.swarm_model import SwarmModel
 
     if args.insecure:
         print("WARNING: --insecure: hidden states and instructions travel in PLAINTEXT", file=sys.stderr)
-    return SwarmModel(model, args.initial_peers, client_config(args), args.dtype, args.device)
+    return SwarmModel(model, args.initial_peers, client_config(args), args.dtype, args.device, quant=args.quant)
 
 
 def open_draft(args, command: str) -> LocalModel | None:
@@ -70,7 +71,7 @@ def open_draft(args, command: str) -> LocalModel | None:
     if args.relaxed is not None:
         print(f"WARNING: --relaxed {args.relaxed} is lossy: the output may differ from the target model's own",
               file=sys.stderr)
-    return LocalModel.load(draft, args.dtype, args.device)
+    return LocalModel.load(draft, args.dtype, args.device, args.quant)
 
 
 def cmd_generate(args) -> int:
@@ -102,7 +103,8 @@ def _generate(args, model, load_seconds: float) -> int:
     where = "local" if args.local else model.config.where
     if args.json:
         out = {"mode": mode, "where": where, **result.stats(), "model": str(args.model), "device": args.device,
-               "dtype": args.dtype, **result.summary(), "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
+               "dtype": args.dtype, "quant": args.quant, **result.summary(),
+               "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
                "load_seconds": round(load_seconds, 3), "temperature": args.temperature, "top_p": args.top_p,
                "seed": args.seed}
         if spec:
@@ -119,7 +121,7 @@ def _generate(args, model, load_seconds: float) -> int:
             for h in model.route)
         per_round = f", {result.tokens_per_round:.2f} tokens/round" if spec else ""
         print(f"[{len(result.tokens)} tokens in {result.seconds:.2f} s, {result.tokens_per_s:.1f} tokens/s{per_round}, "
-              f"{mode}, {route}, {args.device}/{args.dtype}]", file=sys.stderr)
+              f"{mode}, {route}, {args.device}/{args.dtype}{'+int8' if args.quant == 'int8' else ''}]", file=sys.stderr)
     return 0
 
 
@@ -184,6 +186,11 @@ def add_demo_parser(sub) -> None:
     add_model_args(p)
     add_client_args(p)
     _add_chat_args(p)
+    p.add_argument("--web", action="store_true", help="instead of the terminal chat: serve the web page (the swarm's "
+                   "map and a chat) and the OpenAI-compatible API (as `swarm api`), and print its URL")
+    from swarm.api.run import add_server_args
+
+    add_server_args(p, web=True)
     p.set_defaults(func=cmd_demo, local=False)
 
 
@@ -198,11 +205,18 @@ def cmd_demo(args) -> int:
     model_dir = resolve_model_flag(args)
     spans = even_spans(Checkpoint(model_dir).config.num_hidden_layers, args.peers)
     print(f"starting {args.peers} peers on 127.0.0.1 ...", file=sys.stderr)
-    with local_swarm(model_dir, spans) as peers:
+    weights = ("--device", args.device, "--dtype", args.dtype, "--quant", args.quant)  # the peers' as the client's
+    with local_swarm(model_dir, spans, *weights) as peers:
         for p, span in zip(peers, spans):
             print(f"  peer …{p.peer_id[-8:]} serves blocks {span[0]}:{span[1]} at {p.addr}", file=sys.stderr)
+        if args.web:
+            from swarm.api.run import run
+
+            addrs = [peers[0].addr] + args.initial_peers
+            return run(args, lambda: SwarmModel(model_dir, addrs, client_config(args), args.dtype, args.device,
+                                                quant=args.quant), open_draft(args, "demo"), addrs)
         model = SwarmModel(model_dir, [peers[0].addr] + args.initial_peers, client_config(args), args.dtype,
-                           args.device)
+                           args.device, quant=args.quant)
         try:
             return _chat(args, model)
         finally:

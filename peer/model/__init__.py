@@ -3,13 +3,16 @@
 `Checkpoint(dir).load_blocks(a, b)` gives a `BlockRange` that runs steps of a session against its
 `KVCache`; `Checkpoint(dir).load_head()` gives a `ModelHead` (embeddings, final norm, LM head).
 `Checkpoint(file.gguf)` converts a llama.cpp GGUF once (`convert_gguf`) and loads the result.
+Both loaders take `quant="int8"`: weight-only int8 linear layers (`Int8Linear`), half the bytes of bf16.
 """
 
 from .blocks import BlockRange, ModelHead
 from .cache import CacheError, KVCache, StepLayout
 from .checkpoint import Checkpoint, CheckpointError, parse_dtype
+from .quant import QUANTS, Int8Linear, check_quant
 from .config import ConfigError, ContextTooLong, ModelConfig, RopeConfig
 from .gguf import GGUFError, convert_gguf
 
 __all__ = ["BlockRange", "ModelHead", "KVCache", "StepLayout", "CacheError", "Checkpoint", "CheckpointError",
-           "parse_dtype", "ConfigError", "ContextTooLong", "ModelConfig", "RopeConfig", "GGUFError", "convert_gguf"]
+           "parse_dtype", "ConfigError", "ContextTooLong", "ModelConfig", "RopeConfig", "GGUFError", "convert_gguf",
+           "QUANTS", "Int8Linear", "check_quant"]

@@ -3,6 +3,9 @@
 `BlockRange.forward` runs one step of one session: hidden states of `n` new nodes (a chain or a draft
 tree), written into that session's `KVCache` at `layout.start`. `ModelHead` holds the embeddings, the
 final norm and the LM head. Neither knows where its weights came from or who is asking.
+
+Under `--quant int8` the linear layers of a block (`LINEARS`) are `quant.Int8Linear`s, and a head's
+untied LM head too: `dtype` is then still the activations' (the norms' weights), never int8.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from torch import nn
 from .cache import CacheError, KVCache, StepLayout
 from .config import ContextTooLong, ModelConfig
 from .layers import Block, RMSNorm, rope_inv_freq, rope_tables
+from .quant import Int8Linear, check_quant, quantize_linears, state_bytes
+
+LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")  # of each block
 
 
 class BlockRange(nn.Module):
@@ -41,11 +47,34 @@ class BlockRange(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].mlp.down_proj.weight.dtype
+        """The activations' dtype (the norms'): what hidden states and the KV cache are kept in."""
+        return self.layers[0].input_layernorm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.layers[0].mlp.down_proj.weight.device
+        return self.layers[0].input_layernorm.weight.device
+
+    @property
+    def quant(self) -> str:
+        """"int8" when the linear weights are stored as int8 (`quant.Int8Linear`), else "none"."""
+        return "int8" if isinstance(self.layers[0].mlp.down_proj, Int8Linear) else "none"
+
+    def linear_names(self) -> list[str]:
+        """The dotted names of every block's linear layers (what `--quant` quantizes)."""
+        return [f"layers.{j}.{name}" for j in range(len(self.layers)) for name in LINEARS]
+
+    def weight_bytes(self) -> int:
+        """Bytes the weights of these blocks take (int8 weights and their scales under --quant int8)."""
+        return state_bytes(self)
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, dtype: torch.dtype, quant: str = "none") -> int:
+        """Bytes of one block's weights in `dtype` (and `quant`), computed on the meta device: nothing allocated."""
+        with torch.device("meta"):
+            block = BlockRange(cfg, 0, 1).to(dtype)
+        if check_quant(quant) == "int8":
+            quantize_linears(block, block.linear_names(), dtype)
+        return state_bytes(block)
 
     def new_cache(self, max_length: int) -> KVCache:
         """A session's cache of `max_length` positions: at most the model's context (`ContextTooLong`)."""
@@ -77,7 +106,12 @@ class BlockRange(nn.Module):
 
 
 class ModelHead(nn.Module):
-    """Token embeddings in, logits out: the parts of the model a client keeps."""
+    """Token embeddings in, logits out: the parts of the model a client keeps.
+
+    Under --quant int8 only an untied LM head becomes an `Int8Linear`. A tied one (SmolLM2, Llama 3.2,
+    Qwen2 small) IS the embedding table, which is read row by row in float: an int8 copy beside it would
+    add half the table's bf16 bytes instead of saving any, and quantizing the shared table would change
+    the input embeddings as well; so a tied head stays in the model's dtype."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -88,6 +122,10 @@ class ModelHead(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    @property
+    def quant(self) -> str:
+        return "int8" if isinstance(self.lm_head, Int8Linear) else "none"
+
     @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.cfg.vocab_size):
@@ -97,4 +135,4 @@ class ModelHead(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head, returned in fp32."""
-        return self.lm_head(self.norm(hidden.to(self.lm_head.weight.dtype))).float()
+        return self.lm_head(self.norm(hidden.to(self.norm.weight.dtype))).float()

@@ -6,7 +6,8 @@ Each peer's `reachability` (public, private, unknown: what its own dial-back che
 `rtt_ms` the round trip of an Info request on that path.
 
 It looks records up as a DHT client (`SwarmDHT.start(..., server=False)`): no peer keeps it in its
-routing table once it has gone."""
+routing table once it has gone. `collect_status` does the same on a node and DHT that already run (a
+`SwarmModel`'s, e.g. for `swarm api`'s map: the paths and RTTs are then the ones that client uses)."""
 
 from __future__ import annotations
 
@@ -26,24 +27,30 @@ async def swarm_status(model_id: str, num_blocks: int, initial_peers: list[str],
     try:
         dht = await SwarmDHT.start(node, initial_peers, server=False)  # looks up; leaves no trace
         try:
-            records = await dht.find(model_id, include_offline=True)
+            return await collect_status(node, dht, model_id, num_blocks, timeout)
         finally:
             await dht.close()
-        for r in records:
-            paths.learn_stun(r.stun, r.addrs)
-
-        async def ping(addr: str):
-            try:
-                return (await fetch_info(node, addr, timeout))[1]
-            except (ConnectionError, OSError, EOFError, asyncio.TimeoutError):
-                return None
-
-        live = [r for r in records if r.state != "offline" and addr_of(r.peer_id, r.addrs)]
-        rtts = dict(zip((r.peer_id for r in live),
-                        await asyncio.gather(*(ping(addr_of(r.peer_id, r.addrs)) for r in live))))
     finally:
         await paths.close()
         await node.close()
+
+
+async def collect_status(node: P2PNode, dht: SwarmDHT, model_id: str, num_blocks: int, timeout: float = 5.0) -> dict:
+    """The status on a running node (with its `paths`) and DHT, which it leaves running."""
+    paths = node.paths
+    records = await dht.find(model_id, include_offline=True)
+    for r in records:
+        paths.learn_stun(r.stun, r.addrs)
+
+    async def ping(addr: str):
+        try:
+            return (await fetch_info(node, addr, timeout))[1]
+        except (ConnectionError, OSError, EOFError, asyncio.TimeoutError):
+            return None
+
+    live = [r for r in records if r.state != "offline" and addr_of(r.peer_id, r.addrs)]
+    rtts = dict(zip((r.peer_id for r in live),
+                    await asyncio.gather(*(ping(addr_of(r.peer_id, r.addrs)) for r in live))))
     peers = []
     for r in records:
         peers.append(dict(peer_id=r.peer_id, blocks=[r.start, r.end], state=r.state, throughput=r.throughput,

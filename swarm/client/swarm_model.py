@@ -41,11 +41,11 @@ FAILURES = (RemoteError, ConnectionError, EOFError, OSError, asyncio.TimeoutErro
 
 class SwarmModel:
     def __init__(self, model_dir: str | Path, initial_peers: list[str], config: ClientConfig = ClientConfig(),
-                 dtype: str = "float32", device: str = "cpu"):
+                 dtype: str = "float32", device: str = "cpu", quant: str = "none"):
         if not initial_peers:
             raise ValueError("give at least one --initial-peers multiaddr")
         ckpt = Checkpoint(model_dir)
-        self.head = ckpt.load_head(dtype, device)
+        self.head = ckpt.load_head(dtype, device, quant)  # quant "int8": an untied LM head in int8
         self.model_id, self.num_blocks = ckpt.model_id, ckpt.config.num_hidden_layers
         self.initial_peers, self.config = list(initial_peers), config
         self.auto_push = config.push is None  # choose push or client-mediated per route (`_plan` sets config.push)

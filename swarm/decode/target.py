@@ -50,9 +50,11 @@ class LocalModel:
     blocks: BlockRange
 
     @classmethod
-    def load(cls, model_dir: str | Path, dtype="float32", device="cpu") -> "LocalModel":
+    def load(cls, model_dir: str | Path, dtype="float32", device="cpu", quant: str = "none") -> "LocalModel":
+        """Every block and the head of a checkpoint (quant="int8": int8 linear weights, as peers load them)."""
         ckpt = Checkpoint(model_dir)
-        return cls(ckpt.load_head(dtype, device), ckpt.load_blocks(0, ckpt.config.num_hidden_layers, dtype, device))
+        return cls(ckpt.load_head(dtype, device, quant),
+                   ckpt.load_blocks(0, ckpt.config.num_hidden_layers, dtype, device, quant))
 
     def session(self, max_length: int) -> "LocalSession":
         return LocalSession(self.blocks, self.blocks.new_cache(max_length))
