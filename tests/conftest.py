@@ -91,3 +91,44 @@ def tiny(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture
+def generator_elsewhere(monkeypatch):
+    """(generator, seen): a generator that claims another device (what a CUDA generator looks like to the
+    code on a machine without one), with torch's random draws replaced by ones that record (kind, the
+    device the draw is made on, the generator's device) in `seen`. Issue 16's crash was a CPU draw
+    with a CUDA generator."""
+
+    class OtherDevice:
+        device = torch.device("meta")
+
+    seen = []
+
+    def rand(size, generator=None, device=None, **kw):
+        seen.append(("rand", torch.device(device), generator.device))
+        return torch.tensor(0.99)
+
+    def multinomial(probs, n, generator=None, **kw):
+        seen.append(("multinomial", probs.device, generator.device))
+        return torch.tensor([1])
+
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch, "rand", rand)
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: torch.empty(t.shape, device="meta")
+                        if a and a[0] == torch.device("meta") else real_to(t, *a, **k))
+    return OtherDevice(), seen
+
+
+def copy_of_tiny(path: Path) -> Path:
+    """A copy of the bundled tiny model at `path` (weights linked, the small files copied: edit them freely)."""
+    from swarm.bundled import TINY_MODEL
+
+    path.mkdir()
+    for f in TINY_MODEL.iterdir():
+        if f.suffix == ".safetensors":
+            (path / f.name).symlink_to(f)
+        else:
+            (path / f.name).write_bytes(f.read_bytes())
+    return path

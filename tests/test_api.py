@@ -28,6 +28,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
+from conftest import copy_of_tiny  # noqa: E402
 from peer.p2p import P2PNode  # noqa: E402
 from peer.transport import fetch_info  # noqa: E402
 from swarm.bundled import TINY_DRAFT, TINY_MODEL  # noqa: E402
@@ -44,12 +45,7 @@ TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|endoftext|>system\nYou ar
 
 def chat_model(path: Path) -> Path:
     """A copy of the tiny code model with a chat template (weights linked, not copied)."""
-    path.mkdir()
-    for f in TINY_MODEL.iterdir():
-        if f.suffix == ".safetensors":
-            (path / f.name).symlink_to(f)
-        else:
-            (path / f.name).write_bytes(f.read_bytes())
+    copy_of_tiny(path)
     config = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
     return path

@@ -57,18 +57,11 @@ def test_templates_run_in_a_sandbox_with_the_usual_helpers():
 def templated(tmp_path: Path, config: dict | None = None, generation: dict | None = None, code: bool = False) -> Path:
     """A tiny model whose tokenizer_config.json carries `config` (a chat template, say): a random Llama
     (a context of 256 tokens), or with `code` a copy of the bundled code model (it writes text that decodes)."""
-    from conftest import make_checkpoint
-
-    from swarm.bundled import TINY_MODEL
+    from conftest import copy_of_tiny, make_checkpoint
 
     path = tmp_path / "model"
     if code:
-        path.mkdir()
-        for f in TINY_MODEL.iterdir():
-            if f.suffix == ".safetensors":
-                (path / f.name).symlink_to(f)
-            else:
-                (path / f.name).write_bytes(f.read_bytes())
+        copy_of_tiny(path)
         special = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
     else:
         make_checkpoint(path, "llama2")

@@ -63,32 +63,14 @@ def test_cli_reports_bad_model_dir_clearly(tmp_path):
     assert out.returncode == 2 and "does not exist" in out.stderr
 
 
-def test_random_draws_happen_on_the_generator_device(monkeypatch):
+def test_random_draws_happen_on_the_generator_device(generator_elsewhere):
     """Issue 16's crash ("Expected a 'cpu' device type for generator but found 'cuda'"): a generator on one
     device, probabilities on another. Every draw of sampling and verification must be made on the generator's
     device. This machine has no GPU, so the generator here claims another device and torch's own draws are
-    replaced by ones that check where they are made."""
+    replaced by ones that check where they are made (conftest's `generator_elsewhere`)."""
     from swarm.decode import sampling
 
-    class OtherDevice:  # what a torch.Generator(device="cuda") looks like to the code
-        device = torch.device("meta")
-
-    seen = []
-
-    def rand(size, generator=None, device=None, **kw):
-        seen.append(("rand", torch.device(device), generator.device))
-        return torch.tensor(0.99)
-
-    def multinomial(probs, n, generator=None, **kw):
-        seen.append(("multinomial", probs.device, generator.device))
-        return torch.tensor([1])
-
-    real_to = torch.Tensor.to
-    monkeypatch.setattr(torch, "rand", rand)
-    monkeypatch.setattr(torch, "multinomial", multinomial)
-    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: torch.empty(t.shape, device="meta")
-                        if a and a[0] == torch.device("meta") else real_to(t, *a, **k))
-    gen = OtherDevice()
+    gen, seen = generator_elsewhere
     p = torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.6, 0.3]])  # CPU tensors, as the head or the draft gives them
     q = torch.tensor([[0.1, 0.8, 0.1]])
     sampling.sample(torch.tensor([0.1, 0.2, 0.3]), SamplingParams(temperature=1.0), gen)

@@ -219,29 +219,11 @@ def test_greedy_reduces_to_verify_greedy_tree(case):
     assert torch.equal(g.get_state(), state)  # and without a single random draw
 
 
-def test_tree_draws_happen_on_the_generator_device(monkeypatch):
+def test_tree_draws_happen_on_the_generator_device(generator_elsewhere):
     """As tests/test_sampling.py checks for `sample` and `verify` (issue 16): every draw of `verify_tree` and
     `draw_siblings` is made on the generator's device, whatever the probabilities' device."""
 
-    class OtherDevice:  # what a torch.Generator(device="cuda") looks like to the code
-        device = torch.device("meta")
-
-    seen = []
-
-    def rand(size, generator=None, device=None, **kw):
-        seen.append(("rand", torch.device(device), generator.device))
-        return torch.tensor(0.99)
-
-    def multinomial(probs, n, generator=None, **kw):
-        seen.append(("multinomial", probs.device, generator.device))
-        return torch.tensor([1])
-
-    real_to = torch.Tensor.to
-    monkeypatch.setattr(torch, "rand", rand)
-    monkeypatch.setattr(torch, "multinomial", multinomial)
-    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: torch.empty(t.shape, device="meta")
-                        if a and a[0] == torch.device("meta") else real_to(t, *a, **k))
-    gen = OtherDevice()
+    gen, seen = generator_elsewhere
     q = torch.tensor([0.1, 0.8, 0.1])
     draw_siblings(q, 2, gen)
     draw_siblings(q, 2, gen, replace=False)
