@@ -1,27 +1,34 @@
-"""Speculative vs plain decoding over an emulated WAN, side by side, with the simulator's predictions.
+"""Speculative vs plain decoding over an emulated WAN, side by side, with the simulator's predictions
+and, when its venv is here, Petals 2.2 on the same model, links, prompts and token budget.
 
-For every (profile, number of peers): starts the peers on 127.0.0.1 behind user-space delay proxies
-(swarm.bench.wan: one per link, one-way delay + jitter + bandwidth cap), measures the route (RTTs,
-compute per block, draft and head costs: `swarm measure`), then runs on HumanEval prompts, interleaved
-per prompt so background load hits every mode alike:
+For every (profile, number of peers), or a --matrix of links: starts the peers on 127.0.0.1 behind
+user-space delay proxies (swarm.bench.wan: one per link, one-way delay + jitter + bandwidth cap; a
+link the matrix gives no jitter or bandwidth is said, one line per missing field, with the value
+used), measures the route (RTTs, compute per block, draft and head costs: `swarm measure`), then runs
+on the prompts, interleaved per prompt so background load hits every mode alike:
 
   --local plain (the reference; every greedy lossless output is compared with it token for token),
   plain client-mediated, plain push, speculative k = 2/4/8, adaptive, adaptive + pipelined,
-  a greedy tree, relaxed acceptance (lossy), and plain push / adaptive at temperature 0.7.
+  a greedy tree, relaxed acceptance (lossy), and plain push / adaptive at temperature 0.7,
+  then Petals 2.2 (swarm.bench.petals): its own bootstrap and servers with our block split, each
+  behind a delay proxy with the client's link, its client on the same prompts (as our token ids).
 
-Over long links plain decoding costs a full trip per token, so the slow modes (everything but the
-main ones: adaptive and adaptive + pipelined) run on the first --sweep-prompts prompts only; plain
-ms/token barely depends on the prompt. Writes JSON and PNG plots: ms/token vs one-way latency,
-speedup vs number of peers, tokens per round vs k, measured vs predicted per mode.
+Every mode runs on the same prompts with the same --max-new-tokens (a mode that ran on fewer prompts
+once inverted the ranking of two modes): to save time, lower --max-new-tokens or --prompts, for all.
+Without a Petals venv (--petals-venv PATH, else $PETALS_ANCHOR/venv, else ../shared/anchors/petals/venv)
+the Petals row says "not installed". Writes JSON and PNG plots: ms/token vs one-way latency, speedup
+vs number of peers, tokens per round vs k, measured vs predicted per mode.
 
 The target is --model (SmolLM2-135M-Instruct by default; `--model tiny`: the small bundled pair),
-speculating with its own draft unless --draft names one. Prompts go in raw (completions) by default,
-with --chat as a chat turn through the model's chat template (`swarm.bench.prompts.chat_turn`); the
-token budget is the same fixed count either way.
+speculating with its own draft unless --draft names one. Prompts are the first --prompts HumanEval
+prompts, or of --prompt-file (JSON lines with a "prompt" field, as HumanEval.jsonl); they go in raw
+(completions) by default, with --chat as a chat turn through the model's chat template
+(`swarm.bench.prompts.chat_turn`); the token budget is the same fixed count either way.
 
     python scripts/wan_bench.py                                  # continental, 2 peers, 20 prompts, 128 tokens
-    python scripts/wan_bench.py --profiles lan metro continental intercontinental --prompts 3 --sweep-prompts 2
-    python scripts/wan_bench.py --peers 2 4 --all-prompts --sweep-prompts 164
+    python scripts/wan_bench.py --model tiny --prompts 2 --max-new-tokens 16      # a quick check
+    python scripts/wan_bench.py --profiles lan metro continental intercontinental --prompts 3 --max-new-tokens 64
+    python scripts/wan_bench.py --matrix links.json --prompt-file my_prompts.jsonl
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -40,9 +48,11 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from swarm.bench.measure import Mode, measure  # noqa: E402
+from swarm.bench.petals import find_venv, installed, run_petals  # noqa: E402
 from swarm.bench.probe import probe_units  # noqa: E402
-from swarm.bench.prompts import load_prompts  # noqa: E402
+from swarm.bench.prompts import PromptFileError, load_prompt_file, load_prompts  # noqa: E402
 from swarm.bench.report import format_report, plot_report  # noqa: E402
+from swarm.bench.simulate import ChainTimings  # noqa: E402
 from swarm.bench.wan.links import PROFILES, load_matrix  # noqa: E402
 from swarm.bench.wan.swarm import WanSwarm  # noqa: E402
 from swarm.bench.workload import WorkloadError, open_workload  # noqa: E402
@@ -52,8 +62,10 @@ from swarm.decode.speculative import SpecConfig  # noqa: E402
 from swarm.decode.target import LocalModel  # noqa: E402
 from swarm.flags import add_draft_flag, add_model_flag  # noqa: E402
 
-PETALS = ROOT.parent / "shared" / "anchors" / "petals"
-MAIN_MODES = ("spec adaptive", "spec adaptive+pipeline", "spec adaptive (auto pipeline)")  # on every prompt; the rest on --sweep-prompts
+REPLACED = {  # flags that no longer make sense: what replaced them
+    "--sweep-prompts": "every mode now runs on the same prompts (--prompts N or --prompt-file); to save time, "
+                       "lower --max-new-tokens (or --prompts) for all modes",
+}
 
 
 def bench_modes(k_max: int, relaxed: float, temperature: float) -> list[Mode]:
@@ -74,47 +86,64 @@ def bench_modes(k_max: int, relaxed: float, temperature: float) -> list[Mode]:
     return modes
 
 
+def same_workload(rep: dict) -> bool:
+    """Did every measured mode (Petals' row included) run on the same prompts and tokens? Says so if not."""
+    rows = [e for e in rep["entries"] if e["quantity"] == "ms_per_token" and e.get("measured") is not None]
+    shapes = {(e["prompts"], e["tokens"]) for e in rows}
+    if len(shapes) > 1:
+        print("WARNING: the modes did not all run on the same prompts and tokens: "
+              + ", ".join(f"{e['mode']} {e['prompts']}x{e['tokens']}" for e in rows), file=sys.stderr)
+    return len(shapes) <= 1
+
+
+def _local_reference(local: LocalModel, prompts, max_new_tokens: int, bar) -> tuple[list[list[int]], dict]:
+    """Every prompt through the whole model here: the tokens every lossless greedy mode must equal, and
+    the `--local plain` row."""
+    ref, seconds, tokens = [], 0.0, 0
+    for prompt in prompts:
+        r = generate(local, prompt, max_new_tokens, stop_at_eos=False)
+        ref.append(r.tokens)
+        seconds, tokens = seconds + r.seconds, tokens + len(r.tokens)
+        bar.update(1)
+    return ref, dict(quantity="ms_per_token", mode="--local plain", measured=round(1000 * seconds / tokens, 3),
+                     predicted=None, error=None, prompts=len(prompts), tokens=tokens, speedup_vs_plain_push=None)
+
+
 def run_config(args, local: LocalModel, draft: LocalModel, prompts, links, n_peers: int, label: str, bar) -> dict:
+    """One configuration: our modes on the emulated WAN, the local reference, then Petals' row."""
     modes = bench_modes(args.k_max, args.relaxed, args.temperature)
-    limits = {m.name: args.sweep_prompts for m in modes if m.name not in MAIN_MODES}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as logs, WanSwarm(args.model, n_peers, links, log_dir=logs) as wan:
+        spans = wan.spans
         model = wan.model(timeout=120.0)
-        try:
-            rep = measure(model, draft, prompts, args.max_new_tokens, modes, args.reps, progress=bar, limits=limits,
+        try:  # every mode on every prompt, with the same token budget: no per-mode limits
+            rep = measure(model, draft, prompts, args.max_new_tokens, modes, args.reps, progress=bar,
                           probe_every=args.probe_every, links=wan.layout)
         finally:
             model.close()
     delays = {links[i][j].delay_ms for i in range(len(links)) for j in range(len(links)) if i != j}
+    nominal = ChainTimings.from_links(links, [])  # the simulator's trips from the links alone, beside the probed
     rep.update(label=label, peers=n_peers, one_way_ms=links[0][1].delay_ms, uniform=len(delays) == 1,
-               seconds=round(time.perf_counter() - t0, 1))
-    # the reference, and which lossless greedy outputs differ from it
-    ref, local_s, local_n = [], 0.0, 0
-    for prompt in prompts:
-        r = generate(local, prompt, args.max_new_tokens, stop_at_eos=False)
-        ref.append(r.tokens)
-        local_s, local_n = local_s + r.seconds, local_n + len(r.tokens)
-        bar.update(1)
-    rep["entries"].insert(0, dict(quantity="ms_per_token", mode="--local plain", measured=round(1000 * local_s / local_n, 3),
-                                  predicted=None, error=None, prompts=len(prompts), tokens=local_n,
-                                  speedup_vs_plain_push=None))
+               links=[[asdict(link) for link in row] for row in links],
+               links_trip_ms=dict(push=round(nominal.trip(True), 3), client_mediated=round(nominal.trip(False), 3)))
+    ref, local_row = _local_reference(local, prompts, args.max_new_tokens, bar)
+    rep["entries"].insert(0, local_row)
     rep["outputs_differing_from_local"] = {
         name: sum(out != ref[i] for i, out in enumerate(outs))
         for name, outs in rep.pop("outputs").items()
         if not any(s in name for s in ("relaxed", "T=")) and "local" not in name}
+    if not args.no_petals:
+        bar.set_description(f"{label}, {n_peers} peers: Petals")
+        row = run_petals(args.petals_venv, args.model, spans, links, prompts, args.max_new_tokens, ref)
+        plain = next((e["measured"] for e in rep["entries"] if e.get("mode") == "plain push"), None)
+        row["speedup_vs_plain_push"] = round(plain / row["measured"], 3) if plain and row["measured"] else None
+        at = next((i + 1 for i, e in enumerate(rep["entries"]) if e.get("mode") == "plain client-mediated"), 1)
+        rep["entries"].insert(at, row)  # beside our client-mediated plain decoding, which it does
+        if "outputs_differing_from_local" in row:
+            rep["outputs_differing_from_local"][row["mode"]] = row["outputs_differing_from_local"]
+    rep["same_workload"] = same_workload(rep)
+    rep["seconds"] = round(time.perf_counter() - t0, 1)
     return rep
-
-
-def petals_baseline() -> dict:
-    venv = PETALS / "venv" / "bin" / "python"
-    stored = []
-    if (PETALS / "results.jsonl").exists():
-        stored = [json.loads(line) for line in (PETALS / "results.jsonl").read_text().splitlines() if line.strip()]
-    if not venv.exists():
-        print(f"Petals baseline skipped: no Petals venv at {venv} (see {PETALS / 'RECIPE.md'}); the JSON carries "
-              f"its stored results for reference", file=sys.stderr)
-        return dict(measured=False, why=f"no Petals venv at {venv}", stored_results=stored)
-    return dict(measured=False, why="a Petals venv exists but this script does not drive it yet", stored_results=stored)
 
 
 def plots(results: list[dict], out_dir: Path) -> list[str]:
@@ -187,72 +216,103 @@ def plots(results: list[dict], out_dir: Path) -> list[str]:
     return written
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flag(ap)
     add_draft_flag(ap)
     ap.add_argument("--chat", action="store_true",
                     help="feed each prompt as a chat turn through the model's chat template (default: raw completion)")
     ap.add_argument("--profiles", nargs="+", default=["continental"], choices=sorted(PROFILES))
-    ap.add_argument("--matrix", help="a JSON one-way latency matrix (client first) instead of --profiles")
+    ap.add_argument("--matrix", help="a JSON matrix of one-way links (client first) instead of --profiles: each "
+                    "link a delay in ms, or {delay_ms, jitter_ms, mbit_s}; missing fields are reported")
     ap.add_argument("--peers", type=int, nargs="+", default=[2], help="chain lengths (each at most the model's blocks)")
-    ap.add_argument("--prompts", type=int, default=20, help="first N HumanEval prompts")
-    ap.add_argument("--all-prompts", action="store_true", help="all 164 HumanEval prompts")
-    ap.add_argument("--sweep-prompts", type=int, default=5,
-                    help="prompts for the slow modes (plain, k sweep, tree, relaxed, temperature)")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=20, help="the first N prompts, for every mode [default: 20]")
+    ap.add_argument("--all-prompts", action="store_true", help="every prompt (all 164 of HumanEval, or of --prompt-file)")
+    ap.add_argument("--prompt-file", metavar="FILE.jsonl",
+                    help="prompts from a JSON-lines file (a \"prompt\" field a line, as HumanEval.jsonl[.gz]) "
+                    "instead of HumanEval's")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens every mode generates per prompt")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--relaxed", type=float, default=0.5)
     ap.add_argument("--k-max", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each probe")
-    ap.add_argument("--probe-every", type=int, default=2, help="probe the route before every N-th prompt")
+    ap.add_argument("--probe-every", type=int, default=None,
+                    help="probe the route before every N-th prompt (and after the last) [default: 2; 1 for fewer "
+                    "than 6 prompts, so that a short run still has 3 probes or more]")
+    ap.add_argument("--petals-venv", metavar="PATH", help="a Petals 2.2 venv to run beside ours [default: "
+                    "$PETALS_ANCHOR/venv if set, else ../shared/anchors/petals/venv if it exists]")
+    ap.add_argument("--no-petals", action="store_true", help="no Petals row, even with its venv here")
     ap.add_argument("--out", default="wan_bench", help="JSON file stem and plot folder [default: ./wan_bench]")
     ap.add_argument("--no-plots", action="store_true")
-    args = ap.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    for flag, instead in REPLACED.items():
+        if any(a == flag or a.startswith(flag + "=") for a in argv):
+            raise SystemExit(f"wan_bench.py: {flag} is gone: {instead}")
+    args = ap.parse_args(argv)
+    if min(args.prompts, args.max_new_tokens, args.probe_every or 1) < 1:
+        raise SystemExit("wan_bench.py: --prompts, --max-new-tokens and --probe-every must be at least 1")
+    args.petals_venv = find_venv(args.petals_venv, ROOT)
+    return args
+
+
+def configurations(args, n_blocks: int) -> list[tuple[str, list, int]]:
+    """(label, links, peers) for every run: the matrix's, or every profile x number of peers."""
+    if args.matrix:
+        try:
+            links = load_matrix(args.matrix, warn=lambda line: print(f"note: {line}", file=sys.stderr))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"wan_bench.py: --matrix: {e}") from None
+        if len(links) - 1 > n_blocks:
+            raise SystemExit(f"wan_bench.py: --matrix has {len(links) - 1} peers; the model has only {n_blocks} blocks")
+        return [(Path(args.matrix).stem, links, len(links) - 1)]
+    configs = []
+    for name in args.profiles:
+        for n in args.peers:
+            if n > n_blocks:
+                print(f"skipping {n} peers: the model has only {n_blocks} blocks", file=sys.stderr)
+                continue
+            configs.append((name, PROFILES[name].matrix(n), n))
+    return configs
+
+
+def main() -> None:
+    args = parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     try:
         work = open_workload(args.model, args.draft, args.chat)
-    except WorkloadError as e:
+        texts = load_prompt_file(args.prompt_file) if args.prompt_file else None
+    except (WorkloadError, PromptFileError) as e:
         raise SystemExit(f"error: {e}") from None
     args.model, args.draft = str(work.model_dir), str(work.draft_dir)
     local, draft = LocalModel.load(args.model), LocalModel.load(args.draft)
     n_blocks = local.head.cfg.num_hidden_layers
-    prompts = load_prompts(work.tokenizer, 164 if args.all_prompts else args.prompts, args.max_new_tokens,
-                           local.head.cfg.max_position_embeddings, work.template)
-    args.sweep_prompts = min(args.sweep_prompts, len(prompts))
-    configs = []
-    if args.matrix:
-        links = load_matrix(args.matrix)
-        configs.append((Path(args.matrix).stem, links, len(links) - 1))
-    else:
-        for name in args.profiles:
-            for n in args.peers:
-                if n > n_blocks:
-                    print(f"skipping {n} peers: the model has only {n_blocks} blocks", file=sys.stderr)
-                    continue
-                configs.append((name, PROFILES[name].matrix(n), n))
+    prompts = load_prompts(work.tokenizer, None if args.all_prompts else args.prompts, args.max_new_tokens,
+                           local.head.cfg.max_position_embeddings, work.template, texts)
+    configs = configurations(args, n_blocks)
+    if args.probe_every is None:  # one probe under a load burst must not set a short run's predictions
+        args.probe_every = 1 if len(prompts) < 6 else 2
     modes = bench_modes(args.k_max, args.relaxed, args.temperature)
-    main_modes = sum(m.name in MAIN_MODES for m in modes)
-    runs_per = len(prompts) * (main_modes + 1) + args.sweep_prompts * (len(modes) - main_modes)
-    probes = (len(prompts) + args.probe_every - 1) // args.probe_every
-    bar = tqdm(total=sum(runs_per + probes * probe_units(n) for _, _, n in configs), desc="wan bench", file=sys.stderr)
+    probes = (len(prompts) + args.probe_every - 1) // args.probe_every + 1
+    bar = tqdm(total=sum(len(prompts) * (len(modes) + 1) + probes * probe_units(n) for _, _, n in configs),
+               desc="wan bench", file=sys.stderr)
     results = []
     for label, links, n in configs:
         bar.set_description(f"{label}, {n} peers")
         rep = run_config(args, local, draft, prompts, links, n, label, bar)
         rep["matrix"] = args.matrix
         results.append(rep)
-        print(f"\n== {label}, {n} peers, {len(prompts)} prompts x {args.max_new_tokens} tokens "
-              f"({args.sweep_prompts} for the slow modes), {rep['seconds']:.0f} s ==", file=sys.stderr)
+        print(f"\n== {label}, {n} peers, {len(prompts)} prompts x {args.max_new_tokens} tokens for every mode, "
+              f"{rep['seconds']:.0f} s ==", file=sys.stderr)
         print(format_report(rep), file=sys.stderr)
         print(f"outputs differing from --local: {rep['outputs_differing_from_local']}", file=sys.stderr)
     bar.close()
     out = dict(command=" ".join(sys.argv), model=args.model, draft=args.draft, model_spec=work.model_spec,
-               draft_spec=work.draft_spec, prompt_mode=work.prompt_mode, prompts=len(prompts),
-               sweep_prompts=args.sweep_prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-               cpu_count=os.cpu_count(), petals=petals_baseline(), results=results)
+               draft_spec=work.draft_spec, prompt_mode=work.prompt_mode, prompt_source=args.prompt_file or "HumanEval",
+               prompts=len(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+               cpu_count=os.cpu_count(), petals=dict(venv=str(args.petals_venv), installed=installed(args.petals_venv),
+                                                     run=not args.no_petals), results=results)
     Path(f"{args.out}.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}.json", file=sys.stderr)
     if not args.no_plots:

@@ -2,27 +2,30 @@
 
 Against any swarm the client can reach (a real one, or an emulated WAN from `swarm.bench.wan`):
   1. the route is probed (`swarm.bench.probe`: round trips, per-hop compute, head and draft costs,
-     chain compute) before every `probe_every`-th prompt, between the runs;
+     chain compute) before every `probe_every`-th prompt and after the last, between the runs;
   2. every mode (plain decoding client-mediated and push; speculative with a fixed k sweep, adaptive,
      optionally pipelined / tree / relaxed) runs on every prompt, interleaved per prompt so
      background load hits every mode alike; each speculative setting keeps its round policy from
      prompt to prompt, as a chat keeps it between turns;
   3. the simulator (`swarm.bench.simulate`) predicts every run from the medians of all probes, and
-     `swarm.bench.report` puts measurement and prediction side by side.
+     `swarm.bench.report` puts measurement and prediction side by side. A speculative run is
+     predicted from its own rounds, in order, cold ones first (`RoundLog` records their shapes
+     through the round policy's interface, changing no decision).
 
-Knows the run loop over modes and prompts, `generate`'s interface and the client's `with_config`
-view (each mode's push setting). Must not know how a probe measures, how the report is laid out,
+Knows the run loop over modes and prompts, `generate`'s interface, the round policy's interface (to
+record rounds, deciding nothing) and the client's `with_config` view (each mode's push setting).
+Must not know how a probe measures, how the report is laid out,
 or how an emulated WAN is built (it is given its links, if any).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from swarm.bench.probe import EmulatedLinks, merge_probes, probe, probe_units, timings_from
 from swarm.bench.report import ModeTotals, format_report, plot_report, report
-from swarm.bench.simulate import ChainTimings, plain_ms_per_token, speculative_ms_per_token
+from swarm.bench.simulate import ChainTimings, RoundShape, plain_ms_per_token, speculative_timeline_ms
 from swarm.decode.generate import generate
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.speculative import SpecConfig
@@ -60,71 +63,136 @@ def default_modes(ks=(2, 4, 8), adaptive=True, pipeline=False, tree=0, relaxed=N
     return modes
 
 
+class RoundLog:
+    """A round policy, unchanged in every decision, that also records each round's shape for the
+    simulator (`rounds`: `RoundShape`s of the last generation, in order): the tokens it sent, the draft
+    steps it took (a dropped last draft counts: it cost a step), whether it had been sent ahead, and
+    the round sent ahead during it, used or thrown away. Everything else goes to the policy itself."""
+
+    def __init__(self, policy):
+        object.__setattr__(self, "policy", policy)
+        object.__setattr__(self, "rounds", [])
+        object.__setattr__(self, "_drafting", [])  # per round drafted and not yet verified: draft-step counts
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.policy, name, value)
+
+    def begin(self, *args, **kwargs):
+        object.__setattr__(self, "rounds", [])
+        self._drafting.clear()
+        return self.policy.begin(*args, **kwargs)
+
+    def plan(self, *args, **kwargs):
+        self._drafting.append([0, 0])  # draft steps, drafts kept
+        return self.policy.plan(*args, **kwargs)
+
+    def keep_drafting(self, *args, **kwargs):
+        keep, more = self.policy.keep_drafting(*args, **kwargs)
+        if self._drafting:  # one draft step per question, the draft kept or not
+            self._drafting[-1][0] += 1
+            self._drafting[-1][1] += bool(keep)
+        return keep, more
+
+    def observe_round(self, rnd, accepted, extra, timing, ahead_kept, *args, **kwargs):
+        steps = self._drafting.pop(0)[0] if self._drafting else 0
+        if not steps and rnd.parents is not None:  # a tree the draft model drafted without asking
+            steps = _tree_steps(rnd)
+        shape = RoundShape(len(rnd.ids), steps, bool(getattr(timing, "hit", False)))
+        if shape.hit and self.rounds and self.rounds[-1].ahead is not None:  # the round sent ahead, exactly
+            self.rounds[-1] = replace(self.rounds[-1], ahead=replace(shape, hit=False))
+        if getattr(timing, "ahead_sent", None) is not None and self._drafting:
+            ahead_steps, kept = self._drafting[0] if ahead_kept else self._drafting.pop(0)
+            shape = replace(shape, ahead=RoundShape(kept + 1, ahead_steps))
+        self.rounds.append(shape)
+        return self.policy.observe_round(rnd, accepted, extra, timing, ahead_kept, *args, **kwargs)
+
+
+def _tree_steps(rnd) -> int:
+    """Draft-model steps of a tree round: the catch-up step, then depth - 1 steps per first-level node
+    the model drafted (nodes from another source, e.g. an n-gram index, cost it none)."""
+    sources = getattr(rnd, "sources", None) or ["model"] * len(rnd.drafts)
+    model = [i + 1 for i, source in enumerate(sources) if source != "ngram"]  # node numbers (0: the last token)
+    if not model:
+        return 0
+    width = sum(1 for node in model if rnd.parents[node] == 0)
+    return 1 + len(model) - width
+
+
 def run_mode(model, draft, mode: Mode, prompt: list[int], new_tokens: int, seed: int = 0, policy=None):
     """One generation in `mode` (plain or speculative), timed by the generation itself. `model` is the
-    client configured for the mode's push setting; `policy` a round policy an earlier run left."""
+    client configured for the mode's push setting; `policy` a round policy an earlier run left (a
+    speculative run always gets a `RoundLog`, so `result.policy.rounds` holds its rounds)."""
     if mode.spec is None:
         return generate(model, prompt, new_tokens, SamplingParams(mode.temperature), seed=seed, stop_at_eos=False)
+    policy = policy if isinstance(policy, RoundLog) else RoundLog(policy or mode.spec.policy())
     return generate(model, prompt, new_tokens, draft=draft, spec=mode.spec, seed=seed, stop_at_eos=False,
                     policy=policy)
 
 
-def predict_seconds(mode: Mode, result, prompt_tokens: int, timings: ChainTimings) -> float:
-    """The simulator's time for what this run did (its tokens; for speculation, its rounds and drafts)."""
+def predict_seconds(mode: Mode, result, prompt_tokens: int, timings: ChainTimings,
+                    rounds: list[RoundShape] | None = None) -> float:
+    """The simulator's time for what this run did: its tokens; for speculation its rounds in order
+    (`rounds`, from its `RoundLog`; else rebuilt from the result's counters, without pipelining)."""
     n = len(result.tokens)
     if mode.spec is None:
         return plain_ms_per_token(timings, n, prompt_tokens, mode.push) * n / 1000
-    width = mode.spec.tree_width if mode.spec.params.greedy else 1
-    sent = sum(k * width + 1 for k in result.ks)
-    draft_steps = sum(k * width for k in result.ks)
-    return speculative_ms_per_token(timings, n, prompt_tokens, result.rounds, sent, draft_steps,
-                                    result.pipelined_hits, mode.push, result.wasted_rounds) * n / 1000
+    if rounds is None:
+        width = mode.spec.tree_width if mode.spec.trees else 1
+        rounds = [RoundShape(k * width + 1, 1 + width * (k - 1) if k else 0) for k in result.ks]
+    return speculative_timeline_ms(timings, rounds, prompt_tokens, mode.push) / 1000
 
 
-def _runs(model, draft, prompts, new_tokens, modes, reps, bar, limits, probe_every, links):
-    """Probes and runs, interleaved: ([probe, ...], [(mode, result, prompt tokens), ...])."""
+def _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, links):
+    """Probes and runs, interleaved: ([probe, ...], [(mode, result, prompt tokens, rounds or None), ...])."""
     policies = {}  # per speculative setting: the round policy as the last run left it
     probes, done = [], []
     for i, prompt in enumerate(prompts):
         if i % probe_every == 0:
             probes.append(probe(model, draft, prompt, reps, bar, links))
         for mode in modes:  # interleaved, so background load hits every mode alike
-            if (mode.spec is not None and draft is None) or i >= limits.get(mode.name, len(prompts)):
+            if mode.spec is not None and draft is None:
                 continue
             result = run_mode(model.with_config(push=mode.push), draft, mode, prompt, new_tokens,
                               policy=policies.get(mode.spec))
+            rounds = None
             if mode.spec is not None:
                 policies[mode.spec] = result.policy
-            done.append((mode, result, len(prompt)))
+                rounds = list(getattr(result.policy, "rounds", None) or []) or None
+            done.append((mode, result, len(prompt), rounds))
             bar.update(1)
+    probes.append(probe(model, draft, prompts[-1], reps, bar, links))  # and after the last: probes bracket the runs
     return probes, done
 
 
 def measure(model, draft: LocalModel | None, prompts: list[list[int]], new_tokens: int, modes: list[Mode],
-            reps: int = 5, progress=None, label: str = "", limits: dict[str, int] | None = None,
-            probe_every: int = 1, links: EmulatedLinks | None = None) -> dict:
+            reps: int = 5, progress=None, label: str = "", probe_every: int = 1,
+            links: EmulatedLinks | None = None) -> dict:
     """Everything `swarm measure` reports, as a dict with `entries` (one per measured quantity).
 
-    The route is probed before every `probe_every`-th prompt, between the runs, and the simulator
-    predicts every run from the medians of all probes. `limits` runs a mode on only the first N
-    prompts (slow modes over long links). `links`: an emulated WAN's links, pinged between peers."""
+    The route is probed before every `probe_every`-th prompt and after the last, between the runs, and
+    the simulator predicts every run from the medians of all probes. Every mode runs on every prompt with the same
+    `new_tokens` (a mode on fewer prompts is not comparable: prompts differ in how well they draft);
+    to save time, give fewer prompts or tokens. `links`: an emulated WAN's links, pinged between peers."""
     from tqdm import tqdm
 
-    limits = limits or {}
-    runs = sum(min(limits.get(mode.name, len(prompts)), len(prompts)) for mode in modes)
-    n_probes = (len(prompts) + probe_every - 1) // probe_every
+    runs = len(prompts) * len(modes)
+    n_probes = (len(prompts) + probe_every - 1) // probe_every + 1
     bar = progress or tqdm(total=n_probes * probe_units(len(model.route)) + runs, desc=label or "measuring",
                            file=sys.stderr, leave=False)
     try:
-        probes, done = _runs(model, draft, prompts, new_tokens, modes, reps, bar, limits, probe_every, links)
+        probes, done = _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, links)
     finally:
         if progress is None:
             bar.close()
     net = merge_probes(probes)
     timings = timings_from(net)
     totals = {mode.name: ModeTotals() for mode in modes}
-    for mode, result, prompt_tokens in done:
-        totals[mode.name].add(result, predict_seconds(mode, result, prompt_tokens, timings), mode.spec is not None)
+    for mode, result, prompt_tokens, rounds in done:
+        totals[mode.name].add(result, predict_seconds(mode, result, prompt_tokens, timings, rounds),
+                              mode.spec is not None)
     return report(model.route, timings, net, totals, modes, new_tokens, len(prompts))
 
 

@@ -1,7 +1,8 @@
 """What `swarm measure` reports: one entry per measured quantity, as a dict, a table or a bar chart.
 
 `ModeTotals` adds up one mode's runs; `report` puts them beside the probes (`swarm.bench.probe`) and
-the simulator's timings; `format_report` prints it; `plot_report` draws measured vs predicted.
+the simulator's timings; `format_report` prints it (a row with no number, such as a Petals baseline
+that is not installed, prints its note instead); `plot_report` draws measured vs predicted.
 
 Knows the report's shape, the simulator's `ChainTimings` and the fields of generation results. Must
 not know how anything was measured (no client, no peers, no decoding) beyond the route's hops.
@@ -99,9 +100,11 @@ def report(route, timings: ChainTimings, net: dict, totals: dict[str, ModeTotals
 
 
 def format_report(rep: dict) -> str:
-    lines = [f"route: {' -> '.join(rep['route'])}",
-             f"trip per step: push {rep['push_trip_ms']:.1f} ms, client-mediated {rep['client_mediated_trip_ms']:.1f} ms",
-             ""]
+    trips = f"trip per step: push {rep['push_trip_ms']:.1f} ms, client-mediated {rep['client_mediated_trip_ms']:.1f} ms"
+    if rep.get("links_trip_ms"):  # an emulated WAN: what its links' delays and jitter add up to
+        trips += (f" (the links' one-way delays: {rep['links_trip_ms']['push']:.1f} / "
+                  f"{rep['links_trip_ms']['client_mediated']:.1f} ms)")
+    lines = [f"route: {' -> '.join(rep['route'])}", trips, ""]
     for e in rep["entries"]:
         if e["quantity"] == "rtt_ms":
             lines.append(f"  RTT {e['link']:<18} {e['measured']:8.2f} ms  ({e['source']})")
@@ -121,7 +124,9 @@ def format_report(rep: dict) -> str:
     tpr = {e["mode"]: e for e in rep["entries"] if e["quantity"] == "tokens_per_round"}
     lines += ["", f"{'mode':>34} | ms/token | predicted | error  | tokens/round | x plain push"]
     for e in rep["entries"]:
-        if e["quantity"] == "ms_per_token":
+        if e["quantity"] == "ms_per_token" and e["measured"] is None:  # a row with no number (e.g. Petals)
+            lines.append(f"{e['mode']:>34} | {e.get('note') or 'not measured'}")
+        elif e["quantity"] == "ms_per_token":
             r = tpr.get(e["mode"])
             per_round = f"{r['measured']:.2f}" if r else "1"
             speed = f"{e['speedup_vs_plain_push']:.2f}" if e["speedup_vs_plain_push"] else "-"

@@ -6,9 +6,11 @@ that reads chunks as they arrive and writes each one out at
 
     delivery = max(arrival + transmission (bandwidth cap) + one-way delay + jitter, previous delivery)
 
-so bytes are never reordered and a slow chunk holds back the ones behind it (as TCP does). The
-bandwidth cap is a serialisation delay: a chunk of B bytes occupies the link for B / bandwidth, after
-the chunk before it has left.
+so bytes are never reordered and a slow chunk holds back the ones behind it (as TCP does). Jitter is
+normal around the delay (never below zero), drawn per chunk. The bandwidth cap is a serialisation
+delay: a chunk of B bytes occupies the link for B / bandwidth, after the chunk before it has left.
+The cap belongs to the link, not to a connection: every connection through one proxy queues its
+chunks, per direction, behind the same `Wire` (a second connection does not get a second link).
 
 The proxies run in a child process (`python -m swarm.bench.wan.proxy proxy`, started by
 `ProxyProcess`), so the client's compute, which holds the GIL, never delays a forwarded byte.
@@ -87,19 +89,33 @@ async def precise_sleep_until(when: float) -> None:
     await fut
 
 
+class Wire:
+    """One direction of one emulated link, shared by every connection through it: when it has
+    finished sending everything queued on it so far (the bandwidth cap's clock)."""
+
+    def __init__(self):
+        self.free_at = 0.0
+
+    def send(self, now: float, size: int, mbit_s: float | None) -> float:
+        """When a chunk of `size` bytes arriving at `now` has left: after the chunks before it."""
+        if not mbit_s:
+            return now
+        self.free_at = max(now, self.free_at) + size * 8 / (mbit_s * 1e6)
+        return self.free_at
+
+
 class Pipe:
     """One direction of one proxied connection: delays chunks, keeps their order."""
 
-    def __init__(self, link: Link, rng: random.Random):
+    def __init__(self, link: Link, rng: random.Random, wire: Wire | None = None):
         self.link, self.rng = link, rng
+        self.wire = wire or Wire()  # the link's bandwidth clock (shared by the link's connections)
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.free_at = 0.0  # when the emulated link has sent everything before (bandwidth cap)
         self.last_delivery = 0.0
 
     def schedule(self, now: float, size: int) -> float:
-        sent = now
-        if self.link.mbit_s:
-            self.free_at = sent = max(now, self.free_at) + size * 8 / (self.link.mbit_s * 1e6)
+        """When a chunk of `size` bytes read at `now` is delivered (loop-clock seconds)."""
+        sent = self.wire.send(now, size, self.link.mbit_s)
         delay = self.link.delay_ms
         if self.link.jitter_ms:  # normal around the delay, never below zero (and never before the chunk ahead)
             delay = max(0.0, self.rng.gauss(delay, self.link.jitter_ms))
@@ -139,6 +155,7 @@ class DelayProxy:
     def __init__(self, target: tuple[str, int], up: Link, down: Link | None = None, seed: int = 0):
         self.target, self.up, self.down = target, up, down or up
         self.rng = random.Random(seed)
+        self.wires = (Wire(), Wire())  # up, down: one bandwidth clock per direction of this link
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
         self.connections: set[asyncio.Task] = set()
@@ -166,8 +183,8 @@ class DelayProxy:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            await asyncio.gather(Pipe(self.up, self.rng).run(c_reader, t_writer),
-                                 Pipe(self.down, self.rng).run(t_reader, c_writer))
+            await asyncio.gather(Pipe(self.up, self.rng, self.wires[0]).run(c_reader, t_writer),
+                                 Pipe(self.down, self.rng, self.wires[1]).run(t_reader, c_writer))
         except asyncio.CancelledError:  # the proxy is shutting down: drop the connection quietly
             pass
         finally:
