@@ -18,6 +18,16 @@ over every n-gram ending at a generated token, summed over prompts), so that a t
 or copying its prompt (easy for any draft) cannot flatter the figure; and the same share counting only
 4-grams seen before in the output itself (its loops alone, prompt copying left out).
 
+Who drafts (--modes model,ngram,fused,...; `swarm.bench.acceptance.SOURCE_MODES`): real greedy
+speculative decoding on the checked prompts in each named mode, the draft model alone (with plain
+steps where it does not pay), the n-gram index alone (drafting from the prompt and the output so
+far), both fused into one tree per round by the cost model, and fixed chains of 4 with and without
+the n-gram proposal grafted on; each mode's round policy carries over from prompt to prompt, as in a
+chat, and the modes run one after the other on each prompt, in an order that rotates. For each:
+tokens per round, accepted drafts by source (model, n-gram, both: drafted by the model and proposed
+by the index too), rounds by who drafted them, wall time per token against plain greedy on the
+same prompts (local target, this machine), and outputs != plain greedy (must be 0).
+
 Prompts go in raw (as completions) by default; with --chat as a chat turn ("Complete this Python
 function: ..." in `swarm.bench.prompts.chat_turn`) through the model's chat template. Either way the
 token budget is the same fixed count and nothing stops at end-of-turn, so modes compare on equal work.
@@ -25,6 +35,7 @@ token budget is the same fixed count and nothing stops at end-of-turn, so modes 
     python scripts/bench_acceptance.py                  # all 164 prompts, k = 2, 4, 8, SmolLM2-135M + its draft
     python scripts/bench_acceptance.py --model tiny     # the small bundled pair
     python scripts/bench_acceptance.py --limit 20 --ks 1,2,4,8,16 --check all --chat --json
+    python scripts/bench_acceptance.py --limit 20 --check 20 --ks 4 --modes model,ngram,fused
 """
 
 from __future__ import annotations
@@ -38,7 +49,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swarm.bench.acceptance import ChainRounds, draft_agreement, repeated_ngrams, simulate_chain  # noqa: E402
+from swarm.bench.acceptance import (SOURCE_MODES, ChainRounds, SourceTally, draft_agreement,  # noqa: E402
+                                    repeated_ngrams, simulate_chain, source_mode)
 from swarm.bench.prompts import humaneval_prompts  # noqa: E402
 from swarm.bench.workload import WorkloadError, machine, open_workload  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
@@ -61,7 +73,9 @@ def check_count(value: str) -> int | None:
 
 
 def k_list(value: str) -> list[int]:
-    """--ks: draft lengths >= 1, comma-separated."""
+    """--ks: draft lengths >= 1, comma-separated, or 'none'."""
+    if value == "none":
+        return []
     try:
         ks = [int(k) for k in value.split(",")]
     except ValueError:
@@ -71,15 +85,26 @@ def k_list(value: str) -> list[int]:
     return ks
 
 
+def mode_list(value: str) -> list[str]:
+    """--modes: names of `SOURCE_MODES`, comma-separated."""
+    modes = [m for m in value.split(",") if m]
+    if any(m not in SOURCE_MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"want modes among {', '.join(SOURCE_MODES)}, got {value!r}")
+    return modes
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flag(ap)
     add_draft_flag(ap)
     ap.add_argument("--limit", type=int, default=None, help="first N HumanEval prompts (default: all 164)")
-    ap.add_argument("--ks", type=k_list, default="2,4,8", help="draft lengths, comma-separated [default: %(default)s]")
+    ap.add_argument("--ks", type=k_list, default="2,4,8",
+                    help="draft lengths, comma-separated, or none [default: %(default)s]")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--check", type=check_count, default=8, metavar="N|all",
                     help="run real speculative decoding on the first N prompts (all: every prompt) [default: 8]")
+    ap.add_argument("--modes", type=mode_list, default=[], metavar="M1,M2",
+                    help=f"also decode the checked prompts in these modes ({', '.join(SOURCE_MODES)}) [default: none]")
     ap.add_argument("--chat", action="store_true",
                     help="feed each prompt as a chat turn through the model's chat template (default: raw completion)")
     ap.add_argument("--threads", type=int, default=1,
@@ -100,12 +125,14 @@ def real_k(target, draft, prompt, n_new, k, plain_tokens, sim: ChainRounds, stat
 
 def run(args, work, target: LocalModel, draft: LocalModel, ks: list[int], texts: list[str]) -> dict:
     n_new, check = args.max_new_tokens, len(texts) if args.check is None else min(args.check, len(texts))
-    context = min(target.head.cfg.max_position_embeddings, draft.head.cfg.max_position_embeddings) - n_new - max(ks) - 1
+    context = min(target.head.cfg.max_position_embeddings, draft.head.cfg.max_position_embeddings) - n_new - max(ks, default=8) - 1
     t = dict(tokens=0, agree=0, plain_s=0.0, truncated=0, repeated=0, grams=0, self_repeated=0, self_grams=0,
              check_plain_s=0.0)
     sim = {k: ChainRounds() for k in ks}
     real = {k: dict(rounds=0, tokens=0, drafted=0, accepted=0, seconds=0.0, mismatches=0, rounds_differ=0,
                     sim=ChainRounds()) for k in ks}
+    tallies = {m: SourceTally() for m in args.modes}
+    policies = {m: source_mode(m) for m in args.modes}  # (config, policy): each policy carries over, as in a chat
     for i, text in enumerate(tqdm(texts, desc="HumanEval prompts", file=sys.stderr)):
         prompt = work.encode(text)
         if len(prompt) > context:
@@ -125,10 +152,17 @@ def run(args, work, target: LocalModel, draft: LocalModel, ks: list[int], texts:
                 real_k(target, draft, prompt, n_new, k, plain.tokens, rounds, real[k])
         if i < check:
             t["check_plain_s"] += plain.seconds
-    return report(args, work, ks, texts, check, t, sim, real)
+            t["check_tokens"] = t.get("check_tokens", 0) + len(plain.tokens)
+            turn = i % max(len(args.modes), 1)
+            for m in args.modes[turn:] + args.modes[:turn]:  # an order that rotates
+                spec, policy = policies[m]
+                res = generate(target, prompt, n_new, draft=draft, spec=spec, stop_at_eos=False, policy=policy)
+                policies[m] = spec, res.policy
+                tallies[m].add(res, plain.tokens)
+    return report(args, work, ks, texts, check, t, sim, real, tallies)
 
 
-def report(args, work, ks, texts, check, t, sim, real) -> dict:
+def report(args, work, ks, texts, check, t, sim, real, tallies) -> dict:
     def real_entry(s: dict) -> dict | None:
         if not check:
             return None
@@ -147,6 +181,12 @@ def report(args, work, ks, texts, check, t, sim, real) -> dict:
         k={k: dict(simulated=dict(tokens_per_round=sim[k].tokens_per_round, acceptance_rate=sim[k].acceptance_rate,
                                   rounds=sim[k].rounds),
                    real=real_entry(real[k])) for k in ks},
+        modes={m: dict(prompts=check, tokens_per_round=s.tokens_per_round, rounds=s.rounds,
+                       accepted_by_source=s.accepted_by, drafted_by_source=s.drafted_by, rounds_by_source=s.rounds_by,
+                       ms_per_token=1000 * s.seconds / max(s.tokens, 1),
+                       plain_ms_per_token=1000 * t["check_plain_s"] / max(t.get("check_tokens", 0), 1),
+                       local_speedup=t["check_plain_s"] / s.seconds if s.seconds else None,
+                       mismatches=s.mismatches) for m, s in tallies.items()},
     )
 
 
@@ -160,10 +200,11 @@ def print_table(rep: dict) -> None:
           f"{rep['draft_agreement']:.3f}")
     print(f"repeated 4-grams in the target's output: {rep['repeated_4gram_rate']:.3f} (seen before in prompt + output), "
           f"{rep['repeated_4gram_rate_within_output']:.3f} (seen before in the output itself)")
-    print(f"simulated from agreement on all {rep['prompts']} prompts; real speculative decoding on the first "
-          f"{rep['checked_prompts']}:")
-    print(" k | sim tokens/round | sim acceptance | real tokens/round | sim, same prompts | rounds differ | "
-          "local speedup | != plain greedy")
+    if rep["k"]:
+        print(f"simulated from agreement on all {rep['prompts']} prompts; real speculative decoding on the first "
+              f"{rep['checked_prompts']}:")
+        print(" k | sim tokens/round | sim acceptance | real tokens/round | sim, same prompts | rounds differ | "
+              "local speedup | != plain greedy")
     for k, e in rep["k"].items():
         s, r = e["simulated"], e["real"]
         line = f"{k:>2} | {s['tokens_per_round']:16.2f} | {s['acceptance_rate']:14.3f} | "
@@ -173,6 +214,17 @@ def print_table(rep: dict) -> None:
             line += (f"{r['tokens_per_round']:17.2f} | {r['simulated_tokens_per_round']:17.2f} | "
                      f"{r['prompts_where_rounds_differ']:13d} | {r['local_speedup']:13.2f} | {r['mismatches']}")
         print(line)
+    if rep["modes"]:
+        e = next(iter(rep["modes"].values()))
+        print(f"who drafts, real greedy decoding on the first {e['prompts']} prompts (plain greedy: "
+              f"{e['plain_ms_per_token']:.1f} ms/token; accepted drafts by source, rounds by who drafted):")
+        print(f"{'mode':>10} | tokens/round | accepted model / ngram / both | rounds model / fused / ngram / plain | "
+              "ms/token | local speedup | != plain greedy")
+        for m, e in rep["modes"].items():
+            a, r = e["accepted_by_source"], e["rounds_by_source"]
+            print(f"{m:>10} | {e['tokens_per_round']:12.2f} | {a.get('model', 0):>11} / {a.get('ngram', 0):>5} / "
+                  f"{a.get('both', 0):>4} | {r.get('model', 0):>12} / {r.get('fused', 0):>5} / {r.get('ngram', 0):>5} / "
+                  f"{r.get('plain', 0):>5} | {e['ms_per_token']:8.1f} | {e['local_speedup']:13.2f} | {e['mismatches']}")
 
 
 def main(argv=None) -> None:

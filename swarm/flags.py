@@ -159,6 +159,12 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
                         "model decides per round from what pipelined rounds saved and cost: on over slow links, off on loopback]")
     p.add_argument("--relaxed", type=fraction(open_high=True), default=SPEC.relaxed, metavar="TAU",
                    help="LOSSY: also accept drafts close to the target's best (0 < TAU < 1); output may differ from the target's")
+    p.add_argument("--ngram", action=argparse.BooleanOptionalAction, default=SPEC.ngram,
+                   help="also draft from the text itself (prompt and output so far: the continuation of its longest "
+                        "repeated suffix); the cost model picks the draft model, the n-gram draft, both in one tree, "
+                        "or a plain step [default: on with adaptive k, off with a fixed --k]")
+    p.add_argument("--ngram-max", type=positive(), default=SPEC.ngram_max, metavar="N",
+                   help="longest n-gram the n-gram draft matches [default: %(default)s]")
 
 
 def sampling_params(args) -> SamplingParams:
@@ -167,7 +173,7 @@ def sampling_params(args) -> SamplingParams:
 
 def spec_config(args) -> SpecConfig:
     return SpecConfig(k=args.k, k_max=args.k_max, tree_width=args.tree, pipeline=args.pipeline, relaxed=args.relaxed,
-                      params=sampling_params(args))
+                      params=sampling_params(args), ngram=args.ngram, ngram_max=args.ngram_max)
 
 
 # --- peer limits, generated from the dataclass ----------------------------------------------------

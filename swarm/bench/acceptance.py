@@ -13,17 +13,24 @@ ties (the draft's cached steps and the teacher-forced pass may round differently
 `repeated_ngrams` measures how much of an output repeats itself, so that a target stuck in a loop
 (which a draft predicts easily) cannot flatter the agreement figure.
 
-Knows `LocalModel`'s head and session interface (for the teacher-forced pass) and the arithmetic of
-greedy chain rounds; must not know tokenizers, prompts, flags, peers or how results are reported.
+`source_mode` names the decoding modes that show who drafts (the draft model, the n-gram index, both,
+under the cost model or a fixed shape) and `SourceTally` adds up what each committed: tokens per
+round, accepted drafts by source, rounds by who drafted them, seconds.
+
+Knows `LocalModel`'s head and session interface (for the teacher-forced pass), the arithmetic of
+greedy chain rounds and the speculative configurations and round policies; must not know tokenizers,
+prompts, flags, peers or how results are reported.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from peer.model import StepLayout
+from swarm.decode.round_policy import CostModel
+from swarm.decode.speculative import SpecConfig, SpeculativeResult
 from swarm.decode.target import LocalModel
 
 
@@ -103,3 +110,52 @@ def repeated_ngrams(prompt: list[int], generated: list[int], n: int = 4) -> tupl
             repeated += gram in seen
         seen.add(gram)
     return repeated, counted
+
+
+class NgramOnly(CostModel):
+    """The cost model with the draft model left out: each round drafts the n-gram proposal, or nothing."""
+
+    def plan(self, room, tree_width=1, cells=(), ngram_room=0, fuse=False):
+        return super().plan(0, 1, cells, ngram_room, fuse)
+
+
+SOURCE_MODES = {  # name -> (configuration, the round policy's class or None: the configuration's own)
+    "model": (SpecConfig(pipeline=False, ngram=False), None),  # the draft model or a plain step, per round
+    "ngram": (SpecConfig(pipeline=False, ngram=True), NgramOnly),  # the n-gram proposal or a plain step
+    "fused": (SpecConfig(pipeline=False, ngram=True), None),  # all of them, and both in one tree
+    "fused-tree": (SpecConfig(pipeline=False, ngram=True, tree_width=2), None),  # ... and the model's own trees
+    "k4": (SpecConfig(k=4, pipeline=False), None),  # the draft model's chains of 4, every round
+    "k4-ngram": (SpecConfig(k=4, pipeline=False, ngram=True), None),  # ... with the whole proposal grafted on
+}
+
+
+def source_mode(name: str) -> tuple[SpecConfig, CostModel]:
+    """A mode of `SOURCE_MODES`: its configuration and a fresh round policy."""
+    spec, policy = SOURCE_MODES[name]
+    return spec, policy(spec.k_max, pipeline=spec.pipeline) if policy else spec.policy()
+
+
+@dataclass
+class SourceTally:
+    """What one decoding mode committed over several generations, and how."""
+
+    rounds: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    mismatches: int = 0  # generations whose tokens differ from the reference
+    accepted_by: dict[str, int] = field(default_factory=dict)
+    drafted_by: dict[str, int] = field(default_factory=dict)
+    rounds_by: dict[str, int] = field(default_factory=dict)
+
+    def add(self, res: SpeculativeResult, reference: list[int]) -> None:
+        self.rounds, self.tokens, self.seconds = self.rounds + res.rounds, self.tokens + len(res.tokens), \
+            self.seconds + res.seconds
+        self.mismatches += res.tokens != reference
+        for mine, theirs in ((self.accepted_by, res.accepted_by), (self.drafted_by, res.drafted_by),
+                             (self.rounds_by, res.rounds_by)):
+            for key, value in theirs.items():
+                mine[key] = mine.get(key, 0) + value
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.tokens / self.rounds if self.rounds else 0.0

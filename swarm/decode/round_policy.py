@@ -1,14 +1,17 @@
 """The round policy: the shape of every speculative round, and the cost model that decides it.
 
-A policy answers the loop's four questions (`swarm.decode.speculative`): how should the next round
-look (`plan`: a chain of up to k drafts, or a tree), keep drafting after this token (`keep_drafting`),
-send the next round before this one's verdict (`send_ahead`), and what did this round teach
-(`observe_round`: the timing arithmetic lives here, not in the loop). `CostModel` decides adaptively
-from what it measures; `FixedShape` has the same interface with a fixed k (or tree) and still
-measures, for the pipelining decision. A policy outlives a generation: a chat keeps its own.
+A policy answers the loop's questions (`swarm.decode.speculative`): how should the next round
+look (`plan`: who drafts, the model, the n-gram index, both or neither (`swarm.decode.sources`), and
+the model's shape: a chain of up to k drafts, or a tree), keep drafting after this token
+(`keep_drafting`), how much of the n-gram proposal joins the model's drafts (`graft`), send the next
+round before this one's verdict (`send_ahead`), and what did this round teach (`observe_round`: the
+timing arithmetic lives here, not in the loop). `CostModel` decides adaptively from what it
+measures; `FixedShape` has the same interface with a fixed k (or tree), the model always drafting
+(with the whole n-gram proposal grafted on, when n-gram drafting is on), and still measures, for
+the pipelining decision. A policy outlives a generation: a chat keeps its own.
 
-Knows seconds, acceptance counts and the draft's confidences; nothing of tensors, models, peers or
-the network.
+Knows seconds, acceptance counts, the draft's confidences and n-gram scores; nothing of tensors,
+models, peers or the network.
 """
 
 from __future__ import annotations
@@ -17,14 +20,19 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+from swarm.decode.sources import NgramCalibration, choose_source, graft_length, model_verdict, observe_ngram
+
 
 @dataclass(frozen=True, slots=True)
 class RoundPlan:
-    """A round's shape: k drafts at most (a tree: depth k with `width` first candidates)."""
+    """A round's shape: k model drafts at most (a tree: depth k with `width` first candidates), or
+    `ngram` drafts of the n-gram proposal alone, or none (plain)."""
 
     k: int
     width: int = 1
     explore: int | None = None  # adaptive: the draft length forced to measure other step sizes
+    source: str = "model"  # "model" (the proposal may be grafted on), "ngram" or "plain"
+    ngram: int = 0  # n-gram drafts of an n-gram-only round
 
     @property
     def tree(self) -> bool:
@@ -38,7 +46,12 @@ class RoundRecord(Protocol):
     drafts: list[int]
     parents: list[int] | None  # a tree's parent indices; None for a chain
     depth: int
-    confidences: list[float]
+    model_depth: int  # the model's drafts on its longest path (its chain: the first nodes)
+    sources: list[str]  # per draft: "model", "ngram" or "both"
+    cells: list[int | None]  # per draft from the n-gram proposal: its calibration cell
+    path: list[int]  # the accepted nodes (0: the last committed token)
+    ngram_seconds: float
+    confidences: list[float]  # the model's chain drafts'
     top: list[list[int]]
     draft_seconds: float
     draft_first: float | None
@@ -109,12 +122,16 @@ class CostModel:
         self.rescue: dict[int, float] = {}  # w -> how often the target's token was in the draft's top w after a miss
         self.rescue_n = 0.0
         self.points: list[tuple[int, float]] = []  # (tokens sent, seconds) of recent unpipelined rounds
+        self._fit: tuple[list, tuple[float, float]] = ([], (0.0, 0.0))  # verify_cost's last line, and its points
         self.draft_steps: list[float] = []  # recent seconds per draft step after a round's first
         self.draft_firsts: list[float] = []  # recent seconds of a round's first draft step (catches up)
         self.latency = latency  # seconds of wire per round, when the target knows
         self.saved: tuple[float, float] | None = None  # (EMA seconds a pipelined hit saved, weight)
         self.lost: tuple[float, float] | None = None  # (EMA seconds a thrown-away round cost, weight)
         self.explored = 0  # rounds pipelined only to measure what pipelining saves and costs
+        self.ngram = NgramCalibration()  # how often n-gram drafts are accepted, by score
+        self.ngram_seconds, self.idle, self.recalls = 0.0, 0, 0  # an n-gram proposal's seconds; rounds the
+        # model sat out; rounds it was made to draft to stay measured (`sources.choose_source`)
 
     # --- what is measured --------------------------------------------------------------------------
     @property
@@ -169,6 +186,8 @@ class CostModel:
         (least squares through the median time of each step size, weighted by how often it was seen)."""
         if not self.points:
             return 0.01, 0.001
+        if self._fit[0] is self.points:  # the same points (a new list after every observation): the same line
+            return self._fit[1]
         by_size: dict[int, list[float]] = {}
         for n, t in self.points:
             by_size.setdefault(n, []).append(t)
@@ -182,7 +201,8 @@ class CostModel:
         else:  # one size seen so far (exploration will add others): guess 10 % of it per token
             slope = 0.1 * mean_y / mean_x
         slope = min(slope, mean_y / mean_x)  # noise must not make the trip negative
-        return max(1e-6, mean_y - slope * mean_x), slope
+        self._fit = (self.points, (max(1e-6, mean_y - slope * mean_x), slope))
+        return self._fit[1]
 
     @property
     def draft_cost(self) -> float:
@@ -285,33 +305,39 @@ class CostModel:
         """A new generation starts: forget the previous generation's last round."""
         self._after_miss, self._prev_delay = False, 0.0
 
-    def plan(self, room: int, tree_width: int = 1) -> RoundPlan:
-        """The shape of the next round: a chain of at most k drafts (the rest decided while drafting),
-        or a tree when its expected rate beats the best chain's (`tree_width` > 1 allows trees)."""
-        if room <= 0:
-            return RoundPlan(0)
-        if tree_width > 1:
+    def plan(self, room: int, tree_width: int = 1, cells: list[int] = (), ngram_room: int = 0,
+             fuse: bool = False) -> RoundPlan:
+        """The next round: who drafts (`sources.choose_source`; `cells`: the n-gram proposal's, of which
+        `ngram_room` may be used; `fuse`: sibling branches allowed) and the model's shape: a chain of
+        at most k drafts (the rest decided while drafting), or a tree when its expected rate beats the
+        best chain's (`tree_width` > 1 allows trees)."""
+        shape = RoundPlan(min(self.k_max, room), explore=self.explore()) if room > 0 else RoundPlan(0)
+        if room > 0 and tree_width > 1:
             w, d, tree_rate = self.tree_plan(tree_width, min(self.k_max, room))
-            if tree_rate > self.rate(self.choose(room=room)):
-                return RoundPlan(d, w)
-        return RoundPlan(min(self.k_max, room), explore=self.explore())
+            shape = RoundPlan(d, w) if tree_rate > self.rate(self.choose(room=room)) else shape
+        return choose_source(self, shape, list(cells), ngram_room, fuse)
 
     def keep_drafting(self, confidences: list[float], plan: RoundPlan) -> tuple[bool, bool]:
         """After drafting tokens with these confidences: (keep the last one, draft another)."""
         return self.draft_decision(confidences, plan.k, plan.explore)
 
+    def graft(self, confidences: list[float] | None, depth: int, nodes: int, shared: int, cells: list[int]) -> int:
+        """How many n-gram tokens (calibration `cells`) to hang below the `shared` ones in the model's tree."""
+        return graft_length(self, confidences, depth, nodes, shared, cells)
+
     def next_k(self, room: int) -> int:
         """The draft length a round sent ahead would plan (to judge whether sending it pays)."""
         return self.choose(room=room)
 
-    def send_ahead(self, confidences: list[float], room: int, overlaps: bool) -> bool:
-        """Send the next round before this one's verdict? Forced on or off by `pipeline`; else (auto)
-        only where the target runs steps in the background and the cost model expects a gain."""
-        if self.pipeline is False or room <= 0 or not confidences:
+    def send_ahead(self, rnd: RoundRecord, room: int, overlaps: bool) -> bool:
+        """Send the next round (a chain's) before this one's verdict? Forced on or off by `pipeline`; else
+        (auto) only where the target runs steps in the background and the cost model expects a gain."""
+        if self.pipeline is False or room <= 0 or not rnd.drafts:
             return False
         if self.pipeline:
             return True
-        p_all = math.prod(self.alpha(c) for c in confidences)
+        p_all = math.prod(self.alpha(c) for c in rnd.confidences)
+        p_all *= math.prod(self.ngram.alpha(c) for c, s in zip(rnd.cells, rnd.sources) if s == "ngram")
         return overlaps and self.pipeline_pays(p_all, self.next_k(room))
 
     def observe_round(self, rnd: RoundRecord, accepted: int, extra: int, t: RoundTiming, ahead_kept: bool,
@@ -322,14 +348,13 @@ class CostModel:
         chain = rnd.parents is None
         delay = max(0.0, t.ahead_sent - t.arrived) if t.ahead_sent is not None else 0.0  # result waited for drafting
         own = (t.done - t.began) - t.ahead_drafted + delay  # this round's share of the wall clock
-        predicted = self.round_time(rnd.depth, len(rnd.ids)) if chain else None
+        predicted = self.round_time(rnd.model_depth, len(rnd.ids)) if chain else None
         clean = not t.hit and not self._after_miss
         seconds = (t.arrived - t.sent) + (t.done - max(t.arrived, t.ahead_sent or 0.0)) if clean else None
-        rank = None
-        if chain and accepted < len(rnd.drafts) and accepted < len(rnd.top) and extra in rnd.top[accepted]:
-            rank = rnd.top[accepted].index(extra)
-        self.observe(rnd.depth, accepted, len(rnd.ids), seconds, rnd.draft_seconds,
-                     rnd.confidences if chain else None, rank, rnd.draft_first)
+        ok, rank = model_verdict(rnd, extra)
+        self.observe(rnd.model_depth, ok, len(rnd.ids), seconds, rnd.draft_seconds, rnd.confidences or None, rank,
+                     rnd.draft_first)
+        observe_ngram(self, rnd)
         if t.hit and predicted is not None:
             self.observe_pipeline(saved=predicted - own - self._prev_delay)
         elif self._after_miss and predicted is not None:
@@ -346,13 +371,17 @@ class FixedShape(CostModel):
         super().__init__(k_max=k, pipeline=pipeline, latency=latency)
         self.k, self.tree_width = k, tree_width
 
-    def plan(self, room: int, tree_width: int = 1) -> RoundPlan:
+    def plan(self, room: int, tree_width: int = 1, cells: list[int] = (), ngram_room: int = 0,
+             fuse: bool = False) -> RoundPlan:
         if room <= 0:
             return RoundPlan(0)
         return RoundPlan(min(self.k, room), tree_width if tree_width > 1 else 1)
 
     def keep_drafting(self, confidences: list[float], plan: RoundPlan) -> tuple[bool, bool]:
         return True, True
+
+    def graft(self, confidences: list[float] | None, depth: int, nodes: int, shared: int, cells: list[int]) -> int:
+        return len(cells)
 
     def next_k(self, room: int) -> int:
         return min(self.k, room)

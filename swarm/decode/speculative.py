@@ -1,9 +1,14 @@
 """Speculative decoding: a draft model proposes tokens, one trip through the target verifies them all.
 
-One round, top to bottom (`speculative_decode`):
-  1. plan: the round policy (`round_policy`) shapes the round: a chain of up to k drafts (how many is
-     decided token by token while drafting) or a small greedy tree;
-  2. draft: the `Drafter` catches its cache up with the committed sequence and drafts;
+One round, top to bottom (`speculative_decode`; the round's own pieces in `rounds`):
+  1. plan: the n-gram index (`ngram`: the prompt and every committed token, indexed as they come)
+     proposes a continuation for free; the round policy (`round_policy`, `sources`) decides who drafts,
+     the draft model, the proposal alone, both, or neither (a plain step, when no draft pays), and the
+     model's shape: a chain of up to k drafts (how many is decided token by token while drafting) or a
+     small greedy tree;
+  2. draft: the `Drafter` catches its cache up with the committed sequence and drafts; the proposal is
+     fused in (`rounds.fuse_proposal`): where it agrees with the model's first drafts the nodes are
+     shared, the rest is a sibling branch (one greedy tree) or continues the model's chain;
   3. send: the target runs [last committed token] + drafts in ONE step that starts at that token's
      position (the start rolls back whatever the previous round rejected: no extra trip, ever; a
      tree round's accepted path is compacted by the next step, `StepLayout.compact`);
@@ -11,34 +16,41 @@ One round, top to bottom (`speculative_decode`):
      wire the next one is drafted and sent assuming this one is fully accepted; if it is not, the
      round sent ahead is thrown away (`wasted_rounds`; the next step overwrites its cache entries);
   5. verify: `sampling.verify` accepts drafts by rejection sampling (greedy is the one-hot case:
-     accept while the draft equals the target's argmax) and adds one token of the target's own, so
-     every round commits at least one token and the output distribution is the target's alone;
-  6. commit and observe: the new tokens join the sequence; the policy learns from the round's timing.
-Sampling (temperature > 0) drafts chains only: trees are verified greedily. `relaxed` acceptance
+     accept while the draft equals the target's argmax; an n-gram draft has a one-hot q) and adds one
+     token of the target's own, so every round commits at least one token and the output
+     distribution is the target's alone; a tree's longest path of drafts equal to the target's
+     argmax is accepted (`verify_greedy_tree`);
+  6. commit and observe: the new tokens join the sequence (and the n-gram index); the result counts
+     the accepted tokens of each source; the policy learns from the round's timing and verdicts.
+Sampling (temperature > 0) drafts chains only (a model chain, an n-gram chain, or a model chain the
+proposal continues): trees are verified greedily. `relaxed` acceptance
 (opt-in, LOSSY) also accepts a draft whose target probability is close to the best one, judged on
 the target's softmax (also when decoding greedily).
 
 Near the end of the target's session (`max_length`: generate caps it at the model's context) rounds
 shrink so that no step reaches past it: chains never hold more drafts than tokens are left to
-generate, and trees give way to chains once the widest tree might not fit. The draft drafts only
-within its own context and session; past them rounds carry no drafts (plain steps).
+generate, trees give way to chains once the widest tree might not fit, and an n-gram branch is
+grafted only where the tree still fits. The draft drafts only within its own context and session;
+past them rounds carry n-gram drafts or none (plain steps).
 
 The target is any `RunBlocks` (local blocks or the chain of peers). Knows `ModelHead`, `RunBlocks`,
-sampling and the round policy; nothing of peers, routes, failover, sockets or tokenizers.
+sampling, the n-gram index, the rounds and the round policy; nothing of peers, routes, failover,
+sockets or tokenizers.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from peer.model import ModelHead, StepLayout
+from swarm.decode.ngram import NgramIndex
 from swarm.decode.round_policy import CostModel, RoundTiming, make_policy
-from swarm.decode.sampling import SamplingParams, draw, token_probs, verify, verify_greedy_tree
+from swarm.decode.rounds import Round, draft_round, judge
+from swarm.decode.sampling import SamplingParams, draw, token_probs
 from swarm.decode.target import GenerationResult, LocalModel, RunBlocks, embed_step
 
 
@@ -50,19 +62,31 @@ class SpecConfig:
     pipeline: bool | None = None  # None: the cost model decides per round (pays when the trip dwarfs compute)
     relaxed: float | None = None  # LOSSY: accept near-best drafts (0 < tau < 1)
     params: SamplingParams = SamplingParams()
+    ngram: bool | None = None  # draft from the text itself too (n-gram index); None: with adaptive k, not fixed k
+    ngram_max: int = 8  # the longest n-gram the index matches
 
     def __post_init__(self):
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be at least 1 (or None: adaptive), got {self.k}")
-        if self.k_max < 1 or self.tree_width < 1:
-            raise ValueError(f"k_max and tree_width must be at least 1, got {self.k_max} and {self.tree_width}")
+        if min(self.k_max, self.tree_width, self.ngram_max) < 1:
+            raise ValueError(f"k_max, tree_width and ngram_max must be at least 1, got {self.k_max}, "
+                             f"{self.tree_width} and {self.ngram_max}")
         if self.relaxed is not None and not 0 < self.relaxed < 1:
             raise ValueError(f"relaxed must be in (0, 1), got {self.relaxed}")
 
     @property
+    def ngram_on(self) -> bool:
+        return self.ngram if self.ngram is not None else self.k is None
+
+    @property
+    def draft_max(self) -> int:
+        """The most drafts on one path of a round (the model's, or the n-gram proposal's)."""
+        return max(self.k or 0, self.k_max)
+
+    @property
     def slack(self) -> int:
-        """The most draft nodes one round may send (a tree of the widest shape)."""
-        return max(self.k or 0, self.k_max) * max(1, self.tree_width)
+        """The most draft nodes one round may send (a tree of the widest shape, and an n-gram branch)."""
+        return self.draft_max * (max(1, self.tree_width) + self.ngram_on)
 
     @property
     def trees(self) -> bool:
@@ -77,7 +101,7 @@ class SpecConfig:
     def mode(self) -> str:
         kind = "tree" if self.tree_width > 1 else "chain"
         pipe = {True: "-pipelined", False: "", None: "-autopipeline"}[self.pipeline]
-        return f"speculative-{kind}{pipe}{'-relaxed(lossy)' if self.relaxed else ''}"
+        return f"speculative-{kind}{pipe}{'-ngram' if self.ngram_on else ''}{'-relaxed(lossy)' if self.relaxed else ''}"
 
 
 class Drafter:
@@ -170,27 +194,8 @@ class Drafter:
         return tokens, parents
 
 
-@dataclass
-class Round:
-    """A verification step: what was sent, and what verifying it and learning from it need."""
-
-    ids: list[int]  # the last committed token, then the drafts (a tree: its nodes in order)
-    start: int  # position of ids[0]
-    drafts: list[int]
-    q: torch.Tensor | None = None  # a chain: the draft's distributions [len(drafts), vocab]
-    parents: list[int] | None = None  # a tree: every node's parent (node 0 = the last committed token)
-    depth: int = 0  # drafted tokens on the longest path
-    confidences: list[float] = field(default_factory=list)
-    top: list[list[int]] = field(default_factory=list)
-    draft_seconds: float = 0.0
-    draft_first: float | None = None  # seconds of the first draft step (a chain)
-    future: Future | None = None
-    sent_at: float = 0.0
-    left_at: float = 0.0  # after the send call returned
-    arrived_at: list[float] = field(default_factory=list)
-
-    def layout(self, compact) -> StepLayout:
-        return StepLayout(self.start, len(self.ids), tuple(self.parents) if self.parents else None, compact)
+SOURCES = ("model", "ngram", "both")
+CHOICES = ("model", "fused", "ngram", "plain")
 
 
 @dataclass
@@ -203,6 +208,9 @@ class SpeculativeResult(GenerationResult):
     pipelined_hits: int = 0  # verification rounds that had been sent ahead and were used
     wasted_rounds: int = 0  # rounds sent ahead and thrown away after a rejection (compute spent for nothing)
     tree_rounds: int = 0
+    accepted_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))  # accepted drafts by source
+    drafted_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES[:2], 0))  # model: on its path
+    rounds_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHOICES, 0))  # rounds by who drafted
     policy: CostModel | None = field(default=None, repr=False)  # the round policy as the run left it
 
     @property
@@ -217,32 +225,32 @@ class SpeculativeResult(GenerationResult):
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        """The draft model's: of its drafts (on its longest path), the share accepted."""
+        model = self.accepted_by["model"] + self.accepted_by["both"]
+        return model / self.drafted_by["model"] if self.drafted_by["model"] else 0.0
+
+    @property
+    def ngram_acceptance_rate(self) -> float:
+        """Of the n-gram drafts the model did not draft too, the share accepted."""
+        return self.accepted_by["ngram"] / self.drafted_by["ngram"] if self.drafted_by["ngram"] else 0.0
+
+    def count(self, rnd: Round) -> None:
+        """A verified round: its drafts and accepted drafts by source, and who drafted it."""
+        for node in rnd.path[1:]:
+            self.accepted_by[rnd.sources[node - 1]] += 1
+        self.drafted_by["model"] += rnd.model_depth
+        self.drafted_by["ngram"] += rnd.sources.count("ngram")
+        self.rounds_by[rnd.choice] += 1
 
     def stats(self) -> dict:
+        """Rounds and acceptance (the draft model's, the n-gram index's); drafted and accepted drafts by
+        source ("both": drafted by the model and proposed by the n-gram index too, counted as the
+        model's drafts) and rounds by who drafted them."""
         return {"rounds": self.rounds, "tokens_per_round": round(self.tokens_per_round, 3),
-                "wasted_rounds": self.wasted_rounds, "acceptance_rate": round(self.acceptance_rate, 4)}
-
-
-def draft_round(drafter: Drafter, policy: CostModel, seq: list[int], room: int, spec: SpecConfig,
-                generator: torch.Generator, chain_only: bool = False) -> Round:
-    """Plan and draft the round that continues `seq`, with at most `room` drafts (fewer where the draft's
-    session ends)."""
-    room = min(room, drafter.room(len(seq)))
-    plan = policy.plan(room, spec.tree_width if spec.trees and not chain_only else 1)
-    d0 = drafter.seconds
-    rnd = Round([], len(seq) - 1, [], depth=plan.k)
-    if plan.tree:
-        rnd.drafts, parents = drafter.propose_tree(seq, plan.k, plan.width)
-        rnd.parents = [-1] + [p + 1 for p in parents]
-    elif plan.k > 0:
-        rnd.drafts, rnd.q = drafter.propose(seq, plan.k, spec.params, generator,
-                                            lambda conf: policy.keep_drafting(conf, plan))
-        rnd.depth, rnd.confidences, rnd.top = len(rnd.drafts), list(drafter.confidences), list(drafter.top)
-        rnd.draft_first = drafter.first_seconds if rnd.drafts else None
-    rnd.ids = seq[-1:] + rnd.drafts
-    rnd.draft_seconds = drafter.seconds - d0
-    return rnd
+                "wasted_rounds": self.wasted_rounds, "acceptance_rate": round(self.acceptance_rate, 4),
+                "ngram_acceptance_rate": round(self.ngram_acceptance_rate, 4),
+                "accepted_by_source": dict(self.accepted_by), "drafted_by_source": dict(self.drafted_by),
+                "rounds_by_source": dict(self.rounds_by)}
 
 
 def send(run: RunBlocks, head: ModelHead, rnd: Round, compact=None) -> Round:
@@ -251,19 +259,6 @@ def send(run: RunBlocks, head: ModelHead, rnd: Round, compact=None) -> Round:
     rnd.future.add_done_callback(lambda _: rnd.arrived_at.append(time.perf_counter()))
     rnd.left_at = time.perf_counter()
     return rnd
-
-
-def judge(head: ModelHead, rnd: Round, hidden: torch.Tensor, spec: SpecConfig,
-          generator) -> tuple[int, list[int], int, tuple | None]:
-    """(drafts accepted, the tokens the round commits, the target's own token among them, the
-    compaction the next step needs)."""
-    logits = head.logits(hidden)
-    if rnd.parents is not None:
-        path, extra = verify_greedy_tree(rnd.ids, rnd.parents, logits.argmax(-1).tolist())
-        return len(path) - 1, [rnd.ids[i] for i in path[1:]] + [extra], extra, (rnd.start, tuple(path))
-    soft = torch.softmax(logits.float(), -1) if spec.relaxed is not None and spec.params.greedy else None
-    accepted, extra = verify(rnd.drafts, rnd.q, token_probs(logits, spec.params), generator, spec.relaxed, soft)
-    return accepted, rnd.drafts[:accepted] + [extra], extra, None
 
 
 def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt: list[int], max_new_tokens: int,
@@ -283,16 +278,19 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
     if len(prompt) > 1:  # the last prompt token travels with the first round
         run.submit(embed_step(head, prompt[:-1]), StepLayout(0, len(prompt) - 1)).result()
     seq, compact, ahead = list(prompt), None, None  # ahead: a round sent before the verdict on the one before
+    ngram = NgramIndex(seq, spec.ngram_max) if spec.ngram_on else None
     policy.begin()
     while len(result.tokens) < max_new_tokens and result.stopped_by != "eos":
         left, began = max_new_tokens - len(result.tokens) - 1, time.perf_counter()
         hit = ahead is not None and ahead.start == len(seq) - 1 and ahead.ids[0] == seq[-1]
-        narrow = max_length is not None and len(seq) + spec.slack > max_length  # the widest tree might not fit
-        cur = ahead if hit else send(run, head, draft_round(drafter, policy, seq, left, spec, generator, narrow),
-                                     compact)
+        tree_nodes = None if max_length is None else max_length - len(seq)  # no step may pass the session
+        if ngram is not None:
+            ngram.sync(seq)
+        cur = ahead if hit else send(run, head, draft_round(drafter, ngram, policy, seq, left, spec, generator,
+                                                            tree_nodes), compact)
         ahead, room = None, min(left - len(cur.drafts), drafter.room(len(seq) + len(cur.drafts)))
-        if cur.parents is None and cur.drafts and policy.send_ahead(cur.confidences, room, run.overlaps):
-            ahead = send(run, head, draft_round(drafter, policy, seq + cur.drafts, room, spec, generator, True))
+        if cur.parents is None and cur.drafts and policy.send_ahead(cur, room, run.overlaps):
+            ahead = send(run, head, draft_round(drafter, ngram, policy, seq + cur.drafts, room, spec, generator, 0))
         hidden = cur.future.result()
         accepted, new, extra, compact = judge(head, cur, hidden, spec, generator)
         sent_ahead = ahead
@@ -312,6 +310,7 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
                              ahead is not None, result.stopped_by == "eos")
         result.pipelined_hits += hit
         result.tree_rounds += cur.parents is not None and not hit
+        result.count(cur)
         result.rounds, result.drafted, result.accepted = result.rounds + 1, result.drafted + cur.depth, result.accepted + accepted
         result.accepted_per_round.append(accepted)
         result.ks.append(cur.depth)

@@ -1,0 +1,147 @@
+"""Drafting from the text itself: an n-gram index over the prompt and everything generated so far.
+
+Code and chat repeat themselves (names, signatures, the prompt's own lines), so the continuation of the
+longest suffix of the text that occurred before is often the target's next tokens (prompt lookup
+decoding; SuffixDecoding, REST). `NgramIndex` keeps, for every n-gram of order n_min..n_max in the
+sequence, the tokens that followed it (how often each, and where last); `extend` indexes committed
+tokens as they come, O(n_max^2) work per token and never a rescan of the sequence. `propose` walks
+from the end of a context: it matches the longest suffix that has a recorded continuation, takes the
+continuation (the most recent one, or the most frequent), appends it and matches again, up to k
+tokens. Each token comes with its `Score` (the order matched, how often that continuation followed,
+out of how many) for the round policy to calibrate. `graft` fuses such a proposal into a draft tree:
+the part that agrees with the tree's first tokens is shared, only the rest becomes a new branch.
+
+Knows token ids only: nothing of models, tensors, peers or tokenizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("recent", "frequent")
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """Why the index proposed a token: the n-gram order it matched (the longest with a recorded
+    continuation), and how often this token followed that n-gram out of all its continuations."""
+
+    order: int
+    count: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.count / self.total
+
+
+@dataclass
+class Proposal:
+    """Up to k tokens continuing a context, each with its score."""
+
+    tokens: list[int] = field(default_factory=list)
+    scores: list[Score] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class NgramIndex:
+    """Every n-gram (n_min <= n <= n_max) of a growing sequence -> {next token: [count, last position]}."""
+
+    def __init__(self, tokens: list[int] = (), n_max: int = 4, n_min: int = 1, mode: str = "recent"):
+        if not 1 <= n_min <= n_max:
+            raise ValueError(f"want 1 <= n_min <= n_max, got {n_min} and {n_max}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.n_max, self.n_min, self.mode = n_max, n_min, mode
+        self.tokens: list[int] = []
+        self.follow: dict[tuple[int, ...], dict[int, list[int]]] = {}
+        self.extend(tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def extend(self, tokens) -> None:
+        """Index tokens appended to the sequence: each becomes the continuation of the n-grams before it."""
+        s, follow = self.tokens, self.follow
+        for x in tokens:
+            i = len(s)
+            tail = tuple(s[max(0, i - self.n_max):i])
+            for n in range(self.n_min, len(tail) + 1):
+                nexts = follow.setdefault(tail[-n:], {})
+                seen = nexts.get(x)
+                if seen is None:
+                    nexts[x] = [1, i]
+                else:
+                    seen[0] += 1
+                    seen[1] = i
+            s.append(x)
+
+    def sync(self, seq: list[int]) -> None:
+        """Catch up with `seq`, a continuation of the indexed sequence (the loop's committed tokens): index
+        only what is new. A sequence that is not a continuation (checked at its last indexed token) is
+        indexed afresh."""
+        n = len(self.tokens)
+        if len(seq) < n or (n and seq[n - 1] != self.tokens[-1]):
+            self.tokens, self.follow = [], {}
+            n = 0
+        self.extend(seq[n:])
+
+    def _next(self, context: list[int]) -> tuple[int, Score] | None:
+        """The token that continues the longest suffix of `context` with a recorded continuation."""
+        for n in range(min(self.n_max, len(context)), self.n_min - 1, -1):
+            nexts = self.follow.get(tuple(context[-n:]))
+            if nexts:
+                if self.mode == "recent":
+                    token, (count, _) = max(nexts.items(), key=lambda kv: kv[1][1])
+                else:  # the most frequent; ties go to the most recent
+                    token, (count, _) = max(nexts.items(), key=lambda kv: (kv[1][0], kv[1][1]))
+                return token, Score(n, count, sum(c for c, _ in nexts.values()))
+        return None
+
+    def propose(self, context: list[int], k: int) -> Proposal:
+        """Up to k tokens continuing `context` (the indexed sequence, maybe followed by tokens not indexed
+        yet, such as drafts in flight): the walk stops where no suffix has a recorded continuation."""
+        out = Proposal()
+        tail = list(context[-self.n_max:])
+        for _ in range(k):
+            found = self._next(tail)
+            if found is None:
+                break
+            token, score = found
+            out.tokens.append(token)
+            out.scores.append(score)
+            tail = tail[1:] + [token] if len(tail) >= self.n_max else tail + [token]
+        return out
+
+
+def shared_path(drafts: list[int], parents: list[int], branch: list[int]) -> list[int]:
+    """The nodes of a draft tree (`drafts` with `parents`, -1 the root) that spell the longest prefix of
+    `branch` (tokens continuing the root), from the root down."""
+    children: dict[int, dict[int, int]] = {}
+    for i, (token, parent) in enumerate(zip(drafts, parents)):
+        children.setdefault(parent, {}).setdefault(token, i)
+    path: list[int] = []
+    while len(path) < len(branch) and branch[len(path)] in children.get(path[-1] if path else -1, {}):
+        path.append(children[path[-1] if path else -1][branch[len(path)]])
+    return path
+
+
+def graft(drafts: list[int], parents: list[int], branch: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Fuse `branch` into a draft tree: follow the tree while it agrees with the branch (`shared_path`),
+    hang the rest below the last agreeing node. Returns the fused tree's drafts and parents (the old
+    nodes first, in their order) and the shared path."""
+    path = shared_path(drafts, parents, branch)
+    drafts, parents = list(drafts), list(parents)
+    node = path[-1] if path else -1
+    for token in branch[len(path):]:
+        drafts.append(token)
+        parents.append(node)
+        node = len(drafts) - 1
+    return drafts, parents, path
+
+
+def is_chain(parents: list[int]) -> bool:
+    """Whether a tree's nodes form one chain in order (node i's parent is node i - 1)."""
+    return all(p == i - 1 for i, p in enumerate(parents))
