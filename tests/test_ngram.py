@@ -272,3 +272,21 @@ def test_bench_acceptance_reports_who_drafted():
         assert sum(e["rounds_by_source"].values()) == e["rounds"], name
     assert rep["modes"]["ngram"]["accepted_by_source"]["model"] == 0
     assert rep["modes"]["model"]["accepted_by_source"]["ngram"] == 0
+
+
+def test_sampling_with_fused_trees_follows_the_target(small_vocab):  # noqa: F811
+    """Temperature 1: the model's sampled chain with the n-gram proposal grafted as a sibling branch where they
+    part (a tree, verified by `verify_tree`): the first two committed tokens follow the target's joint law."""
+    target, draft = small_vocab
+    params, prompt, n = SamplingParams(temperature=1.0), [2, 2, 2, 2, 2, 2, 2], 300
+    first = torch.softmax(generate_logits(target, prompt), -1)
+    expected = torch.stack([first[a] * torch.softmax(generate_logits(target, prompt + [a]), -1) for a in range(6)]) * n
+    spec = SpecConfig(k=2, ngram=True, pipeline=False, params=params)
+    counts, trees = torch.zeros(6, 6), 0
+    for seed in range(n):
+        res = run(target, draft, spec, prompt=prompt, n=3, seed=seed)
+        counts[res.tokens[0], res.tokens[1]] += 1
+        trees += res.tree_rounds
+    stat, critical = chi_square_stat(counts.flatten(), expected.flatten())
+    assert stat < critical, f"chi2 {stat:.1f} >= {critical:.1f}"
+    assert trees > 0  # the proposal did part from the sampled drafts: trees were verified

@@ -4,9 +4,11 @@
 continuation first (free), the policy picks who drafts (the model, the proposal alone, both, or
 neither: a plain step), the model drafts its chain or tree, and `fuse` grafts the proposal onto it:
 the tokens the proposal shares with the model's first drafts are shared nodes ("both"), the rest a
-branch where they part (a tree: greedy only) or the chain's continuation when every model draft is
+branch where they part (a tree) or the chain's continuation when every model draft is
 in the proposal (a chain: also when sampling, the n-gram drafts with one-hot q). `judge` verifies a
-round against the target's logits (`sampling.verify` for a chain, `verify_greedy_tree` for a tree)
+round against the target's logits (`sampling.verify` for a chain; for a tree `verify_greedy_tree`, or
+`verify_tree` under sampling: exact because the model's sampled nodes precede the deterministic n-gram
+siblings grafted after them)
 and records its accepted path, from which the result counts each source's accepted tokens and the
 policy learns.
 
@@ -26,7 +28,7 @@ import torch
 from peer.model import ModelHead, StepLayout
 from swarm.decode.ngram import NgramIndex, Proposal, graft, is_chain, shared_path
 from swarm.decode.round_policy import CostModel, RoundPlan
-from swarm.decode.sampling import token_probs, verify, verify_greedy_tree
+from swarm.decode.sampling import token_probs, verify, verify_greedy_tree, verify_tree
 from swarm.decode.sources import NgramCalibration
 
 if TYPE_CHECKING:
@@ -72,7 +74,7 @@ def draft_round(drafter: Drafter, ngram: NgramIndex | None, policy: CostModel, s
     cells = [NgramCalibration.cell(s) for s in proposal.scores]
     rnd = Round([], len(seq) - 1, [], ngram_seconds=time.perf_counter() - t0)
     nodes = spec.slack if tree_nodes is None else tree_nodes
-    fuse = nodes if spec.params.greedy else 0  # sibling branches: greedy trees only, for now
+    fuse = nodes  # sibling branches: under sampling too (a sampled chain, then deterministic n-gram nodes)
     trees = spec.trees and nodes >= spec.tree_width * spec.draft_max  # the widest tree of the model's fits
     plan = policy.plan(min(room, drafter.room(len(seq))), spec.tree_width if trees else 1, cells, room, fuse > 0)
     if plan.source == "ngram":
@@ -147,7 +149,11 @@ def judge(head: ModelHead, rnd: Round, hidden: torch.Tensor, spec: SpecConfig,
     compaction the next step needs); the accepted path is left in `rnd.path`."""
     logits = head.logits(hidden)
     if rnd.parents is not None:
-        rnd.path, extra = verify_greedy_tree(rnd.ids, rnd.parents, logits.argmax(-1).tolist())
+        if spec.params.greedy:
+            rnd.path, extra = verify_greedy_tree(rnd.ids, rnd.parents, logits.argmax(-1).tolist())
+        else:  # lossless: the model's sampled nodes come before the n-gram's deterministic siblings (node order)
+            rnd.path, extra = verify_tree(rnd.ids, rnd.parents, [None] + list(rnd.qs),
+                                          token_probs(logits, spec.params), generator)
         return len(rnd.path) - 1, [rnd.ids[i] for i in rnd.path[1:]] + [extra], extra, (rnd.start, tuple(rnd.path))
     soft = torch.softmax(logits.float(), -1) if spec.relaxed is not None and spec.params.greedy else None
     p = token_probs(logits, spec.params)
