@@ -113,7 +113,7 @@ class RoundLog:
 def _tree_steps(rnd) -> int:
     """Draft-model steps of a tree round: the catch-up step, then depth - 1 steps per first-level node
     the model drafted (nodes from another source, e.g. an n-gram index, cost it none)."""
-    sources = getattr(rnd, "sources", None) or ["model"] * len(rnd.drafts)
+    sources = rnd.sources or ["model"] * len(rnd.drafts)
     model = [i + 1 for i, source in enumerate(sources) if source != "ngram"]  # node numbers (0: the last token)
     if not model:
         return 0
