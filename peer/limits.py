@@ -1,5 +1,5 @@
 """What one peer grants its clients, the token bucket that paces each connection, and what the peer
-tells its operator about what it served and refused (`ServeStats`).
+tells its operator about what it served, how it batched it and what it refused (`ServeStats`).
 
 Every field of `Limits` is a `swarm peer` flag (generated from this class; the comment after each
 field is its help text). Knows numbers, time and log lines; nothing of streams, messages or models.
@@ -66,9 +66,23 @@ class ServeStats:
     def __init__(self, log: logging.Logger, lines: int = 5, window: float = 60.0):
         self.log, self.lines, self.window = log, lines, window
         self.sessions_served = self.tokens_served = 0  # since start: sessions opened, positions computed
+        self.batches = self.batched_steps = self.batched_tokens = 0  # since start: engine runs, their steps, positions
+        self.largest_batch = 0  # most steps one batch held
         self.refused: dict[str, int] = {}  # reason code -> requests refused since start
         self._quiet: dict[str, list] = {}  # reason code -> [its window's start, lines logged, lines held back]
         self._period = (time.monotonic(), 0)  # when the summary period began, tokens_served then
+
+    def batch(self, steps: int, tokens: int) -> None:
+        """Count one engine run of `steps` sessions' steps holding `tokens` new positions."""
+        self.batches += 1
+        self.batched_steps += steps
+        self.batched_tokens += tokens
+        self.largest_batch = max(self.largest_batch, steps)
+
+    @property
+    def mean_batch(self) -> float:
+        """Steps per engine run, on average since start (0 before the first)."""
+        return self.batched_steps / self.batches if self.batches else 0.0
 
     def refuse(self, code: str, client: str, message: str) -> None:
         """Count a refused request, and log it unless this reason already had its lines in this window."""
@@ -98,4 +112,6 @@ class ServeStats:
         refused = ", ".join(f"{code} {n}" for code, n in sorted(self.refused.items()))
         return (f"sessions: {sessions_open} open, {self.sessions_served} served; tokens: {self.tokens_served} served, "
                 f"{rate:.1f}/s over the last {now - since:.0f} s; cache: {free_tokens} of {cache_tokens} tokens free; "
+                f"batches: {self.batches} for {self.batched_steps} steps (mean {self.mean_batch:.1f}, largest "
+                f"{self.largest_batch}); "
                 f"refused: {sum(self.refused.values())} requests" + (f" ({refused})" if refused else ""))

@@ -33,6 +33,7 @@ from peer.dht import SwarmDHT
 from peer.memory import MemoryPlan, describe, free_memory, plan_memory
 from peer.model import BlockRange, Checkpoint, KVCache, check_quant, parse_dtype
 from peer.addrs import check_announce
+from peer.batching import BatchSettings
 from peer.p2p import DEFAULT_LISTEN, ListenError, P2PNode
 from peer.reachability import MODES, Reachability, Verdict
 from peer.record import PeerRecord
@@ -75,6 +76,7 @@ class PeerOptions:
     paths: PathSettings = field(default_factory=PathSettings)  # WebRTC, STUN, TURN for peers behind NATs
     quant: str = "none"  # "int8": weight-only int8 linear layers (half the bytes of bfloat16)
     auto_cache_tokens: bool = False  # size limits.cache_tokens from the memory left after the blocks (peer/memory.py)
+    batching: BatchSettings = field(default_factory=BatchSettings)  # steps of different sessions run together
 
     def __post_init__(self):
         if self.port is not None:
@@ -207,7 +209,7 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
         await dht.announce(record)
         blocks = load_span(ckpt, span, opts, limits)
         server = BlockServer(blocks, ckpt.model_id, limits, open_stream=lambda addr: dial(node, addr),
-                             name=node.peer_id, key_pair=node.key_pair)
+                             name=node.peer_id, key_pair=node.key_pair, batching=opts.batching)
         node.set_stream_handler(INFERENCE_PROTOCOL, lambda s: server.handle(s, s.remote_peer_id[-8:]))
         paths.serve(server.handle)  # WebRTC offers from clients and peers that reach us through a relay
         server.data_addr = plan.data_addr

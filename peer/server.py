@@ -1,9 +1,12 @@
 """Serving inference sessions on a block range: the peer's request handler.
 
 A `BlockServer` owns one `BlockRange` and the sessions opened on it. It reads frames from any
-stream it is handed (a client's session stream, or the push stream of the previous peer), runs
-steps, and sends each result either to the next peer (push mode) or back to the session's owner.
-Every error becomes an `Error` reply to whoever should hear it; the loop keeps serving.
+stream it is handed (a client's session stream, or the push stream of the previous peer), checks
+each step, queues it for the engine (`peer.batching`: steps of sessions that wait together run as
+one batch; a stream's reader waits while its queued steps hold `max_step_tokens` positions), and
+sends each result, in its session's order, either to the next peer (push mode) or back to the
+session's owner. Every error becomes an `Error` reply to whoever should hear it (a step's, to its
+session's owner alone); the loop keeps serving.
 
 Every frame takes one path in, `_receive`, which opens it with the codec its kind calls for
 (`protocol.sealing`: plaintext; the handshake of a sealed OPEN; the session's own codec for a sealed
@@ -28,8 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-import torch
-
+from peer.batching import Backlog, Batcher, BatchSettings
 from peer.channel import Channel, Stream
 from peer.limits import Limits, RateLimit, ServeStats
 from peer.model import BlockRange, CacheError, KVCache, StepLayout
@@ -56,6 +58,7 @@ class Session:
     link_in: Sealed | None = None  # sealed push mode: opens frames from the previous peer
     link_out: Codec | None = None  # push mode: seals frames to the next peer
     last_used: float = field(default_factory=time.monotonic)
+    last_reply: asyncio.Task | None = None  # its latest step's reply task: each waits for the one before (order)
 
     @property
     def sealed(self) -> bool:
@@ -72,14 +75,13 @@ class _Refusal:
     def __init__(self, channel: Channel, codec: Codec):
         self.channel, self.codec = channel, codec
         self.session: Session | None = None
-        self.session_id: str | None = None
-        self.step_id: int | None = None
+        self.session_id, self.step_id = None, None  # (str | None, int | None)
 
 
 class BlockServer:
     def __init__(self, blocks: BlockRange, model_id: str, limits: Limits = Limits(),
                  open_stream: Callable[[str], Awaitable[Stream]] | None = None, name: str = "peer",
-                 key_pair=None):
+                 key_pair=None, batching: BatchSettings = BatchSettings()):
         self.blocks, self.model_id, self.limits, self.name = blocks, model_id, limits, name
         self.open_stream = open_stream  # dials the next peer for push mode
         self.data_addr: str | None = None  # set when a direct TCP listener is up
@@ -93,14 +95,12 @@ class BlockServer:
         self._seen_ephemeral: OrderedDict[bytes, None] = OrderedDict()  # handshakes this process accepted
         self.static = StaticKey()  # this process's X25519 key; the libp2p identity signs it
         self.identity = crypto.sign_static_key(key_pair, self.static.public) if key_pair is not None else (None, None)
-
-    @property
-    def used_tokens(self) -> int:
-        return sum(s.cache.max_length for s in self.sessions.values())
+        self.batcher = Batcher(batching, self.stats, lambda s: self.sessions.get(s.id) is s, lambda: len(self.sessions))
+        self._replies: set[asyncio.Task] = set()  # steps queued or computing, each waiting to send its result
 
     @property
     def free_tokens(self) -> int:
-        return max(0, self.limits.cache_tokens - self.used_tokens)
+        return max(0, self.limits.cache_tokens - sum(s.cache.max_length for s in self.sessions.values()))
 
     # --- the stream loop --------------------------------------------------------------------------
     async def handle(self, stream: Stream, name: str = "stream", client: str | None = None) -> None:
@@ -114,6 +114,7 @@ class BlockServer:
             return
         self.connections += 1
         rate = RateLimit(self.limits.rate, self.limits.burst)
+        backlog = Backlog(self.limits.max_step_tokens)
         try:
             while True:
                 try:
@@ -126,7 +127,9 @@ class BlockServer:
                 wait = rate.delay()
                 if wait > 0:  # over its rate: stop reading this connection for a while (backpressure)
                     await asyncio.sleep(wait)
-                await self._dispatch(channel, data)
+                refusal = _Refusal(channel, self.plain)
+                await self._guard(refusal, self._serve(channel, data, refusal, backlog))
+                await backlog.room()  # its queued steps are at their bound: read on once some are done
         except Exception:  # noqa: BLE001 - a bug must not take the peer down
             log.exception("stream %s failed", name)
         finally:
@@ -135,27 +138,30 @@ class BlockServer:
             for sid in [s.id for s in self.sessions.values() if s.owner is channel]:
                 self._drop(sid, "its client disconnected")
 
-    async def _dispatch(self, channel: Channel, data: bytes) -> None:
-        refusal = _Refusal(channel, self.plain)
+    async def _serve(self, channel: Channel, data: bytes, refusal: _Refusal, backlog: Backlog) -> None:
+        msg, onion, codec, session = self._receive(channel, data, refusal)
+        if isinstance(msg, m.Info):
+            public_key, sig = self.identity
+            await self._send(channel, codec, m.InfoReply(
+                self.model_id, (self.blocks.start, self.blocks.end), self.blocks.cfg.num_hidden_layers,
+                self.free_tokens, str(self.blocks.dtype).removeprefix("torch."), self.data_addr,
+                self.static.public.hex() if sig else None, sig, public_key))
+        elif isinstance(msg, m.Open):
+            await self._open(channel, msg, codec)
+            self.stats.sessions_served += 1  # (_open raises if it refuses)
+        elif isinstance(msg, m.Close):
+            self._drop(msg.session, "closed by its client")
+        else:  # a Step (_receive lets nothing else through)
+            self._step(session, msg, onion, refusal, backlog)
+
+    async def _guard(self, refusal: _Refusal, work: Awaitable) -> None:
+        """Await `work`; whatever it raises becomes an Error for whoever `refusal` says should hear it."""
         try:
-            msg, onion, codec, session = self._receive(channel, data, refusal)
-            if isinstance(msg, m.Info):
-                public_key, sig = self.identity
-                await self._send(channel, codec, m.InfoReply(
-                    self.model_id, (self.blocks.start, self.blocks.end), self.blocks.cfg.num_hidden_layers,
-                    self.free_tokens, str(self.blocks.dtype).removeprefix("torch."), self.data_addr,
-                    self.static.public.hex() if sig else None, sig, public_key))
-            elif isinstance(msg, m.Open):
-                await self._open(channel, msg, codec)
-                self.stats.sessions_served += 1  # (_open raises if it refuses)
-            elif isinstance(msg, m.Close):
-                self._drop(msg.session, "closed by its client")
-            else:  # a Step (_receive lets nothing else through)
-                await self._step(session, msg, onion)
+            await work
         except (ProtocolError, CacheError) as e:
             await self._refuse(refusal, getattr(e, "code", ErrorCode.BAD_STEP), str(e))
         except Exception as e:  # noqa: BLE001
-            log.exception("internal error while serving %s", channel.name)
+            log.exception("internal error while serving %s", refusal.channel.name)
             await self._refuse(refusal, ErrorCode.INTERNAL, f"internal error: {e}")
 
     def _receive(self, channel: Channel, data: bytes, refusal: _Refusal) -> Received:
@@ -290,7 +296,8 @@ class BlockServer:
                  len(self.sessions), self.free_tokens)
         await self._send(channel, codec, m.Opened(msg.session, msg.max_length))
 
-    async def _step(self, session: Session, msg: m.Step, onion: memoryview) -> None:
+    def _step(self, session: Session, msg: m.Step, onion: memoryview, refusal: _Refusal, backlog: Backlog) -> None:
+        """Check a step against its session and the limits, then queue it; a task sends its result."""
         session.last_used = time.monotonic()
         hidden = msg.hidden
         width = self.blocks.cfg.hidden_size
@@ -307,9 +314,22 @@ class BlockServer:
         compact = (msg.compact[0], tuple(msg.compact[1])) if msg.compact is not None else None
         layout = StepLayout(msg.start, hidden.shape[0], tuple(msg.parents) if msg.parents is not None else None,
                             compact)
-        with torch.inference_mode():
-            out = session.blocks(hidden.to(self.blocks.device), session.cache, layout)
-        self.stats.tokens_served += hidden.shape[0]
+        done = self.batcher.submit(session, hidden, layout)
+        backlog.take(layout.n)
+        work = self._result(session, msg, onion, done, session.last_reply)
+        task = session.last_reply = asyncio.get_running_loop().create_task(self._guard(refusal, work))
+        self._replies.add(task)
+        task.add_done_callback(lambda t: (backlog.give(layout.n), self._replies.discard(t)))
+
+    async def _result(self, session: Session, msg: m.Step, onion: memoryview, done: asyncio.Future,
+                      previous: asyncio.Task | None) -> None:
+        """Wait for a queued step's output and, once the session's previous step has been answered (sealed
+        counters and onion layers must leave in order), send it on: to the next peer (push mode) or to the owner."""
+        await asyncio.wait([done] if previous is None else [done, previous])
+        if done.cancelled() or self.sessions.get(session.id) is not session:  # closed or expired: nobody to answer
+            return
+        out = done.result()  # (or the error its step failed with)
+        self.stats.tokens_served += msg.hidden.shape[0]
         nxt = session.next
         if nxt is None:
             await self._send(session.owner, session.codec, m.Result(session.id, msg.step, out, session.wire_dtype))
@@ -366,10 +386,14 @@ class BlockServer:
                     self._drop(s.id, f"expired after {self.limits.session_timeout:.0f} s idle")
 
     def summary(self, final: bool = False) -> str:
-        """One line for the operator: sessions, tokens served and their rate, free cache, refusals."""
+        """One line for the operator: sessions, tokens served and their rate, free cache, batches, refusals."""
         return self.stats.summary(len(self.sessions), self.free_tokens, self.limits.cache_tokens, final)
 
     async def close(self) -> None:
+        await self.batcher.close()
+        for task in list(self._replies):  # (one may wait on a client that reads no more)
+            task.cancel()
+        await asyncio.gather(*self._replies, return_exceptions=True)
         for link in list(self.links.values()):
             await link.close()
         self.sessions.clear()

@@ -22,6 +22,7 @@ from swarm.flags import (add_client_args, add_dataclass_args, add_draft_flag, ad
 
 
 def add_peer_parser(sub) -> None:
+    from peer.batching import BatchSettings
     from peer.limits import Limits
     from peer.nat import NatOptions
     from peer.relay import RelayLimits
@@ -62,6 +63,8 @@ def add_peer_parser(sub) -> None:
                        planned={"cache_tokens": "what the memory left after the blocks holds, from one session of "
                                 "--max-session-tokens to 32768 on a CPU (all sessions at their longest on a GPU); "
                                 "the 'memory plan' log line says"})
+    add_dataclass_args(p.add_argument_group("batching (steps of different sessions computed together)"),
+                       BatchSettings)
     nat = p.add_argument_group("behind NATs (a private peer is reached through relays and WebRTC; see README)")
     nat.add_argument("--no-relay", dest="relay", action="store_false",
                      help="do not relay for peers behind NATs (a public peer relays by default, within the --relay-* limits)")
@@ -79,6 +82,7 @@ def add_peer_parser(sub) -> None:
 def cmd_peer(args) -> int:
     import asyncio
 
+    from peer.batching import BatchSettings
     from peer.limits import Limits
     from peer.nat import NatOptions
     from peer.p2p import ListenError
@@ -92,7 +96,8 @@ def cmd_peer(args) -> int:
                        args.port, args.summary_every, args.reachability, relay=args.relay,
                        relay_limits=dataclass_from_args(RelayLimits, args, prefix="relay"),
                        nat=NatOptions(args.max_relays, args.stun_server, args.stun_port), paths=path_settings(args),
-                       quant=args.quant, auto_cache_tokens=args.cache_tokens is None)
+                       quant=args.quant, auto_cache_tokens=args.cache_tokens is None,
+                       batching=dataclass_from_args(BatchSettings, args))
     opts.model = resolve_model_flag(args)  # once every flag is checked: a named model is fetched on first use
     try:
         asyncio.run(serve(opts))

@@ -1,8 +1,18 @@
 """What a peer hosts: consecutive transformer blocks `[start, end)`; and what a client holds: the head.
 
 `BlockRange.forward` runs one step of one session: hidden states of `n` new nodes (a chain or a draft
-tree), written into that session's `KVCache` at `layout.start`. `ModelHead` holds the embeddings, the
-final norm and the LM head. Neither knows where its weights came from or who is asking.
+tree), written into that session's `KVCache` at `layout.start`. `BlockRange.forward_batch` runs steps
+of several sessions at once: their rows concatenated for every norm, rotary table and linear layer
+(weights read once per batch), attention per session against its own cache (its own start, chain or
+tree mask, sliding windows), each cache rolled back or compacted by its own layout as `forward` does.
+A step the cache refuses (`CacheError`) is that step's answer alone; the others still run. One step
+alone is computed exactly as `forward` computes it; in a batch of several, a row's matmuls may round
+differently in the last bits (a CPU BLAS picks its kernel by the number of rows: 1 row is a
+matrix-vector product, a few rows or a tail of rows another kernel): up to ~5e-7 of the largest value
+in fp32 as measured. Greedy tokens stay the local run's in the tests and the load benchmark; only a
+near-tie between two logits could flip one (as a speculative verification step can already).
+`ModelHead` holds the embeddings, the final norm and the LM head. Neither knows where its weights came
+from or who is asking.
 
 Under `--quant int8` the linear layers of a block (`LINEARS`) are `quant.Int8Linear`s, and a head's
 untied LM head too: `dtype` is then still the activations' (the norms' weights), never int8.
@@ -10,12 +20,14 @@ untied LM head too: `dtype` is then still the activations' (the norms' weights),
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
 from .cache import CacheError, KVCache, StepLayout
 from .config import ContextTooLong, ModelConfig
-from .layers import Block, RMSNorm, rope_inv_freq, rope_tables
+from .layers import Block, RMSNorm, Segment, rope_inv_freq, rope_tables
 from .quant import Int8Linear, check_quant, quantize_linears, state_bytes
 
 LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")  # of each block
@@ -91,18 +103,58 @@ class BlockRange(nn.Module):
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, cache: KVCache, layout: StepLayout) -> torch.Tensor:
         """hidden [n, hidden_size] (or [1, n, hidden_size]) -> the same shape after these blocks."""
-        squeeze = hidden.dim() == 2
-        x = hidden.unsqueeze(0) if squeeze else hidden
-        if x.shape[0] != 1 or x.shape[1] != layout.n or x.shape[2] != self.cfg.hidden_size:
-            raise CacheError(f"hidden states of shape {tuple(hidden.shape)} do not match {layout.n} nodes "
+        (out,) = self.forward_batch([(hidden, cache, layout)])
+        if isinstance(out, CacheError):
+            raise out
+        return out
+
+    @torch.inference_mode()
+    def forward_batch(self, steps: Sequence[tuple[torch.Tensor, KVCache, StepLayout]]) -> list:
+        """One step of each of several sessions (hidden, its cache, its layout), computed together.
+
+        Returns one entry per step, in order: its output (the shape of its hidden states), or the
+        `CacheError` that refused it (a shape that does not match its layout, a start past its cache,
+        a bad compaction), as `forward` would have refused it alone: the others still run."""
+        out: list = [None] * len(steps)
+        kept = []
+        for i, (hidden, cache, layout) in enumerate(steps):
+            try:
+                self._check(hidden, layout)
+                cache.begin_step(layout)
+            except CacheError as e:
+                out[i] = e
+                continue
+            kept.append((i, hidden, cache, layout))
+        if not kept:
+            return out
+        device = self.device
+        if len(kept) == 1:  # exactly an unbatched step
+            i, hidden, cache, layout = kept[0]
+            x = (hidden.unsqueeze(0) if hidden.dim() == 2 else hidden).to(self.dtype)
+            positions = layout.positions(device)
+            segments = [Segment(0, layout.n, cache, layout.start, layout.attention_mask(self._windows, device))]
+        else:
+            x = torch.cat([h if h.dim() == 2 else h[0] for _, h, _, _ in kept]).to(self.dtype).unsqueeze(0)
+            positions = torch.tensor([lay.start + d for _, _, _, lay in kept for d in lay.depths()], device=device)
+            segments, offset = [], 0
+            for _, _, cache, layout in kept:
+                segments.append(Segment(offset, layout.n, cache, layout.start,
+                                        layout.attention_mask(self._windows, device)))
+                offset += layout.n
+        cos, sin = rope_tables(self.inv_freq, positions, x.dtype)
+        for j, block in enumerate(self.layers):
+            x = block(x, cos, sin, segments, j)
+        parts = [x] if len(kept) == 1 else [y.unsqueeze(0) for y in x[0].split([s.n for s in segments])]
+        for (i, hidden, _, _), y in zip(kept, parts):
+            out[i] = y.squeeze(0) if hidden.dim() == 2 else y
+        return out
+
+    def _check(self, hidden: torch.Tensor, layout: StepLayout) -> None:
+        """CacheError unless `hidden` is [n, hidden_size] or [1, n, hidden_size] for the layout's n nodes."""
+        shape = tuple(hidden.shape)
+        if shape not in ((layout.n, self.cfg.hidden_size), (1, layout.n, self.cfg.hidden_size)):
+            raise CacheError(f"hidden states of shape {shape} do not match {layout.n} nodes "
                              f"of width {self.cfg.hidden_size}")
-        x = x.to(self.dtype)
-        cache.begin_step(layout)
-        cos, sin = rope_tables(self.inv_freq, layout.positions(x.device), x.dtype)
-        masks = layout.attention_mask(self._windows, x.device)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache, i, layout.start, masks[self._windows[i]])
-        return x.squeeze(0) if squeeze else x
 
 
 class ModelHead(nn.Module):

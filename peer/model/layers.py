@@ -2,12 +2,18 @@
 
 Numerics follow the reference implementation (norms and rotary tables in fp32, cast back to the
 activation dtype) so that our logits match `transformers`. q/k/v and gate/up projections are fused
-into one matmul each. Knows nothing about checkpoints files or the network.
+into one matmul each.
+
+A block runs the new rows of one or several sessions at once (`Segment`: where each session's rows
+sit in the batch, and its cache): norms, rotary and every linear layer on all rows together (the
+weights are read once per batch), attention per session against its own cache. Knows nothing about
+checkpoints files, sessions' owners or the network.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +64,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One session's rows `[offset, offset + n)` of a batch, and where they go: its cache, from `start`.
+    `masks` maps each sliding window to the boolean mask of those rows (None: no mask needed)."""
+
+    offset: int
+    n: int
+    cache: KVCache
+    start: int
+    masks: dict
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
@@ -67,7 +85,8 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, segments: list[Segment], layer: int) -> torch.Tensor:
+        """x [1, rows, hidden]: every segment's rows; cos, sin [rows, head_dim] at their positions."""
         n = x.shape[1]
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -75,11 +94,21 @@ class Attention(nn.Module):
         k = k.view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = cache.write(layer, start, k, v)
-        causal = mask is None and n > 1 and start == 0  # a plain prefill
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else mask,
-                                             is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
+        if len(segments) == 1:  # one session: the whole tensors, exactly as an unbatched step
+            out = self._attend(q, k, v, segments[0], layer)
+        else:
+            sizes = [s.n for s in segments]
+            parts = zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2), segments)
+            out = torch.cat([self._attend(*part, layer) for part in parts], dim=2)
         return self.o_proj(out.transpose(1, 2).reshape(1, n, q_dim))
+
+    def _attend(self, q, k, v, seg: Segment, layer: int) -> torch.Tensor:
+        """One session's queries against its cache (after writing its new keys and values there)."""
+        keys, values = seg.cache.write(layer, seg.start, k, v)
+        mask = seg.masks[self.window]
+        causal = mask is None and seg.n > 1 and seg.start == 0  # a plain prefill
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else mask,
+                                              is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
 
 
 class MLP(nn.Module):
@@ -101,6 +130,6 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask)
+    def forward(self, x, cos, sin, segments: list[Segment], layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
