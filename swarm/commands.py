@@ -17,6 +17,7 @@ import time
 from peer import set_threads
 from swarm import bundled
 from swarm.argtypes import positive
+from swarm.client.integrity import with_rollback
 from swarm.decode.generate import generate
 from swarm.decode.target import LocalModel
 from swarm.flags import (add_client_args, add_decode_args, add_model_args, check_device, client_config,
@@ -97,8 +98,13 @@ def _generate(args, model, load_seconds: float) -> int:
     if not args.json:
         sys.stdout.write(args.prompt)
     stream = TextStream(tokenizer, None if args.json else lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    result = generate(model, prompt, args.max_new_tokens, sampling_params(args), draft=draft, spec=spec,
-                      seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=stream.add)
+
+    def run(on_tokens):
+        return generate(model, prompt, args.max_new_tokens, sampling_params(args), draft=draft, spec=spec,
+                        seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens)
+
+    result = run(stream.add) if args.local else with_rollback(model, run, stream.add, lambda i: _rewind(args, stream, i))
+    integrity = None if args.local else model.audit.last
     mode = spec.mode if spec else "plain"
     where = "local" if args.local else model.config.where
     if args.json:
@@ -112,7 +118,8 @@ def _generate(args, model, load_seconds: float) -> int:
         if not args.local:
             cfg = model.config
             out.update(route=[str(h) for h in model.route], push=cfg.push, wire_dtype=cfg.wire_dtype,
-                       transport=cfg.transport, paths=[model.paths.path_of(h.peer_id) or "direct" for h in model.route])
+                       transport=cfg.transport, paths=[model.paths.path_of(h.peer_id) or "direct" for h in model.route],
+                       unverified=integrity["unverified"], integrity=integrity)
         print(json.dumps(out))
     else:
         sys.stdout.write("\n")
@@ -122,7 +129,22 @@ def _generate(args, model, load_seconds: float) -> int:
         per_round = f", {result.tokens_per_round:.2f} tokens/round" if spec else ""
         print(f"[{len(result.tokens)} tokens in {result.seconds:.2f} s, {result.tokens_per_s:.1f} tokens/s{per_round}, "
               f"{mode}, {route}, {args.device}/{args.dtype}{'+int8' if args.quant == 'int8' else ''}]", file=sys.stderr)
+    if integrity and integrity["unverified"] and not args.json:  # (--json says it in its `unverified` field)
+        print(f"WARNING: output unverified: blocks {', '.join(integrity['unverified_spans'])} had no independent "
+              f"replica to check them against" + (" (--verify-rate 0)" if not integrity["verify_rate"] else ""),
+              file=sys.stderr)
     return 0
+
+
+def _rewind(args, stream: TextStream, i: int) -> None:
+    """A peer was caught lying after its tokens were shown: say so, and show the text again up to token i."""
+    del stream.tokens[i:]
+    stream.text = stream.tokenizer.decode(stream.tokens, skip_special_tokens=True)
+    print("\nWARNING: a peer returned wrong hidden states; it is banned and the text is regenerated from here:",
+          file=sys.stderr)
+    if not args.json:
+        sys.stdout.write(args.prompt + stream.text)
+        sys.stdout.flush()
 
 
 def _chat(args, model) -> int:

@@ -105,6 +105,10 @@ def add_client_args(p) -> None:
                    help="how long a peer that failed a step is left out of routes")
     p.add_argument("--max-failovers", type=non_negative(int), default=CLIENT.max_failovers,
                    help="re-routes one step may try before giving up")
+    p.add_argument("--verify-rate", type=fraction(open_low=False), default=CLIENT.verify_rate, metavar="R",
+                   help="spot-checks: the fraction of steps an independent replica of a span recomputes, compared "
+                        "within the dtypes' honest error (besides every step of a new or suspect peer); a peer caught "
+                        "lying is banned and the generation rolled back; 0 turns checks off [default: %(default)s]")
     add_nat_args(p)
     p.add_argument("--insecure", action="store_true",
                    help="INSECURE, for benchmarks only: send hidden states and instructions in plaintext "
@@ -114,7 +118,8 @@ def add_client_args(p) -> None:
 def client_config(args) -> ClientConfig:
     return ClientConfig(push=args.push, wire_dtype=args.wire_dtype, transport=args.transport, sealed=not args.insecure,
                         timeout=args.timeout, ban_seconds=args.ban_seconds, max_failovers=args.max_failovers,
-                        discovery=args.discovery, route=args.route, paths=path_settings(args))
+                        discovery=args.discovery, route=args.route, paths=path_settings(args),
+                        verify_rate=args.verify_rate)
 
 
 def add_nat_args(p) -> None:

@@ -51,14 +51,16 @@ def _die_with_parent():
 class PeerProcess:
     """One `swarm peer` subprocess; `addr` is its first 'listening on' multiaddr.
 
-    `wait=False` returns as soon as the process is spawned; `wait_ready()` then waits for its address."""
+    `wait=False` returns as soon as the process is spawned; `wait_ready()` then waits for its address.
+    `entry`: what python runs instead of `-m swarm.cli` (a test's wrapper around it, e.g. a lying peer)."""
 
     def __init__(self, model: str | Path, blocks: tuple[int, int], *extra: str, threads: int = 1,
-                 log_file: str | Path | None = None, timeout: float = 120.0, wait: bool = True):
+                 log_file: str | Path | None = None, timeout: float = 120.0, wait: bool = True,
+                 entry: tuple[str, ...] = ("-m", "swarm.cli")):
         self.blocks = blocks
         self.addr = self.peer_id = None
         span = ["--blocks", f"{blocks[0]}:{blocks[1]}"] if blocks else []
-        cmd = [sys.executable, "-m", "swarm.cli", "peer", "--model", str(model), *span,
+        cmd = [sys.executable, *entry, "peer", "--model", str(model), *span,
                "--threads", str(threads), *extra]
         self.log = open(log_file, "a") if log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,

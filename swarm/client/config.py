@@ -39,6 +39,11 @@ class ClientConfig:
     route: str | None = None  # an explicit chain "PEER:A:B,PEER:B:C"; None: plan the fastest
     addresses: AddressMap | None = None  # an emulated WAN's link map; None: reach peers directly
     paths: PathSettings = PathSettings()  # peers behind NATs: WebRTC, STUN, TURN (peer/paths.py)
+    # integrity spot-checks (swarm/client/integrity.py): the fraction of steps an independent replica recomputes
+    # (besides every step of a peer on probation or under suspicion); 0 turns checks off
+    verify_rate: float = 0.05
+    verify_tolerance: float | None = None  # largest honest relative error; None: from the dtypes peers announce
+    liar_ban_seconds: float = 3600.0  # how long a peer caught returning wrong hidden states is left out of routes
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:
@@ -49,6 +54,10 @@ class ClientConfig:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
         if self.max_failovers < 0 or self.ban_seconds < 0:
             raise ValueError("max_failovers and ban_seconds must be >= 0")
+        if not 0.0 <= self.verify_rate <= 1.0:
+            raise ValueError(f"verify rate must lie in [0, 1], got {self.verify_rate}")
+        if self.verify_tolerance is not None and not self.verify_tolerance > 0:
+            raise ValueError(f"verify tolerance must be positive, got {self.verify_tolerance}")
 
     @property
     def where(self) -> str:

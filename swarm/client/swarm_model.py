@@ -8,7 +8,10 @@ peers die: `RemoteBlocks` keeps every step it sent; when a step fails it bans th
 answer, plans a new route, replays the steps (identical shapes, so identical caches) and retries;
 steps sent behind a failing one wait for it and go again, in order, by themselves. Outputs stay
 token-identical to an undisturbed run. Every failure of a dead, unknown or unreachable hop (whatever
-its address says) is a failover failure (`FAILURES`), never a parser's error.
+its address says) is a failover failure (`FAILURES`), never a parser's error. Peers that answer but
+compute wrong hidden states are caught by spot-checks (`swarm.client.integrity`, `swarm.client.spotcheck`):
+with checks on, `RemoteBlocks` keeps every step's output beside its input, settles each step through its
+`SessionAudit` before releasing it, and answers a rolled-back generation's verified steps from its transcript.
 
 Knows the protocol, peer transports and records, and routes; nothing of sampling, drafts or tokenizers.
 """
@@ -33,10 +36,11 @@ from peer.transport import addr_of, dial, fetch_info
 from swarm.client.background import BackgroundLoop
 from swarm.client.chain import ChainSession, RemoteError
 from swarm.client.config import ClientConfig
+from swarm.client.integrity import FAILURES, Auditor
 from swarm.client.route import Hop, PeerInfo, choose_chain, parse_route, peer_id_of, to_hops
+from swarm.client.spotcheck import SessionAudit
 
 log = logging.getLogger("specswarm.client")
-FAILURES = (RemoteError, ConnectionError, EOFError, OSError, asyncio.TimeoutError)
 
 
 class SwarmModel:
@@ -47,10 +51,13 @@ class SwarmModel:
         ckpt = Checkpoint(model_dir)
         self.head = ckpt.load_head(dtype, device, quant)  # quant "int8": an untied LM head in int8
         self.model_id, self.num_blocks = ckpt.model_id, ckpt.config.num_hidden_layers
+        self.model_dir, self.weights = ckpt.path, (dtype, device, quant)  # (a span loaded here for a third opinion)
         self.initial_peers, self.config = list(initial_peers), config
         self.auto_push = config.push is None  # choose push or client-mediated per route (`_plan` sets config.push)
         self.peers: dict[str, PeerInfo] = {}
         self.banned: dict[str, float] = {}  # peer id -> monotonic time the ban ends
+        self.dtypes: dict[str, str] = {}  # peer id -> the activation dtype it announces (checks' tolerance)
+        self.audit = Auditor(self)  # spot-checks: who passed, suspects, liars caught, the last session's report
         self.failovers = 0
         self.dht = None
         self.bg = BackgroundLoop()
@@ -108,6 +115,7 @@ class SwarmModel:
                 self.peers.pop(pid, None)
                 continue
             info, rtt = answer
+            self.dtypes[pid] = info.dtype
             if info.model != self.model_id:
                 if pid in records or pid in self.peers:
                     continue
@@ -228,6 +236,8 @@ class RemoteBlocks:
     def __init__(self, model: SwarmModel, max_length: int):
         self.model, self.max_length = model, max_length
         self.history: list[tuple[torch.Tensor, StepLayout]] = []
+        self.outputs: list[torch.Tensor] = []  # with checks on: each history step's output, as the route gave it
+        self.audit = SessionAudit(self)
         self._inflight: list[int] = []
         self._sent = 0
         self._recovering: int | None = None  # the step failing over (it replays, then retries)
@@ -235,6 +245,7 @@ class RemoteBlocks:
         self._turn = asyncio.Condition()  # notified whenever a step leaves the in-flight list
         self._tasks: set[asyncio.Task] = set()  # the steps running now (close cancels them)
         self.chain = model.bg.run(self._open())
+        self.audit.rerouted()
 
     async def _open(self) -> ChainSession:
         try:
@@ -245,6 +256,14 @@ class RemoteBlocks:
 
     def submit(self, hidden: torch.Tensor, layout: StepLayout) -> Future:
         """Send one step; the future holds its output in the head's dtype."""
+        if self.audit.transcript and not self._inflight:  # a rolled-back generation, run again: a verified step
+            out = self.audit.answered(hidden, layout)
+            if out is not None:
+                self.history.append((hidden, layout))
+                self.outputs.append(out)
+                done: Future = Future()
+                done.set_result(out.to(self.model.head.embed_tokens.weight.dtype))
+                return done
         self._sent += 1
         self._inflight.append(self._sent)
         return asyncio.run_coroutine_threadsafe(self._step(self._sent, hidden, layout), self.model.bg.loop)
@@ -258,8 +277,13 @@ class RemoteBlocks:
                     await self._wait_turn(number)  # a failover is under way: no step may overtake its retry
                 chain = self.chain
                 try:
+                    await self.audit.before_send(chain)
                     out = await chain.step(hidden, layout)
+                    if self.audit.on and not await self.audit.settle(number, chain, hidden, layout, out):
+                        continue  # a check replaced the route this step ran on: it goes again on the new one
                     self.history.append((hidden, layout))
+                    if self.audit.on:
+                        self.outputs.append(out)
                     return out.to(self.model.head.embed_tokens.weight.dtype)
                 except FAILURES as e:
                     if number != self._inflight[0]:
@@ -272,6 +296,7 @@ class RemoteBlocks:
                     log.warning("step failed (%s); failing over", e)
                     self._recovering = number
                     self.chain = await self.model.recover(chain, e, self.max_length, self.history)
+                    self.audit.rerouted()
         finally:
             self._tasks.discard(asyncio.current_task())
             self._inflight.remove(number)
@@ -302,4 +327,5 @@ class RemoteBlocks:
         for task in steps:
             task.cancel()
         await asyncio.gather(*steps, return_exceptions=True)
+        await self.audit.close()
         await self.chain.close()
