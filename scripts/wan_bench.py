@@ -68,7 +68,15 @@ REPLACED = {  # flags that no longer make sense: what replaced them
 }
 
 
-def bench_modes(k_max: int, relaxed: float, temperature: float) -> list[Mode]:
+MODE_KEYS = {  # --modes: short names for the modes (the default mode is "auto")
+    "mediated": "plain client-mediated", "push": "plain push", "k2": "spec k=2", "k4": "spec k=4", "k8": "spec k=8",
+    "adaptive": "spec adaptive", "pipeline": "spec adaptive+pipeline", "auto": "spec adaptive (auto pipeline)",
+    "tree": "spec tree(2) k=4", "relaxed": "spec relaxed", "push-hot": "plain push T=", "spec-hot": "spec adaptive T=",
+}
+
+
+def bench_modes(k_max: int, relaxed: float, temperature: float, keys: list[str] | None = None) -> list[Mode]:
+    """The modes to measure, in order: all of them, or those `keys` (of MODE_KEYS) name."""
     hot = SamplingParams(temperature)
     modes = [
         Mode("plain client-mediated", push=False), Mode("plain push"),
@@ -83,7 +91,11 @@ def bench_modes(k_max: int, relaxed: float, temperature: float) -> list[Mode]:
     ]
     if SpecConfig().pipeline is None:  # the default of `swarm generate`: the cost model pipelines when it pays
         modes.insert(7, Mode("spec adaptive (auto pipeline)", spec=SpecConfig(k_max=k_max)))
-    return modes
+    if keys is None:
+        return modes
+    wanted = [MODE_KEYS[k] for k in keys]
+    return [m for m in modes if any(m.name == w or (w.endswith(("=", "relaxed")) and m.name.startswith(w))
+                                    for w in wanted)]
 
 
 def same_workload(rep: dict) -> bool:
@@ -111,11 +123,11 @@ def _local_reference(local: LocalModel, prompts, max_new_tokens: int, bar) -> tu
 
 def run_config(args, local: LocalModel, draft: LocalModel, prompts, links, n_peers: int, label: str, bar) -> dict:
     """One configuration: our modes on the emulated WAN, the local reference, then Petals' row."""
-    modes = bench_modes(args.k_max, args.relaxed, args.temperature)
+    modes = bench_modes(args.k_max, args.relaxed, args.temperature, args.modes)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as logs, WanSwarm(args.model, n_peers, links, log_dir=logs) as wan:
         spans = wan.spans
-        model = wan.model(timeout=120.0)
+        model = wan.model(timeout=120.0, verify_at_peer=args.verify_at_peer)
         try:  # every mode on every prompt, with the same token budget: no per-mode limits
             rep = measure(model, draft, prompts, args.max_new_tokens, modes, args.reps, progress=bar,
                           probe_every=args.probe_every, links=wan.layout)
@@ -216,6 +228,14 @@ def plots(results: list[dict], out_dir: Path) -> list[str]:
     return written
 
 
+def mode_keys(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in MODE_KEYS]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"unknown mode {', '.join(unknown) or '(none)'}; choose from {', '.join(MODE_KEYS)}")
+    return keys
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flag(ap)
@@ -235,6 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--relaxed", type=float, default=0.5)
     ap.add_argument("--k-max", type=int, default=8)
+    ap.add_argument("--modes", type=mode_keys, metavar="KEY,KEY", help="measure only these modes (plus --local "
+                    f"and Petals), comma-separated, of: {', '.join(MODE_KEYS)} [default: all]")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each probe")
     ap.add_argument("--probe-every", type=int, default=None,
                     help="probe the route before every N-th prompt (and after the last) [default: 2; 1 for fewer "
@@ -244,6 +266,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-petals", action="store_true", help="no Petals row, even with its venv here")
     ap.add_argument("--out", default="wan_bench", help="JSON file stem and plot folder [default: ./wan_bench]")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--verify-at-peer", action=argparse.BooleanOptionalAction, default=None,
+                    help="the last peer verifies speculative rounds and returns verdicts, not hidden states (README, "
+                    "'Verification at the last peer') [default: auto, as `swarm generate`]")
     argv = sys.argv[1:] if argv is None else argv
     for flag, instead in REPLACED.items():
         if any(a == flag or a.startswith(flag + "=") for a in argv):
@@ -293,7 +318,7 @@ def main() -> None:
     configs = configurations(args, n_blocks)
     if args.probe_every is None:  # one probe under a load burst must not set a short run's predictions
         args.probe_every = 1 if len(prompts) < 6 else 2
-    modes = bench_modes(args.k_max, args.relaxed, args.temperature)
+    modes = bench_modes(args.k_max, args.relaxed, args.temperature, args.modes)
     probes = (len(prompts) + args.probe_every - 1) // args.probe_every + 1
     bar = tqdm(total=sum(len(prompts) * (len(modes) + 1) + probes * probe_units(n) for _, _, n in configs),
                desc="wan bench", file=sys.stderr)

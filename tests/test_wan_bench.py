@@ -129,7 +129,7 @@ def test_run_config_gives_every_mode_and_petals_the_same_workload(wan_bench, mon
     monkeypatch.setattr(wan_bench, "measure", fake_measure)
     monkeypatch.setattr(wan_bench, "generate", lambda model, prompt, n, **k: SimpleNamespace(tokens=[0] * n, seconds=0.01))
     args = SimpleNamespace(k_max=8, relaxed=0.5, temperature=0.7, model=str(TINY_MODEL), max_new_tokens=16, reps=1,
-                           probe_every=1, no_petals=False, petals_venv=tmp_path / "no-venv")
+                           probe_every=1, no_petals=False, petals_venv=tmp_path / "no-venv", modes=None)
     prompts = [[1, 2], [3], [4, 5, 6]]
     bar = SimpleNamespace(update=lambda n=1: None, set_description=lambda d: None)
     rep = wan_bench.run_config(args, None, None, prompts, PROFILES["continental"].matrix(2), 2, "continental", bar)
@@ -274,3 +274,14 @@ def test_round_log_matches_what_real_speculative_decoding_did(pipeline):
     assert all(r.ahead == RoundShape(nxt.sent, nxt.drafted) for r, nxt in zip(rounds, rounds[1:]) if nxt.hit)
     if pipeline:
         assert result.pipelined_hits + result.wasted_rounds > 0
+
+
+def test_modes_picks_the_named_modes_in_order_and_refuses_unknown_ones(wan_bench):
+    every = [m.name for m in wan_bench.bench_modes(8, 0.5, 0.7)]
+    picked = [m.name for m in wan_bench.bench_modes(8, 0.5, 0.7, ["auto", "push", "mediated", "relaxed", "spec-hot"])]
+    assert picked == [n for n in every if n in {"plain client-mediated", "plain push", "spec adaptive (auto pipeline)",
+                                                "spec relaxed(0.5, lossy)", "spec adaptive T=0.7"}]
+    assert len(picked) == 5
+    assert wan_bench.parse_args(["--modes", "push,auto"]).modes == ["push", "auto"]
+    with pytest.raises(SystemExit):
+        wan_bench.parse_args(["--modes", "push,fastest"])
