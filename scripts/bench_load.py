@@ -1,19 +1,21 @@
 """Load on a local swarm: N concurrent sessions from one client process, peers batching or not.
 
-Starts 2 peers (--peers) of the model on 127.0.0.1 for each peer configuration (batching off, on, or
-on with a gathering window, `wait=MS`; the configurations' peers run side by side and take turns, so
-a shared machine's load falls on all alike), and for plain and speculative greedy decoding runs N = 1,
-2, 4, 8, 16, 32 sessions at once: threads of one client process sharing one `SwarmModel`, each
-generation with its own sessions on the peers, every output checked token for token against the local
-run. --repeat R runs each R times (interleaved) and reports the median.
+Starts 2 peers (--peers) of the model on 127.0.0.1 for each peer configuration (batching off, on with
+the peers' default gathering window, or on with another latency budget, `wait=MS`, `wait=0`: no window;
+the configurations' peers run side by side and take turns, so a shared machine's load falls on all
+alike), and for plain and speculative greedy decoding runs N = 1, 2, 4, 8, 16, 32 sessions at once:
+threads of one client process sharing one `SwarmModel`, each generation with its own sessions on the
+peers, every output checked token for token against the local run. --repeat R runs each R times
+(interleaved) and reports the median.
 Reports aggregate tokens/s (and its ratio to one session and to batching off), the per-token latency
-at p50 / p99 (the time between a session's committed tokens; prefill excluded) and how many steps the
-peers' batches held (swarm/bench/load.py has the details).
+at p50 / p99 (the time between a session's committed tokens; prefill excluded), how many steps the
+peers' batches held and the CPU each process spent per token (swarm/bench/load.py has the details).
+The commands behind docs/load_*.json (README, Performance):
 
-    python scripts/bench_load.py --model tiny                       # the tiny pair, ~5 min here
-    python scripts/bench_load.py --model tiny --json docs/load_tiny.json --plot docs/load_tiny.png
-    python scripts/bench_load.py --model smollm2-135m --sessions 1 4 16 --modes plain
-    python scripts/bench_load.py --model tiny --configs on wait=2 --modes plain   # the gathering window
+    python scripts/bench_load.py --model tiny --repeat 3 --configs off on wait=1   # ~10 min here
+    python scripts/bench_load.py --model smollm2-135m --sessions 1 2 4 8 16 32 --modes plain --new-tokens 32 --min-generations 4 --repeat 3
+    (each with --json docs/load_MODEL.json --plot docs/load_MODEL.png)
+    python scripts/bench_load.py --model tiny --configs on wait=0 --modes plain   # with and without the window
 
 Exit code 1 if any output differs from the local run.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -70,6 +73,7 @@ def main() -> int:
     prompts = [work.encode(t)[-args.prompt_tokens:] for t in humaneval_prompts(args.prompts)]
     load = Workload(str(work.model_dir), str(work.draft_dir), prompts, args.new_tokens, args.min_generations,
                     args.peers)
+    load_before = os.getloadavg()  # (the machine may be shared: its load average, beside the numbers)
     total = len(args.configs) * len(args.modes) * len(args.sessions) * args.repeat
     with tqdm(total=total, desc="runs", file=sys.stderr) as bar, tempfile.TemporaryDirectory() as logs:
         def progress(row: dict) -> None:
@@ -80,7 +84,7 @@ def main() -> int:
              f"tokens per generation; {machine()['cpu_count']} CPUs, no GPU")
     report = dict(**work.describe(), machine=machine(), peers=args.peers, prompts=args.prompts,
                   prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, min_generations=args.min_generations,
-                  repeat=args.repeat,
+                  repeat=args.repeat, load_average=dict(start=load_before, end=os.getloadavg()),
                   configs={c: config_flags(c) for c in args.configs}, rows=rows)
     if args.plot:
         plot(rows, args.plot, title)

@@ -4,7 +4,8 @@ The engine: `BlockRange.forward_batch` against each session's own `forward` (cha
 lengths, draft trees, compaction, different cache lengths, sliding windows, int8 weights). A batch of
 one is bit for bit an unbatched step; in a larger batch a row's matmuls may round differently in the
 last bits (the BLAS picks its kernel by the number of rows), so those are compared within 1e-5 of the
-largest value. The scheduler: which steps form a batch. A peer: concurrent sessions batched, their
+largest value. The scheduler: which steps form a batch, and how long its gathering window waits. The
+client's head: overlapping `logits` calls from several threads share one matmul. A peer: concurrent sessions batched, their
 greedy tokens equal to the local run's; a step refused in a batch fails its own session only.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from libp2p.peer.id import ID
 from peer.batching import Backlog, Batcher, BatchSettings
 from peer.limits import Limits
 from peer.model import CacheError, Checkpoint, ContextTooLong, StepLayout
+from peer.model.blocks import BatchedCalls
 from peer.server import BlockServer, Session, _Refusal
 from protocol import messages as m
 from protocol import sealing
@@ -145,6 +148,107 @@ def test_batches_form_in_arrival_order_within_the_cap():
         BatchSettings(max_batch_tokens=0)
 
 
+def test_the_gathering_window_is_bounded_by_recent_batches_and_ends_when_everyone_is_queued():
+    """A step waits for the other sessions that stepped lately, at most `batch_wait_ms` and at most as long
+    as recent batches took; it stops waiting as soon as every such session has a step queued, and does not
+    wait at all (but every PROBE-th time) while recent windows gathered little."""
+    async def waited(batch_seconds, late=None, sessions=2, gained=1.0):
+        batcher = Batcher(BatchSettings(batch_wait_ms=1000), sessions=lambda: sessions)
+        batcher.gained = gained
+        batcher._task = asyncio.get_running_loop().create_future()  # (no scheduler: call _gather by hand)
+        batcher.batch_seconds = batch_seconds
+        a, b = _Session("a"), _Session("b")
+        batcher._active[id(b)] = batcher._active[id(a)] = time.monotonic()  # both stepped lately
+        batcher.submit(a, torch.zeros(1, 4), StepLayout(0, 1))
+        if late is not None:
+            asyncio.get_running_loop().call_later(late, batcher.submit, b, torch.zeros(1, 4), StepLayout(0, 1))
+        t0 = time.monotonic()
+        await batcher._gather()
+        took, queued = time.monotonic() - t0, len(batcher.queue)
+        if late is not None:
+            assert batcher.gained == 0.2 * 1 + 0.8 * gained  # this window gathered one step
+        batcher._task = None
+        await batcher.close()
+        return took, queued
+
+    assert asyncio.run(waited(0.0))[0] < 0.01  # no batch yet: nothing to measure the window by
+    took, queued = asyncio.run(waited(0.15))
+    assert 0.12 < took < 0.5 and queued == 1  # b never came: the window closed after a recent batch's time
+    took, queued = asyncio.run(waited(0.5, late=0.05))
+    assert 0.04 < took < 0.3 and queued == 2  # b's step came: no reason to wait longer
+    took, queued = asyncio.run(waited(0.5, sessions=1))
+    assert took < 0.01  # b has closed: a alone never waits
+    assert asyncio.run(waited(0.15, gained=0.3))[0] < 0.01  # recent windows gathered little: no wait
+    assert BatchSettings().batch_wait_ms > 0  # the window is on by default
+
+
+def test_overlapping_calls_share_one_call_and_get_their_own_rows():
+    started, release = threading.Event(), threading.Event()
+    runs = []
+
+    def fn(x):
+        runs.append(len(x))
+        if len(runs) == 1:  # hold the first call until the others have queued behind it
+            started.set()
+            release.wait(5)
+        if (x < 0).any():
+            raise ValueError("negative rows")
+        return x * 2
+
+    calls = BatchedCalls(fn)
+    inputs = [torch.full((1, 3), 1.0), torch.full((2, 3), 2.0), torch.full((1, 1, 3), 3.0), torch.full((1, 3), 4.0)]
+    outs = [None] * len(inputs)
+
+    def call(i):
+        try:
+            outs[i] = calls(inputs[i])
+        except ValueError as e:
+            outs[i] = e
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    assert started.wait(5)
+    rest = [threading.Thread(target=call, args=(i,)) for i in range(1, len(inputs))]
+    for t in rest:
+        t.start()
+    while len(calls._queue) < len(rest):
+        time.sleep(0.001)
+    release.set()
+    for t in [first, *rest]:
+        t.join(5)
+    assert runs == [1, 4]  # the first alone, then the three queued calls' 4 rows in one call
+    for x, y in zip(inputs, outs):
+        assert y.shape == x.shape and torch.equal(y, x * 2)
+    assert (calls.calls, calls.batches) == (4, 2) and not calls._busy
+    with pytest.raises(ValueError, match="negative"):  # a failure reaches its caller, and the next call runs
+        calls(torch.full((1, 3), -1.0))
+    assert torch.equal(calls(torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_the_head_alone_is_exact_and_threads_at_once_agree(tiny):
+    head = Checkpoint(tiny("llama3").path).load_head()
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randn(1 + i % 3, 64, generator=g) for i in range(12)]
+    with torch.inference_mode():
+        alone = [head.lm_head(head.norm(x)).float() for x in rows]
+    assert all(torch.equal(head.logits(x), want) for x, want in zip(rows, alone))
+    got = [None] * len(rows)
+    barrier = threading.Barrier(len(rows))
+
+    def call(i):
+        barrier.wait()
+        for _ in range(5):
+            got[i] = head.logits(rows[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(rows))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(close(y, want) for y, want in zip(got, alone))
+    assert copy.deepcopy(head).logits(rows[0]).shape == alone[0].shape  # a copy has its own, idle batcher
+
+
 def test_a_sessions_replies_leave_in_order(tiny):
     """A step's reply waits for the reply to the session's step before it, whichever output is ready
     first (sealed counters and onion layers must leave in order; a reply task that first runs after its
@@ -200,13 +304,13 @@ class Swarm:
         self.bg.run(chain.open(max_length))
         return chain
 
-    def session(self, max_length: int):  # what generate() drives
+    def session(self, max_length: int, sampling=None):  # what generate() drives (hidden states back, never verdicts)
         chain, bg = self.open(max_length), self.bg
 
         class Run:
-            overlaps = True  # steps may be in flight together (pipelined speculation)
+            overlaps, verdicts = True, False  # steps may be in flight together (pipelined speculation)
 
-            def submit(self, hidden, layout):
+            def submit(self, hidden, layout, check=None):
                 return asyncio.run_coroutine_threadsafe(chain.step(hidden, layout), bg.loop)
 
             def close(self):

@@ -11,7 +11,11 @@ differently in the last bits (a CPU BLAS picks its kernel by the number of rows:
 matrix-vector product, a few rows or a tail of rows another kernel): up to ~5e-7 of the largest value
 in fp32 as measured. Greedy tokens stay the local run's in the tests and the load benchmark; only a
 near-tie between two logits could flip one (as a speculative verification step can already).
-`ModelHead` holds the embeddings, the final norm and the LM head. Neither knows where its weights came
+`ModelHead` holds the embeddings, the final norm and the LM head. Its `logits` batches calls that
+overlap in time (`BatchedCalls`: threads of one client sharing a head, e.g. the API server's or the
+load benchmark's sessions): the LM head is the client's largest matmul (SmolLM2: 49152 x 576, ~7 ms a
+row on one CPU core, ~20 ms for 16 rows), so rows of calls that arrive while one runs are computed
+together by the next; a call alone runs at once, exactly as before. Neither knows where its weights came
 from or who is asking.
 
 Under `--quant int8` the linear layers of a block (`LINEARS`) are `quant.Int8Linear`s, and a head's
@@ -20,7 +24,8 @@ untied LM head too: `dtype` is then still the activations' (the norms' weights),
 
 from __future__ import annotations
 
-from typing import Sequence
+import threading
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -157,6 +162,83 @@ class BlockRange(nn.Module):
                              f"of width {self.cfg.hidden_size}")
 
 
+class BatchedCalls:
+    """`fn` (rows in, rows out) for several threads, whose overlapping calls run as one call (flat combining).
+
+    A call when none runs is computed at once, alone: `fn(x)`, exactly. Calls that arrive while one
+    runs queue their rows; when it ends, the first of them runs every queued call's rows as one
+    batch (`torch.cat`, then split), the others wait for their part. Nobody waits for a batch to
+    fill, and a leader computes one batch only, so no caller serves others for long. In a batch a
+    row may round differently in the last bits than alone (the BLAS picks its kernel by rows)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
+        self._lock = threading.Lock()
+        self._queue: list[_Call] = []
+        self._busy = False
+        self.calls = self.batches = 0  # counters: calls made, batches (fn runs) they took
+
+    def __getstate__(self):  # (a copied or pickled head gets a fresh, idle one)
+        return {"fn": self.fn}
+
+    def __setstate__(self, state):
+        self.__init__(state["fn"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        me = _Call(x)
+        with self._lock:
+            self.calls += 1
+            if self._busy:
+                self._queue.append(me)
+            else:
+                self._busy = me.lead = True
+        if not me.lead:
+            me.ready.wait()  # our part is done, or we lead the next batch
+            if not me.lead:
+                return me.answer()
+        with self._lock:
+            batch, self._queue = (self._queue, []) if self._queue and self._queue[0] is me else ([me], self._queue)
+        try:
+            self._run(batch, me)
+        finally:
+            with self._lock:
+                self.batches += 1
+                if self._queue:
+                    self._queue[0].lead = True
+                    self._queue[0].ready.set()
+                else:
+                    self._busy = False
+        return me.answer()
+
+    def _run(self, batch: list["_Call"], me: "_Call") -> None:
+        try:
+            if len(batch) == 1:
+                outs = [self.fn(batch[0].x)]
+            else:
+                rows = [c.x.reshape(-1, c.x.shape[-1]) for c in batch]
+                joined = self.fn(torch.cat(rows))
+                outs = [y.reshape(*c.x.shape[:-1], y.shape[-1])
+                        for c, y in zip(batch, joined.split([len(r) for r in rows]))]
+        except BaseException as e:  # noqa: BLE001 - every caller of the batch gets it
+            outs = [e] * len(batch)
+        for c, out in zip(batch, outs):
+            c.out = out
+            if c is not me:
+                c.ready.set()
+
+
+class _Call:
+    __slots__ = ("x", "out", "lead", "ready")
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.out, self.lead, self.ready = x, None, False, threading.Event()
+
+    def answer(self) -> torch.Tensor:
+        if isinstance(self.out, BaseException):
+            raise self.out
+        return self.out
+
+
 class ModelHead(nn.Module):
     """Token embeddings in, logits out: the parts of the model a client keeps.
 
@@ -173,6 +255,7 @@ class ModelHead(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._batched = BatchedCalls(self._logits)
 
     @property
     def quant(self) -> str:
@@ -184,7 +267,10 @@ class ModelHead(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size})")
         return self.embed_tokens(token_ids)
 
-    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head, returned in fp32."""
-        return self.lm_head(self.norm(hidden.to(self.norm.weight.dtype))).float()
+        """Final norm + LM head, returned in fp32 (calls from several threads at once share one matmul)."""
+        return self._batched(hidden.to(self.norm.weight.dtype))
+
+    @torch.inference_mode()
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden)).float()

@@ -1,7 +1,7 @@
 """Many sessions at once through a local swarm: aggregate tokens/s and per-token latency, peers batching
 or not (scripts/bench_load.py).
 
-Each peer configuration (batching off, on, or on with a gathering window: `config_flags`) gets its own
+Each peer configuration (batching off, on, or on with another gathering window: `config_flags`) gets its own
 peers on 127.0.0.1, started with its flags; all run side by side and take turns (`bench`). For each
 decoding mode (plain, speculative; greedy) and each number N of concurrent sessions, N threads of ONE
 client process (one `SwarmModel` per configuration, shared as the API server shares it; each
@@ -43,7 +43,8 @@ SUMMARY_EVERY = 0.5  # seconds between the peers' summary lines (how the bench r
 
 
 def config_flags(name: str) -> list[str]:
-    """`swarm peer` flags of a configuration: "off", "on", or "wait=MS" (on, with a gathering window)."""
+    """`swarm peer` flags of a configuration: "off", "on" (the peers' defaults), or "wait=MS" (on, with that
+    latency budget for the gathering window; wait=0: none)."""
     if name == "off":
         return ["--no-batching"]
     if name == "on":
