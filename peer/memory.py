@@ -3,7 +3,8 @@
 `plan_memory` is a pure function of numbers (free bytes, bytes per block, KV bytes per token per block,
 what the user asked for) -> `MemoryPlan(blocks, cache_tokens, reason)`. The rule:
 
-- `usable` (80 %) of the free memory is shared between the blocks and the KV cache budget; the rest is
+- `usable` (80 %) of the free memory, less what is reserved (a last peer's head: final norm and LM head,
+  for verification at the last peer), is shared between the blocks and the KV cache budget; the rest is
   for activations, the allocator and other programs;
 - blocks: as many as the user asked (--blocks / --num-blocks), else as many as fit beside a KV cache of
   the target size (--cache-tokens when given, else `default_cache_tokens`), at least one, at most the model's;
@@ -36,12 +37,14 @@ class MemoryPlan:
 def plan_memory(free_bytes: int, block_bytes: int, kv_bytes_per_token: int, num_blocks_cap: int,
                 requested_blocks: int | None = None, requested_cache_tokens: int | None = None, *,
                 min_cache_tokens: int = 8192, max_cache_tokens: int = DEFAULT_CACHE_TOKENS,
-                default_cache_tokens: int = DEFAULT_CACHE_TOKENS, usable: float = USABLE) -> MemoryPlan:
+                default_cache_tokens: int = DEFAULT_CACHE_TOKENS, usable: float = USABLE,
+                reserved_bytes: int = 0) -> MemoryPlan:
     """Blocks and cache tokens for `free_bytes` of memory. `kv_bytes_per_token` is per block (keys and values of
-    one position in one block); `num_blocks_cap` the model's block count."""
+    one position in one block); `num_blocks_cap` the model's block count; `reserved_bytes` come off the budget
+    first (a last peer's head: final norm and LM head)."""
     if block_bytes <= 0 or kv_bytes_per_token <= 0 or num_blocks_cap < 1:
         raise ValueError("block_bytes, kv_bytes_per_token and num_blocks_cap must be positive")
-    budget = max(0, int(free_bytes * usable))
+    budget = max(0, int(free_bytes * usable) - reserved_bytes)
     ceiling = max(max_cache_tokens, min_cache_tokens)
     target = requested_cache_tokens or min(max(default_cache_tokens, min_cache_tokens), ceiling)
     if requested_blocks:
@@ -67,7 +70,8 @@ def plan_memory(free_bytes: int, block_bytes: int, kv_bytes_per_token: int, num_
                      f"cache at its floor of one {min_cache_tokens}-token session (memory is short)")
     if blocks * block_bytes > budget:
         why_blocks += f" (more than {usable:.0%} of free memory holds)"
-    return MemoryPlan(blocks, int(cache), f"{why_blocks}; {why_cache}")
+    head = f"; {_size(reserved_bytes)} kept for the head" if reserved_bytes else ""
+    return MemoryPlan(blocks, int(cache), f"{why_blocks}; {why_cache}{head}")
 
 
 def describe(plan: MemoryPlan, free_bytes: int, block_bytes: int, kv_bytes_per_token: int, where: str,

@@ -66,6 +66,7 @@ class PeerRecord:
     reachability: str = "unknown"  # can peers dial it: public, private, unknown (not checked)
     observed: str | None = None  # the IP address other peers see it at
     stun: str | None = None  # "stun:HOST:PORT": this (public) peer answers STUN binding requests there
+    head: bool = False  # it holds the LM head with the model's last block: clients may verify rounds there
 
     @property
     def blocks(self) -> range:
@@ -162,6 +163,7 @@ _OPTIONAL = {  # field -> (rule, value when absent): records from before these f
     "reachability": (lambda v: v in REACHABILITY, "unknown"),
     "observed": (lambda v: v is None or (_str(v, 64) and ipaddress.ip_address(v) is not None), None),
     "stun": (lambda v: v is None or _stun_url(v), None),
+    "head": (lambda v: type(v) is bool, False),
 }
 
 

@@ -11,7 +11,8 @@ WebRTC offers of those who reach us through a relay (peer/paths.py); measure thi
 (cached); plan memory (peer/memory.py: how many blocks fit, counted at --quant's size, and the KV cache
 budget unless --cache-tokens was given; one log line); if no --blocks were given, take the span the swarm is
 weakest on; announce it as "joining" (with the verdict and the address peers see
-us at); load the blocks; serve inference streams (libp2p and the direct port); print the addresses
+us at); load the blocks, and with the model's last block the head too (final norm and LM head, so that
+clients may verify rounds here: peer/verify.py; not with --no-head; the memory plan reserves its bytes); serve inference streams (libp2p and the direct port); print the addresses
 ('listening on ...'; a warning if only loopback); announce "online" and keep the record fresh (free
 cache, RTTs to the peers that serve the next blocks; the verdict, checked again every 10 minutes and
 when peers see us at a new address); log a summary line (sessions, tokens, refusals) every
@@ -27,6 +28,8 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field, replace
+
+import torch
 
 from peer import set_threads
 from peer.dht import SwarmDHT
@@ -77,6 +80,7 @@ class PeerOptions:
     quant: str = "none"  # "int8": weight-only int8 linear layers (half the bytes of bfloat16)
     auto_cache_tokens: bool = False  # size limits.cache_tokens from the memory left after the blocks (peer/memory.py)
     batching: BatchSettings = field(default_factory=BatchSettings)  # steps of different sessions run together
+    head: bool = True  # holding the last block: also load the final norm and LM head, to verify rounds (peer/verify.py)
 
     def __post_init__(self):
         if self.port is not None:
@@ -124,11 +128,13 @@ def plan_blocks(ckpt: Checkpoint, opts: PeerOptions) -> MemoryPlan:
     block_bytes = BlockRange.bytes_per_block(cfg, dtype, opts.quant)
     kv = KVCache.bytes_per_token(1, cfg.num_key_value_heads, cfg.head_dim, dtype)
     requested = opts.blocks[1] - opts.blocks[0] if opts.blocks else opts.num_blocks
+    last = opts.blocks is None or opts.blocks[1] == cfg.num_hidden_layers  # (a span chosen later may end the model)
+    head = head_bytes(cfg, dtype) if opts.head and last else 0
     ceiling = limits.max_sessions * limits.max_session_tokens if opts.device.startswith("cuda") else None
     plan = plan_memory(free, block_bytes, kv, cfg.num_hidden_layers, requested,
                        None if opts.auto_cache_tokens else limits.cache_tokens,
                        min_cache_tokens=limits.max_session_tokens,
-                       max_cache_tokens=ceiling or limits.cache_tokens)
+                       max_cache_tokens=ceiling or limits.cache_tokens, reserved_bytes=head)
     where = f"{opts.device} ({opts.dtype}" + (", int8 weights)" if opts.quant == "int8" else ")")
     log.info("%s", describe(plan, free, block_bytes, kv, where))
     return plan
@@ -140,6 +146,22 @@ async def choose_span(dht: SwarmDHT, ckpt: Checkpoint, n: int, throughput: float
     log.info("the swarm has %d peers of this model; taking blocks [%d, %d) where it is weakest "
              "(%d blocks, %.0f tokens/s per block here)", len(records), *span, n, throughput)
     return span
+
+
+def head_bytes(cfg, dtype: torch.dtype) -> int:
+    """Bytes of the head a last peer loads: the embedding table (the LM head too when tied), an untied LM head, the norm."""
+    tables = 1 if cfg.tie_word_embeddings else 2
+    return (tables * cfg.vocab_size + 1) * cfg.hidden_size * dtype.itemsize
+
+
+def load_head(ckpt: Checkpoint, span: tuple[int, int], opts: PeerOptions):
+    """The head (final norm, LM head) when this peer holds the model's last block and may load it; else None."""
+    if not opts.head or span[1] != ckpt.config.num_hidden_layers:
+        return None
+    head = ckpt.load_head(opts.dtype, opts.device, opts.quant)
+    log.info("loaded the head (final norm and LM head, vocabulary %d): clients may verify rounds here "
+             "(--no-head to refuse)", ckpt.config.vocab_size)
+    return head
 
 
 def load_span(ckpt: Checkpoint, span: tuple[int, int], opts: PeerOptions, limits: Limits) -> BlockRange:
@@ -209,12 +231,14 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
         await dht.announce(record)
         blocks = load_span(ckpt, span, opts, limits)
         server = BlockServer(blocks, ckpt.model_id, limits, open_stream=lambda addr: dial(node, addr),
-                             name=node.peer_id, key_pair=node.key_pair, batching=opts.batching)
+                             name=node.peer_id, key_pair=node.key_pair, batching=opts.batching,
+                             head=load_head(ckpt, span, opts))
         node.set_stream_handler(INFERENCE_PROTOCOL, lambda s: server.handle(s, s.remote_peer_id[-8:]))
         paths.serve(server.handle)  # WebRTC offers from clients and peers that reach us through a relay
         server.data_addr = plan.data_addr
         record.state, record.data_addr = "online", server.data_addr
         record.x25519 = server.static.public.hex()  # the signed record vouches for it too
+        record.head = server.head is not None  # (loaded only with the model's last block)
         await dht.announce(record)
         print_addresses(node)
         loop = asyncio.get_running_loop()

@@ -4,9 +4,11 @@ A `BlockServer` owns one `BlockRange` and the sessions opened on it. It reads fr
 stream it is handed (a client's session stream, or the push stream of the previous peer), checks
 each step, queues it for the engine (`peer.batching`: steps of sessions that wait together run as
 one batch; a stream's reader waits while its queued steps hold `max_step_tokens` positions), and
-sends each result, in its session's order, either to the next peer (push mode) or back to the
-session's owner. Every error becomes an `Error` reply to whoever should hear it (a step's, to its
-session's owner alone); the loop keeps serving.
+sends each result, in its session's order, either to the next peer (push mode, over `peer.push`'s
+kept-open links) or back to the session's owner; a last hop whose owner asked it to verify rounds
+(it holds the head: `peer.verify`) sends the round's verdict instead of the hidden states. Every
+error becomes an `Error` reply to whoever should hear it (a step's, to its session's owner alone);
+the loop keeps serving.
 
 Every frame takes one path in, `_receive`, which opens it with the codec its kind calls for
 (`protocol.sealing`: plaintext; the handshake of a sealed OPEN; the session's own codec for a sealed
@@ -18,8 +20,9 @@ frame has proved which session it is about, its errors go to that session's owne
 session is). Limits (sessions in total and per client, cache tokens, rate, connections, frame size
 and frame timeout) protect the peer from everyone else.
 
-Knows the model engine, the protocol and channels; nothing about libp2p or sockets (streams are
-anything with `send(bytes)`, `recv() -> bytes`, `close()`), and nothing about clients' tokens.
+Knows the model engine, the protocol, channels and the verifier (`peer.verify`); nothing about libp2p
+or sockets (streams are anything with `send(bytes)`, `recv() -> bytes`, `close()`); clients' tokens
+only as a verifying last hop is told them.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from typing import Awaitable, Callable
 from peer.batching import Backlog, Batcher, BatchSettings
 from peer.channel import Channel, Stream
 from peer.limits import Limits, RateLimit, ServeStats
-from peer.model import BlockRange, CacheError, KVCache, StepLayout
+from peer import verify
+from peer.model import BlockRange, CacheError, KVCache, ModelHead, StepLayout
+from peer.model.sampling import SamplingParams
+from peer.push import PushLinks
 from protocol import crypto, sealing
 from protocol import messages as m
 from protocol.crypto import SealError, StaticKey, Type
@@ -59,6 +65,7 @@ class Session:
     link_out: Codec | None = None  # push mode: seals frames to the next peer
     last_used: float = field(default_factory=time.monotonic)
     last_reply: asyncio.Task | None = None  # its latest step's reply task: each waits for the one before (order)
+    verify: SamplingParams | None = None  # the last hop verifies rounds here and answers with verdicts (peer.verify)
 
     @property
     def sealed(self) -> bool:
@@ -81,13 +88,13 @@ class _Refusal:
 class BlockServer:
     def __init__(self, blocks: BlockRange, model_id: str, limits: Limits = Limits(),
                  open_stream: Callable[[str], Awaitable[Stream]] | None = None, name: str = "peer",
-                 key_pair=None, batching: BatchSettings = BatchSettings()):
+                 key_pair=None, batching: BatchSettings = BatchSettings(), head: ModelHead | None = None):
         self.blocks, self.model_id, self.limits, self.name = blocks, model_id, limits, name
+        self.head = head  # final norm and LM head, held with the model's last block: verification here
         self.open_stream = open_stream  # dials the next peer for push mode
         self.data_addr: str | None = None  # set when a direct TCP listener is up
         self.sessions: dict[str, Session] = {}
-        self.links: dict[str, Channel] = {}  # next-peer address -> kept-open push stream
-        self._link_locks: dict[str, asyncio.Lock] = {}
+        self.links = PushLinks(open_stream, self._next_failed)  # kept-open push streams to next peers
         self.max_elements = limits.max_step_tokens * blocks.cfg.hidden_size
         self.plain = sealing.Plain(self.max_elements)
         self.connections = 0
@@ -145,7 +152,8 @@ class BlockServer:
             await self._send(channel, codec, m.InfoReply(
                 self.model_id, (self.blocks.start, self.blocks.end), self.blocks.cfg.num_hidden_layers,
                 self.free_tokens, str(self.blocks.dtype).removeprefix("torch."), self.data_addr,
-                self.static.public.hex() if sig else None, sig, public_key))
+                self.static.public.hex() if sig else None, sig, public_key,
+                verify.offers(self.head, self.blocks.end)))
         elif isinstance(msg, m.Open):
             await self._open(channel, msg, codec)
             self.stats.sessions_served += 1  # (_open raises if it refuses)
@@ -210,7 +218,8 @@ class BlockServer:
             ctrl, onion = session.codec.onion.open(onion)
             if not isinstance(ctrl, m.Control) or ctrl.session != env.session or ctrl.step != pushed.step:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "the onion layer does not hold this step's instructions")
-            step = m.Step(env.session, ctrl.step, ctrl.start, pushed.hidden, ctrl.parents, ctrl.compact)
+            step = m.Step(env.session, ctrl.step, ctrl.start, pushed.hidden, ctrl.parents, ctrl.compact,
+                          check=ctrl.check)
             return step, onion, session.link_in, session
         raise SealError("peers do not accept sealed replies", ErrorCode.BAD_REQUEST)
 
@@ -277,6 +286,7 @@ class BlockServer:
         if msg.max_length > self.free_tokens:
             raise ProtocolError(ErrorCode.CACHE_FULL, f"session of {msg.max_length} tokens does not fit: "
                                 f"{self.free_tokens} of {self.limits.cache_tokens} cache tokens are free")
+        checks = verify.accept_open(self.head, msg)  # the sampling parameters it verifies with, or None
         if msg.next is not None and self.open_stream is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "this peer cannot push to a next peer")
         link_in, link_out = None, self.plain if msg.next is not None else None
@@ -289,7 +299,7 @@ class BlockServer:
                 link_in = sealing.link(msg.prev_link, msg.session, self.max_elements)[1]
         blocks = self.blocks.view(*msg.blocks)
         session = Session(msg.session, blocks, blocks.new_cache(msg.max_length), channel, codec, msg.wire_dtype,
-                          msg.next, link_in, link_out)
+                          msg.next, link_in, link_out, verify=checks)
         self.sessions[msg.session] = session
         log.info("opened session %s… (%d tokens, %s, %s); %d sessions, %d cache tokens free", msg.session[:8],
                  msg.max_length, "push" if msg.next else "reply", "sealed" if codec.sealed else "PLAINTEXT",
@@ -311,18 +321,19 @@ class BlockServer:
         if end > session.cache.max_length:  # a client bug, not this peer's failure: no failover will help
             raise ProtocolError(ErrorCode.TOO_LONG, f"a step needing {end} positions is past this "
                                 f"session's length ({end} > {session.cache.max_length})")
+        check = verify.round_check(session.verify, msg, hidden.shape[0], self.blocks.cfg.vocab_size)
         compact = (msg.compact[0], tuple(msg.compact[1])) if msg.compact is not None else None
         layout = StepLayout(msg.start, hidden.shape[0], tuple(msg.parents) if msg.parents is not None else None,
                             compact)
         done = self.batcher.submit(session, hidden, layout)
         backlog.take(layout.n)
-        work = self._result(session, msg, onion, done, session.last_reply)
+        work = self._result(session, msg, onion, done, session.last_reply, check)
         task = session.last_reply = asyncio.get_running_loop().create_task(self._guard(refusal, work))
         self._replies.add(task)
         task.add_done_callback(lambda t: (backlog.give(layout.n), self._replies.discard(t)))
 
     async def _result(self, session: Session, msg: m.Step, onion: memoryview, done: asyncio.Future,
-                      previous: asyncio.Task | None) -> None:
+                      previous: asyncio.Task | None, check=None) -> None:
         """Wait for a queued step's output and, once the session's previous step has been answered (sealed
         counters and onion layers must leave in order), send it on: to the next peer (push mode) or to the owner."""
         await asyncio.wait([done] if previous is None else [done, previous])
@@ -331,47 +342,28 @@ class BlockServer:
         out = done.result()  # (or the error its step failed with)
         self.stats.tokens_served += msg.hidden.shape[0]
         nxt = session.next
-        if nxt is None:
-            await self._send(session.owner, session.codec, m.Result(session.id, msg.step, out, session.wire_dtype))
+        if nxt is None:  # the last hop answers the owner: the verdict (verified here), else the hidden states
+            reply = m.Result(session.id, msg.step, out, session.wire_dtype) if session.verify is None else \
+                await verify.verdict(self.head, session.id, msg, out, session.verify, check)
+            await self._send(session.owner, session.codec, reply)
             return
         if session.sealed:  # its layout travels in the onion, sealed for the next hop alone
             pushed = m.Result(nxt.session, msg.step, out, session.wire_dtype)
         else:
-            pushed = m.Step(nxt.session, msg.step, msg.start, out, msg.parents, msg.compact, session.wire_dtype)
+            pushed = m.Step(nxt.session, msg.step, msg.start, out, msg.parents, msg.compact, session.wire_dtype,
+                            msg.check)
         try:
-            link = await self._link(nxt.addr)
+            link = await self.links.get(nxt.addr)
             await link.send(session.link_out, pushed, onion)
         except Exception as e:  # noqa: BLE001
-            self.links.pop(nxt.addr, None)
+            self.links.drop(nxt.addr)
             raise ProtocolError(ErrorCode.NEXT_HOP, f"could not push to the next peer {nxt.addr}: {e}") from None
 
-    async def _link(self, addr: str) -> Channel:
-        lock = self._link_locks.setdefault(addr, asyncio.Lock())
-        async with lock:
-            link = self.links.get(addr)
-            if link is None or link.closed:
-                stream = await self.open_stream(addr)
-                link = self.links[addr] = Channel(stream, f"push->{addr[-12:]}")
-                asyncio.get_running_loop().create_task(self._drain_link(addr, link))
-            return link
-
-    async def _drain_link(self, addr: str, link: Channel) -> None:
-        """The next peer answers on a push stream only with (plaintext) errors: pass each to the owner of
-        the session that pushed."""
-        replies = sealing.Plain(0)
-        try:
-            while True:
-                reply, _ = await link.recv(replies)
-                if isinstance(reply, m.Error) and reply.session:
-                    for s in list(self.sessions.values()):
-                        if s.next is not None and s.next.session == reply.session:
-                            await self._send(s.owner, s.codec, reply)
-        except Exception:  # noqa: BLE001 - EOF or garbage: this link is done
-            pass
-        finally:
-            link.closed = True
-            if self.links.get(addr) is link:
-                del self.links[addr]
+    async def _next_failed(self, reply: m.Error) -> None:
+        """A next peer's error about a session we pushed to: to the owner of the session that pushed."""
+        for s in list(self.sessions.values()):
+            if s.next is not None and s.next.session == reply.session:
+                await self._send(s.owner, s.codec, reply)
 
     def _drop(self, session_id: str, why: str) -> None:
         if self.sessions.pop(session_id, None) is not None:
@@ -394,6 +386,5 @@ class BlockServer:
         for task in list(self._replies):  # (one may wait on a client that reads no more)
             task.cancel()
         await asyncio.gather(*self._replies, return_exceptions=True)
-        for link in list(self.links.values()):
-            await link.close()
+        await self.links.close()
         self.sessions.clear()

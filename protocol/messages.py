@@ -6,7 +6,9 @@ A message is one frame payload:
 
 The JSON header holds the fields; a message that carries hidden states describes them in its
 `tensor` field and its bytes follow the header. `decode` trusts nothing: every field's type and
-range is checked and a violation raises `ProtocolError` with the error code to reply with.
+range is checked (`protocol.fields`; a round's `Check` in `protocol.check`) and a violation raises
+`ProtocolError` with the error code to reply with. Verification at the last peer adds `VerifyAt` to an
+Open, a `Check` to a sampled round's Step (or the last hop's Control) and the `Verdict` reply.
 Knows nothing about models or sockets.
 """
 
@@ -19,41 +21,23 @@ from enum import IntEnum
 
 import torch
 
+from .check import MAX_CHECK_DRAFTS, MAX_Q_PAIRS, MAX_SEED, Check  # noqa: F401 - re-exported
+from .fields import MAX_INT, SESSION_ID_LEN, ErrorCode, ProtocolError, is_tcp_addr  # noqa: F401 - re-exported
+from .fields import bad as _bad
+from .fields import bool_field, float_field
+from .fields import hex_field as _hex
+from .fields import int_field as _int
+from .fields import int_list as _int_list
+from .fields import session_field as _session
+from .fields import span_field as _span
+from .fields import str_field as _str
 from .tensors import TensorFormatError, decode_tensor, encode_tensor
 
 VERSION = 1
 MAGIC = b"SS"
+MAX_ARGMAX = 4096  # argmax entries a verdict carries (a step's last rows: all of a round's)
 PREFIX = struct.Struct(">2sBBI")
 MAX_HEADER = 64 * 1024
-MAX_INT = 2**31 - 1
-SESSION_ID_LEN = 32  # hex characters of a random 128-bit id
-
-
-class ErrorCode:
-    BAD_REQUEST = "bad_request"
-    VERSION = "unsupported_version"
-    UNKNOWN_SESSION = "unknown_session"
-    CACHE_FULL = "cache_full"
-    BAD_STEP = "bad_step"
-    TOO_MANY_SESSIONS = "too_many_sessions"
-    TOO_LONG = "too_long"  # past the model's context or the session's length; the message ends "(N > M)"
-    NEXT_HOP = "next_hop_failed"
-    INTERNAL = "internal"
-    BAD_SEAL = "bad_seal"  # a sealed frame failed authentication or is malformed
-    REPLAYED = "replayed"  # a sealed frame's counter is not above the last accepted one
-    ENCRYPTION_REQUIRED = "encryption_required"
-    NO_ENCRYPTION = "no_encryption"  # the peer offers no signed X25519 key (the client refuses it)
-    BAD_IDENTITY = "bad_identity"  # the peer's X25519 key is not signed by the peer id the client dialled
-    TIMEOUT = "timeout"  # client-side, never sent: a peer did not answer in time
-    DISCONNECTED = "disconnected"  # client-side, never sent: a peer's connection was lost
-
-
-class ProtocolError(ValueError):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
 class Kind(IntEnum):
     INFO = 1
     INFO_REPLY = 2
@@ -64,71 +48,7 @@ class Kind(IntEnum):
     CLOSE = 7
     ERROR = 8
     CONTROL = 9  # a hop's instructions for one push step, inside its onion layer
-
-
-# --- field checks: each returns the value or raises ProtocolError(BAD_REQUEST) ----------------------
-
-def _bad(msg: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.BAD_REQUEST, msg)
-
-
-def _int(h: dict, key: str, lo: int = 0, hi: int = MAX_INT, optional: bool = False):
-    v = h.get(key)
-    if v is None and optional:
-        return None
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise _bad(f"field {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
-    return v
-
-
-def _str(h: dict, key: str, max_len: int = 512, optional: bool = False):
-    v = h.get(key)
-    if v is None and optional:
-        return None
-    if not isinstance(v, str) or len(v) > max_len:
-        raise _bad(f"field {key!r} must be a string of at most {max_len} characters")
-    return v
-
-
-def _session(h: dict, key: str = "session") -> str:
-    v = _str(h, key, SESSION_ID_LEN)
-    if len(v) != SESSION_ID_LEN or any(c not in "0123456789abcdef" for c in v):
-        raise _bad(f"field {key!r} must be {SESSION_ID_LEN} lowercase hex characters")
-    return v
-
-
-def _int_list(h: dict, key: str, lo: int, hi: int, max_len: int, optional: bool = True):
-    v = h.get(key)
-    if v is None and optional:
-        return None
-    if not isinstance(v, list) or len(v) > max_len:
-        raise _bad(f"field {key!r} must be a list of at most {max_len} integers")
-    for x in v:
-        if not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi:
-            raise _bad(f"field {key!r} holds {x!r}, outside [{lo}, {hi}]")
-    return v
-
-
-def _hex(h: dict, key: str, length: int, optional: bool = True):
-    v = _str(h, key, length, optional)
-    if v is not None and (len(v) != length or any(c not in "0123456789abcdef" for c in v)):
-        raise _bad(f"field {key!r} must be {length} lowercase hex characters")
-    return v
-
-
-def is_tcp_addr(v) -> bool:
-    """'tcp://HOST:PORT' with a port in 1..65535 (what peers offer as their direct address)."""
-    if not isinstance(v, str) or not v.startswith("tcp://") or len(v) > 256:
-        return False
-    host, sep, port = v[6:].rpartition(":")
-    return bool(sep and host and port.isdigit() and port.isascii() and 0 < int(port) < 65536)
-
-
-def _span(h: dict, key: str = "blocks") -> tuple[int, int]:
-    v = _int_list(h, key, 0, 1 << 20, 2, optional=False)
-    if len(v) != 2 or v[0] >= v[1]:
-        raise _bad(f"field {key!r} must be [start, end) with start < end")
-    return v[0], v[1]
+    VERDICT = 10  # a last peer that verifies rounds itself: its verdict instead of the hidden states
 
 
 # --- messages ------------------------------------------------------------------------------------
@@ -158,11 +78,12 @@ class InfoReply:
     x25519: str | None = None
     x25519_sig: str | None = None
     public_key: str | None = None
+    head: bool = False  # it holds the final norm and LM head: sessions ending at its last block may verify there
 
     def header(self) -> dict:
         h = dict(model=self.model, blocks=list(self.blocks), num_blocks=self.num_blocks,
                  free_cache_tokens=self.free_cache_tokens, dtype=self.dtype)
-        for key in ("data_addr", "x25519", "x25519_sig", "public_key"):
+        for key in ("data_addr", "x25519", "x25519_sig", "public_key", "head"):
             if getattr(self, key):
                 h[key] = getattr(self, key)
         return h
@@ -174,7 +95,7 @@ class InfoReply:
             raise _bad("field 'data_addr' must be tcp://HOST:PORT")
         return cls(_str(h, "model"), _span(h), _int(h, "num_blocks", 1), _int(h, "free_cache_tokens"),
                    _str(h, "dtype", 16), data_addr, _hex(h, "x25519", 64),
-                   _hex(h, "x25519_sig", 128), _str(h, "public_key", 512, optional=True))
+                   _hex(h, "x25519_sig", 128), _str(h, "public_key", 512, optional=True), bool_field(h, "head"))
 
 
 @dataclass
@@ -187,6 +108,23 @@ class NextHop:
 
 
 @dataclass
+class VerifyAt:
+    """An Open's request that the last hop verify each round itself, with the client's sampling parameters."""
+
+    temperature: float = 0.0  # 0: greedy (the verdict is the target's argmax after every node)
+    top_p: float = 1.0
+
+    @classmethod
+    def parse(cls, h):
+        if not isinstance(h, dict):
+            raise _bad("field 'verify' must be an object")
+        top_p = float_field(h, "top_p", 0.0, 1.0)
+        if top_p <= 0:
+            raise _bad("field 'top_p' must be in (0, 1]")
+        return cls(float_field(h, "temperature", 0.0, 1000.0), top_p)
+
+
+@dataclass
 class Open:
     KIND = Kind.OPEN
     session: str
@@ -195,6 +133,7 @@ class Open:
     wire_dtype: str = "float32"
     next: NextHop | None = None  # None: results come back to the opener (client-mediated or last hop)
     prev_link: str | None = None  # sealed sessions in push mode: hex secret of the link from the previous hop
+    verify: VerifyAt | None = None  # the last hop verifies rounds itself and answers with Verdicts
 
     def header(self) -> dict:
         h = dict(session=self.session, max_length=self.max_length, blocks=list(self.blocks), wire_dtype=self.wire_dtype)
@@ -204,6 +143,8 @@ class Open:
                 h["next"]["link"] = self.next.link
         if self.prev_link:
             h["prev_link"] = self.prev_link
+        if self.verify is not None:
+            h["verify"] = {"temperature": self.verify.temperature, "top_p": self.verify.top_p}
         return h
 
     @classmethod
@@ -216,7 +157,8 @@ class Open:
         wire = _str(h, "wire_dtype", 16)
         if wire not in ("float32", "float16", "bfloat16"):
             raise _bad(f"unsupported wire dtype {wire!r}")
-        return cls(_session(h), _int(h, "max_length", 1), _span(h), wire, nxt, _hex(h, "prev_link", 64))
+        verify = VerifyAt.parse(h["verify"]) if h.get("verify") is not None else None
+        return cls(_session(h), _int(h, "max_length", 1), _span(h), wire, nxt, _hex(h, "prev_link", 64), verify)
 
 
 @dataclass
@@ -248,6 +190,7 @@ class Step:
     parents: list[int] | None = None
     compact: tuple[int, list[int]] | None = None
     wire_dtype: str | None = None
+    check: Check | None = None  # a sampled round, for a last hop that verifies it (rides along in plain push)
 
     def header(self) -> dict:
         return _layout_header(self)
@@ -262,7 +205,8 @@ class Step:
             if not isinstance(compact, dict):
                 raise _bad("field 'compact' must be an object")
             compact = (_int(compact, "start"), _int_list(compact, "path", 0, MAX_INT, 4096, optional=False))
-        return cls(_session(h), _int(h, "step"), _int(h, "start"), tensor, parents, compact)
+        check = Check.parse(h["check"]) if h.get("check") is not None else None
+        return cls(_session(h), _int(h, "step"), _int(h, "start"), tensor, parents, compact, None, check)
 
 
 def _layout_header(msg) -> dict:
@@ -272,6 +216,8 @@ def _layout_header(msg) -> dict:
         h["parents"] = list(msg.parents)
     if msg.compact is not None:
         h["compact"] = {"start": msg.compact[0], "path": list(msg.compact[1])}
+    if msg.check is not None:
+        h["check"] = msg.check.header()
     return h
 
 
@@ -285,6 +231,7 @@ class Control:
     start: int
     parents: list[int] | None = None
     compact: tuple[int, list[int]] | None = None
+    check: Check | None = None  # the last hop's, when it verifies rounds (sealed for it alone)
 
     def header(self) -> dict:
         return _layout_header(self)
@@ -294,7 +241,7 @@ class Control:
         if tensor is not None:
             raise _bad("a control message carries no tensor")
         step = Step.parse(h, torch.empty(0))
-        return cls(step.session, step.step, step.start, step.parents, step.compact)
+        return cls(step.session, step.step, step.start, step.parents, step.compact, step.check)
 
 
 @dataclass
@@ -313,6 +260,36 @@ class Result:
         if tensor is None:
             raise _bad("a result must carry hidden states")
         return cls(_session(h), _int(h, "step"), tensor)
+
+
+@dataclass
+class Verdict:
+    """A verifying last hop's answer to a step: the target's argmax after each of its last rows (all of a round's)
+    and, for a sampled round (a Step with a check), the accepted path of node indices and the token after it."""
+
+    KIND = Kind.VERDICT
+    session: str
+    step: int
+    argmax: list[int]
+    path: list[int] | None = None
+    token: int | None = None
+
+    def header(self) -> dict:
+        h = dict(session=self.session, step=self.step, argmax=list(self.argmax))
+        if self.path is not None:
+            h["path"], h["token"] = list(self.path), self.token
+        return h
+
+    @classmethod
+    def parse(cls, h, tensor):
+        if tensor is not None:
+            raise _bad("a verdict carries no tensor")
+        path = _int_list(h, "path", 0, MAX_CHECK_DRAFTS, MAX_CHECK_DRAFTS + 1)
+        token = _int(h, "token", optional=path is None)
+        if path is not None and (not path or path[0] != 0):
+            raise _bad("field 'path' must start at node 0")
+        return cls(_session(h), _int(h, "step"), _int_list(h, "argmax", 0, MAX_INT, MAX_ARGMAX, optional=False),
+                   path, token if path is not None else None)
 
 
 @dataclass
@@ -350,8 +327,8 @@ class Error:
                    else None, _int(h, "step", optional=True), _str(h, "peer", 256, optional=True))
 
 
-MESSAGES = {cls.KIND: cls for cls in (Info, InfoReply, Open, Opened, Step, Result, Close, Error, Control)}
-Message = Info | InfoReply | Open | Opened | Step | Result | Close | Error | Control
+MESSAGES = {cls.KIND: cls for cls in (Info, InfoReply, Open, Opened, Step, Result, Close, Error, Control, Verdict)}
+Message = Info | InfoReply | Open | Opened | Step | Result | Close | Error | Control | Verdict
 
 
 def encode(msg: Message) -> bytes:

@@ -56,6 +56,9 @@ def add_peer_parser(sub) -> None:
     p.add_argument("--no-direct", dest="direct", action="store_false",
                    help="serve inference only over libp2p streams (no direct TCP port)")
     p.add_argument("--data-port", type=int, help="direct TCP port for inference [default: PORT+1 with --port; any]")
+    p.add_argument("--no-head", dest="head", action="store_false",
+                   help="do not load the final norm and LM head with the model's last block (clients then cannot verify "
+                        "rounds at this peer: --verify-at-peer)")
     p.add_argument("--summary-every", type=float, default=60.0, metavar="SECONDS", help="seconds between summary lines "
                    "(sessions, tokens/s, free cache, refusals; also at shutdown; 0: only then) [default: 60]")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug lines too, libp2p's included")
@@ -97,7 +100,7 @@ def cmd_peer(args) -> int:
                        relay_limits=dataclass_from_args(RelayLimits, args, prefix="relay"),
                        nat=NatOptions(args.max_relays, args.stun_server, args.stun_port), paths=path_settings(args),
                        quant=args.quant, auto_cache_tokens=args.cache_tokens is None,
-                       batching=dataclass_from_args(BatchSettings, args))
+                       batching=dataclass_from_args(BatchSettings, args), head=args.head)
     opts.model = resolve_model_flag(args)  # once every flag is checked: a named model is fetched on first use
     try:
         asyncio.run(serve(opts))

@@ -109,6 +109,12 @@ def add_client_args(p) -> None:
                    help="spot-checks: the fraction of steps an independent replica of a span recomputes, compared "
                         "within the dtypes' honest error (besides every step of a new or suspect peer); a peer caught "
                         "lying is banned and the generation rolled back; 0 turns checks off [default: %(default)s]")
+    p.add_argument("--verify-at-peer", action=argparse.BooleanOptionalAction, default=CLIENT.verify_at_peer,
+                   help="--verify-at-peer: the route's last peer also runs the LM head, verifies each speculative round "
+                        "and sends back only the verdict (never hidden states; it then sees the drafted and generated "
+                        "token ids: docs/security.md); --no-verify-at-peer: this client verifies [default: on when the "
+                        "last peer offers it and the vocabulary is >= 64 x the hidden size, or the client is on a CPU "
+                        "and the head costs >= 64 M multiply-adds a token]")
     add_nat_args(p)
     p.add_argument("--insecure", action="store_true",
                    help="INSECURE, for benchmarks only: send hidden states and instructions in plaintext "
@@ -119,7 +125,7 @@ def client_config(args) -> ClientConfig:
     return ClientConfig(push=args.push, wire_dtype=args.wire_dtype, transport=args.transport, sealed=not args.insecure,
                         timeout=args.timeout, ban_seconds=args.ban_seconds, max_failovers=args.max_failovers,
                         discovery=args.discovery, route=args.route, paths=path_settings(args),
-                        verify_rate=args.verify_rate)
+                        verify_rate=args.verify_rate, verify_at_peer=args.verify_at_peer)
 
 
 def add_nat_args(p) -> None:

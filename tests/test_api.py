@@ -324,15 +324,15 @@ class FakeModel:
         self.local = LocalModel.load(TINY_MODEL)
         self.head, self.error, self.delay = self.local.head, error, delay
 
-    def session(self, max_length):
+    def session(self, max_length, sampling=None):
         if self.error is not None:
             raise self.error
         session, delay = self.local.session(max_length), self.delay
 
         class Slow:
-            overlaps = False
+            overlaps, verdicts = False, False
 
-            def submit(self, hidden, layout):
+            def submit(self, hidden, layout, check=None):
                 time.sleep(delay)
                 return session.submit(hidden, layout)
 

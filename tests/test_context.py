@@ -70,16 +70,16 @@ class Watched:
         self.lengths: list[int] = []
         self.reach = 0
 
-    def session(self, max_length: int):
+    def session(self, max_length: int, sampling=None):
         self.lengths.append(max_length)
-        inner, watched = self.model.session(max_length), self
+        inner, watched = self.model.session(max_length, sampling), self
 
         class Session:
-            overlaps = inner.overlaps
+            overlaps, verdicts = inner.overlaps, inner.verdicts
 
-            def submit(self, hidden, layout):
+            def submit(self, hidden, layout, check=None):
                 watched.reach = max(watched.reach, layout.start + layout.n)
-                return inner.submit(hidden, layout)
+                return inner.submit(hidden, layout, check)
 
             def close(self):
                 inner.close()

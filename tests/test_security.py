@@ -58,8 +58,8 @@ class InProcessSwarm:
         self.sealed, self.push = True, True
         self.chains: list[ChainSession] = []
 
-    def session(self, max_length: int):
-        """A `RunBlocks` over the three peers (what `generate` drives)."""
+    def session(self, max_length: int, sampling=None):
+        """A `RunBlocks` over the three peers (what `generate` drives; hidden states back, never verdicts)."""
         config = ClientConfig(push=self.push, sealed=self.sealed, timeout=30)
         chain = ChainSession(lambda addr: dial(None, addr), self.hops, config)
         self.bg.run(chain.open(max_length))
@@ -67,9 +67,9 @@ class InProcessSwarm:
         loop = self.bg.loop
 
         class Run:
-            overlaps = True
+            overlaps, verdicts = True, False
 
-            def submit(self, hidden, layout):
+            def submit(self, hidden, layout, check=None):
                 return asyncio.run_coroutine_threadsafe(chain.step(hidden, layout), loop)
 
             def __call__(self, hidden, layout):

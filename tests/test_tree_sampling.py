@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from peer.model import sampling as core_sampling
 from swarm.decode import sampling
 from swarm.decode.sampling import draw_siblings, verify, verify_greedy_tree, verify_tree
 
@@ -128,12 +129,12 @@ BIASES = {  # the classic tree bugs, put into the real verifier
     "residual not updated after a rejected sibling": lambda r, q, x: r,
     "sampled sibling rejected as if deterministic": lambda r, q, x: REAL_RESIDUAL(r, None, x),
 }
-REAL_RESIDUAL = sampling._residual
+REAL_RESIDUAL = core_sampling._residual
 
 
 @pytest.mark.parametrize("bug", list(BIASES))
 def test_the_check_catches_a_biased_tree_verifier(bug, monkeypatch):
-    monkeypatch.setattr(sampling, "_residual", BIASES[bug])
+    monkeypatch.setattr(core_sampling, "_residual", BIASES[bug])  # (the one implementation: peer.model.sampling)
     counts, expected = joint_counts(tree_iid, 4000)
     assert chi_square_p_value(counts, expected) < SIGNIFICANCE, f"the check did not notice: {bug}"
 

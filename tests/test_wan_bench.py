@@ -129,7 +129,8 @@ def test_run_config_gives_every_mode_and_petals_the_same_workload(wan_bench, mon
     monkeypatch.setattr(wan_bench, "measure", fake_measure)
     monkeypatch.setattr(wan_bench, "generate", lambda model, prompt, n, **k: SimpleNamespace(tokens=[0] * n, seconds=0.01))
     args = SimpleNamespace(k_max=8, relaxed=0.5, temperature=0.7, model=str(TINY_MODEL), max_new_tokens=16, reps=1,
-                           probe_every=1, no_petals=False, petals_venv=tmp_path / "no-venv", modes=None)
+                           probe_every=1, no_petals=False, petals_venv=tmp_path / "no-venv", modes=None,
+                           verify_at_peer=None)
     prompts = [[1, 2], [3], [4, 5, 6]]
     bar = SimpleNamespace(update=lambda n=1: None, set_description=lambda d: None)
     rep = wan_bench.run_config(args, None, None, prompts, PROFILES["continental"].matrix(2), 2, "continental", bar)

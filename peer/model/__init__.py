@@ -4,6 +4,8 @@
 `KVCache`; `Checkpoint(dir).load_head()` gives a `ModelHead` (embeddings, final norm, LM head).
 `Checkpoint(file.gguf)` converts a llama.cpp GGUF once (`convert_gguf`) and loads the result.
 Both loaders take `quant="int8"`: weight-only int8 linear layers (`Int8Linear`), half the bytes of bf16.
+`peer.model.sampling`: sampling distributions and the lossless verifiers, shared by the client's decoder and a
+last peer that verifies rounds itself.
 """
 
 from .blocks import BlockRange, ModelHead

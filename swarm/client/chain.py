@@ -18,6 +18,11 @@ A peer's error fails the session as a `RemoteError` (the caller fails over), exc
 session or step past the model's context is the request's fault, not the peer's, and becomes
 `ContextTooLong` (a ValueError, "session too long for this model (N > M)"): no failover, no ban.
 
+With `verify` (verification at the last peer) the last hop's Open asks it to verify rounds and it
+answers each step with a `Verdict`, never the final hidden states; a sampled round's `Check` (drafts,
+their sparse distributions, a seed) reaches the last hop alone: in its own Step (client-mediated),
+sealed in its onion layer (sealed push), or riding along the pushed Steps (plaintext push).
+
 Knows the protocol, channels and the client's config; nothing about libp2p (it gets a
 `dial(addr) -> stream`), sampling or tokens.
 """
@@ -55,8 +60,9 @@ class ChainSession:
     Reads `config.push`, `config.wire_dtype`, `config.timeout` and `config.sealed`."""
 
     def __init__(self, dial: Callable[[str], Awaitable[Stream]], route: list[Hop], config: ClientConfig,
-                 context: int | None = None):
+                 context: int | None = None, verify: m.VerifyAt | None = None):
         self.dial, self.route, self.config = dial, route, config
+        self.verify = verify  # the last hop verifies rounds itself: its answers are Verdicts, not hidden states
         self.context, self.max_length = context, 0  # the model's context, when the caller knows it
         self.ids = [new_session_id() for _ in route]
         # how each hop's frames are sealed and opened; a sealed hop's once the peer's key is checked
@@ -81,7 +87,9 @@ class ChainSession:
         for i, (hop, channel) in enumerate(zip(route, self.channels)):
             nxt = m.NextHop(route[i + 1].addr, self.ids[i + 1], links[i]) if cfg.push and i + 1 < len(route) else None
             prev = links[i - 1] if cfg.push and i > 0 else None
-            await channel.send(self.codecs[i], m.Open(self.ids[i], max_length, hop.blocks, cfg.wire_dtype, nxt, prev))
+            verify = self.verify if i == len(route) - 1 else None
+            await channel.send(self.codecs[i], m.Open(self.ids[i], max_length, hop.blocks, cfg.wire_dtype, nxt, prev,
+                                                      verify))
         for fut in opened:
             await self._wait(fut)
 
@@ -134,10 +142,11 @@ class ChainSession:
                 if isinstance(msg, m.Error):
                     self._fail(self._refusal(msg, msg.peer or str(self.route[i])))
                     continue
-                key = "open" if isinstance(msg, m.Opened) else msg.step if isinstance(msg, m.Result) else None
+                key = "open" if isinstance(msg, m.Opened) else msg.step if isinstance(msg, (m.Result, m.Verdict)) \
+                    else None
                 fut = self._waiters.pop((i, key), None)
                 if fut is not None and not fut.done():  # no waiter: a reply to an abandoned step
-                    fut.set_result(getattr(msg, "hidden", None))
+                    fut.set_result(msg.hidden if isinstance(msg, m.Result) else msg)
         except Exception as e:  # noqa: BLE001 - EOF, reset, garbage: the hop is gone
             self._fail(RemoteError(ErrorCode.DISCONNECTED, f"connection lost: {e or type(e).__name__}",
                                    str(self.route[i])))
@@ -150,45 +159,52 @@ class ChainSession:
             self._fail(error)
             raise error from None
 
-    def _onion(self, first: int, step: int, layout: StepLayout) -> bytes:
-        """Hops first.. end's instructions, each sealed for its hop around the layers of the hops after it."""
+    def _onion(self, first: int, step: int, layout: StepLayout, check: m.Check | None) -> bytes:
+        """Hops first.. end's instructions, each sealed for its hop around the layers of the hops after it (the
+        last hop's with the round's check, when it verifies: no other hop sees the drafts)."""
         parents, compact = _wire_layout(layout)
-        layer = b""
-        for j in range(len(self.route) - 1, first - 1, -1):
-            layer = self.codecs[j].onion.seal(m.Control(self.ids[j], step, layout.start, parents, compact), layer)
+        layer, last = b"", len(self.route) - 1
+        for j in range(last, first - 1, -1):
+            ctrl = m.Control(self.ids[j], step, layout.start, parents, compact, check if j == last else None)
+            layer = self.codecs[j].onion.seal(ctrl, layer)
         return layer
 
-    async def _send_step(self, hop: int, step: int, hidden: torch.Tensor, layout: StepLayout) -> None:
+    async def _send_step(self, hop: int, step: int, hidden: torch.Tensor, layout: StepLayout,
+                         check: m.Check | None = None) -> None:
         parents, compact = _wire_layout(layout)
-        msg = m.Step(self.ids[hop], step, layout.start, hidden, parents, compact, self.config.wire_dtype)
+        sealed_push = self.config.push and self.codecs[hop].sealed and hop == 0 and len(self.route) > 1
+        # the check rides to the last hop: in its own Step, in its onion layer (sealed push), or along a plain push
+        here = check if hop == len(self.route) - 1 or (self.config.push and not sealed_push) else None
+        msg = m.Step(self.ids[hop], step, layout.start, hidden, parents, compact, self.config.wire_dtype, here)
         onion = b""
-        if self.config.push and self.codecs[hop].sealed and hop == 0 and len(self.route) > 1:
-            # the later hops' layers, built under the send lock: onion counters rise in sending order
-            onion = lambda: self._onion(1, step, layout)  # noqa: E731
+        if sealed_push:  # the later hops' layers, built under the send lock: onion counters rise in sending order
+            onion = lambda: self._onion(1, step, layout, check)  # noqa: E731
         await self.channels[hop].send(self.codecs[hop], msg, onion)
 
-    async def step(self, hidden: torch.Tensor, layout: StepLayout) -> torch.Tensor:
-        """Run one step (`layout.compact` first keeps one path of the previous tree step); its output."""
-        return await self.replay([(hidden, layout)])
+    async def step(self, hidden: torch.Tensor, layout: StepLayout, check: m.Check | None = None):
+        """Run one step (`layout.compact` first keeps one path of the previous tree step); its output: hidden
+        states, or with a verifying last hop its `Verdict` (`check`: a sampled round's, for it)."""
+        return await self.replay([(hidden, layout)], check)
 
-    async def replay(self, steps: list[tuple[torch.Tensor, StepLayout]]) -> torch.Tensor:
-        """Run steps [(hidden, layout)] in order, sent back to back; returns the last one's output.
+    async def replay(self, steps: list[tuple[torch.Tensor, StepLayout]], check: m.Check | None = None):
+        """Run steps [(hidden, layout)] in order, sent back to back; returns the last one's output (`check`: its).
 
         With one step this is a normal step. With many it rebuilds a fresh route's caches after a
         failover: the same steps with the same shapes give the same keys and values, bit for bit.
         """
         first = self._step + 1
         self._step += len(steps)
+        checks = [None] * (len(steps) - 1) + [check]
         if self.config.push:
             last = self._expect(len(self.route) - 1, self._step)
             for n, (hidden, layout) in enumerate(steps):
-                await self._send_step(0, first + n, hidden, layout)
+                await self._send_step(0, first + n, hidden, layout, checks[n])
             return await self._wait(last)
         inputs = [hidden for hidden, _ in steps]
         for i in range(len(self.channels)):
             futures = [self._expect(i, first + n) for n in range(len(steps))]
             for n, (_, layout) in enumerate(steps):
-                await self._send_step(i, first + n, inputs[n], layout)
+                await self._send_step(i, first + n, inputs[n], layout, checks[n])
             inputs = [await self._wait(f) for f in futures]
         return inputs[-1]
 

@@ -44,6 +44,10 @@ class ClientConfig:
     verify_rate: float = 0.05
     verify_tolerance: float | None = None  # largest honest relative error; None: from the dtypes peers announce
     liar_ban_seconds: float = 3600.0  # how long a peer caught returning wrong hidden states is left out of routes
+    # verification at the last peer (peer/verify.py): True: the route's last peer verifies speculative rounds and
+    # answers with verdicts, not hidden states (this client computes the same verdicts itself where the last peer
+    # holds no head); False: this client verifies; None: `auto_verify_at_peer` decides per route
+    verify_at_peer: bool | None = None
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:
@@ -62,3 +66,15 @@ class ClientConfig:
     @property
     def where(self) -> str:
         return {True: "push", False: "client-mediated", None: "push or client-mediated"}[self.push]
+
+
+WIDE_VOCABULARY = 64  # vocabulary / hidden size from which the head dominates a client's work (SmolLM2: 85)
+HEAVY_HEAD = 64 * 2**20  # multiply-adds of the head per node from which a CPU client is too weak for it
+
+
+def auto_verify_at_peer(offered: bool, vocab: int, hidden: int, device: str) -> bool:
+    """The rule for `verify_at_peer=None`: verify at the last peer when it offers to and either the vocabulary is
+    wide for the hidden size (vocab >= 64 x hidden: the head is most of the client's work and the hidden states the
+    biggest thing on the wire back; SmolLM2-135M, Qwen2, Gemma) or the client runs on a CPU and the head costs at
+    least 64 M multiply-adds a node (Llama-2-7B, Llama-3-8B). Small heads (the bundled tiny model) stay here."""
+    return offered and (vocab >= WIDE_VOCABULARY * hidden or (device.startswith("cpu") and vocab * hidden >= HEAVY_HEAD))

@@ -46,6 +46,14 @@ route back to back (step by step, as failover replays: identical shapes give ide
 the first new step: the rerun costs one replay, and the output is exactly that of an honest route.
 Callers that do not use `with_rollback` (chat, the API) see `Rollback` as a failed generation.
 
+**Verification at the last peer.** Such a session's route returns verdicts (the target's argmax after every node),
+never the final hidden states. Checks still run shadow routes of hidden states (a verifying last peer is asked for
+hidden states in a shadow session), and a verdict is compared with them through the head here
+(`verdict_distance`: how far its tokens sit below the best logit of the replica's computation, relative to the
+logits' spread, counted `VERDICT_STRICTNESS` = 10 times against the same tolerance: the tokens are the output): a last peer that reports tokens other than its computation's argmax is
+caught like one that returns wrong hidden states; its sampled accept/reject decisions are not re-checked (they use
+the seed the client sent, and the argmax shows whether its logits are honest).
+
 **Unverified output.** A span of the route with no independent replica cannot be checked; the
 session's `report()` lists such spans (`unverified_spans`), and `swarm generate` says so.
 
@@ -79,6 +87,11 @@ FAILURES = (RemoteError, ConnectionError, EOFError, OSError, asyncio.TimeoutErro
 # (the bundled tiny model: under 0.014 for all). int8 weights hide behind any announced dtype, hence float16's.
 SPREAD = {"float32": 0.055, "float16": 0.055, "bfloat16": 0.07}
 MARGIN = 1.5
+# A verdict's tokens ARE the greedy output: a near-tie flipped by rounding is all an honest peer may differ by, so
+# its relative logit gap (`verdict_distance`) counts 10x against the same tolerance (fp32 peers: 0.0165 of the
+# logits' spread). A liar that flips only closer ties than that is not caught; a stricter rule would accuse honest
+# low-precision peers at real ties.
+VERDICT_STRICTNESS = 10.0
 
 
 def tolerance(a: str, b: str) -> float:
@@ -94,6 +107,21 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float().reshape(-1, a.shape[-1]), b.float().reshape(-1, b.shape[-1])
     scale = torch.maximum(a.norm(dim=-1), b.norm(dim=-1)).clamp_min(1e-12)
     d = ((a - b).norm(dim=-1) / scale).max().item()
+    return d if math.isfinite(d) else math.inf
+
+
+def verdict_distance(argmax, logits: torch.Tensor) -> float:
+    """How far a verdict's tokens (the argmax a last peer claims after each of a step's last rows) sit below the best
+    logit of an independent computation, relative to its spread: max over rows of (best - claimed) / (best - mean).
+    0 when the tokens are the argmax; about 1 for a typical token; honest near-ties give almost 0."""
+    logits = logits.float()[-len(argmax):] if len(argmax) else logits.float()[:0]
+    if logits.shape[0] != len(argmax) or any(not 0 <= t < logits.shape[-1] for t in argmax):
+        return math.inf
+    if not len(argmax):
+        return 0.0
+    best = logits.max(-1).values
+    claimed = logits.gather(-1, torch.tensor(list(argmax), device=logits.device)[:, None])[:, 0]
+    d = ((best - claimed) / (best - logits.mean(-1)).clamp_min(1e-6)).max().item()
     return d if math.isfinite(d) else math.inf
 
 
@@ -222,6 +250,16 @@ class Auditor:
 
     def tol(self, a: str, b: str) -> float:
         return self.model.config.verify_tolerance or tolerance(a, b)
+
+    def off(self, a, b) -> float:
+        """How far two outputs of one step are apart: `distance` of hidden states; where one is a verdict (a last
+        peer that verifies rounds), `verdict_distance` against the other's logits; two verdicts: 0 or inf."""
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return distance(a, b)
+        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+            return 0.0 if a.argmax == b.argmax else math.inf
+        verdict, hidden = (b, a) if isinstance(a, torch.Tensor) else (a, b)
+        return VERDICT_STRICTNESS * verdict_distance(verdict.argmax, self.model.head.logits(hidden))
 
     def dtype_of(self, pid: str) -> str:
         return self.model.dtypes.get(pid, "?")

@@ -82,6 +82,7 @@ class PeerInfo:
     load: float = 0.0  # fraction of its cache in use
     model: str = ""
     path: str | None = None  # how we reach it (peer/paths.py): direct, webrtc, webrtc-turn, relay; rtt_ms is on it
+    head: bool = False  # it holds the LM head with the model's last block: rounds may be verified there
 
     def ms_for(self, n_blocks: int) -> float:
         per_block = 1000.0 / self.throughput if self.throughput else DEFAULT_MS_PER_BLOCK

@@ -5,6 +5,10 @@ this module is its per-session half, driven by `RemoteBlocks`: `answered` (a ste
 verified), `before_send` (replay those into the route), `settle` (after a step: check it, maybe re-route
 or roll back), `rerouted` (a new chain: at the start and after a failover), `close` (the report).
 
+In a session that verifies at the last peer, the primary route's outputs are verdicts (the target's argmax after
+every node), never the final hidden states; the shadows and third opinions still return hidden states, and
+`Auditor.off` compares a verdict with them (how far its tokens sit below the best logit, `integrity`).
+
 Knows chains, routes, the client's config and the model engine; nothing of sampling, drafts or tokenizers.
 """
 
@@ -20,7 +24,7 @@ import torch
 
 from peer.model import StepLayout, parse_dtype
 from swarm.client.chain import ChainSession
-from swarm.client.integrity import FAILURES, Rollback, ShadowChain, Transcript, Verdict, distance, run_span
+from swarm.client.integrity import FAILURES, Rollback, ShadowChain, Transcript, Verdict, run_span
 from swarm.client.route import Hop, to_hops
 
 if TYPE_CHECKING:
@@ -145,7 +149,7 @@ class SessionAudit:
         shadow.seen = len(steps)
         p, r, a = route[k].peer_id, shadow.route[k].peer_id, self.auditor
         tol = a.tol(a.dtype_of(p), a.dtype_of(r))
-        bad = next((i for i, (o, g) in enumerate(zip(outs[first:], got)) if not distance(o, g) <= tol), None)
+        bad = next((i for i, (o, g) in enumerate(zip(outs[first:], got)) if not a.off(o, g) <= tol), None)
         if bad is None:
             a.credit(p, r)
             if route[k].blocks != self.audited and a.suspects.get(p, 0.0) <= time.monotonic():
@@ -171,7 +175,7 @@ class SessionAudit:
         if third is None:
             return self._unsettled(span, p, r)
         t_outs, t_dtype, own = third
-        off = {pid: max(distance(x, y) for x, y in zip(mine, t_outs[j:])) for pid, mine in ((p, outs[j:]), (r, s_outs))}
+        off = {pid: max(a.off(x, y) for x, y in zip(mine, t_outs[j:])) for pid, mine in ((p, outs[j:]), (r, s_outs))}
         ok = {pid: off[pid] <= a.tol(a.dtype_of(pid), t_dtype) for pid in (p, r)}
         if ok[p] and ok[r]:
             a.credit(p, r)
@@ -300,14 +304,15 @@ class SessionAudit:
         new = None
         try:
             model.route = await model._plan()
-            new = await model.open_chain(rb.max_length)
+            new = await model.open_chain(rb.max_length, rb.verify_at)
             if rb.history:
                 await new.replay(rb.history)
             return new
         except FAILURES as e:
             if new is not None:
                 await new.close()
-            return await model.recover(ChainSession(None, model.route, model.config), e, rb.max_length, rb.history)
+            return await model.recover(ChainSession(None, model.route, model.config), e, rb.max_length, rb.history,
+                                       rb.verify_at)
 
     # --- the end -----------------------------------------------------------------------------------
     async def close(self) -> None:

@@ -12,6 +12,9 @@ its address says) is a failover failure (`FAILURES`), never a parser's error. Pe
 compute wrong hidden states are caught by spot-checks (`swarm.client.integrity`, `swarm.client.spotcheck`):
 with checks on, `RemoteBlocks` keeps every step's output beside its input, settles each step through its
 `SessionAudit` before releasing it, and answers a rolled-back generation's verified steps from its transcript.
+A session opened with sampling parameters may verify at the last peer (`verifies_at_peer`: the config, or the
+auto rule `auto_verify_at_peer` for the route): its steps then yield `RoundVerdict`s, the last peer's (checked,
+`swarm.client.verdicts`) or, on a route whose last peer holds no head, computed here with the same verifier.
 
 Knows the protocol, peer transports and records, and routes; nothing of sampling, drafts or tokenizers.
 """
@@ -30,15 +33,18 @@ import torch
 
 from peer.dht import SwarmDHT
 from peer.model import Checkpoint, StepLayout
+from peer.model.sampling import RoundCheck, RoundVerdict, SamplingParams
 from peer.p2p import P2PNode
 from peer.paths import Paths
 from peer.transport import addr_of, dial, fetch_info
 from swarm.client.background import BackgroundLoop
 from swarm.client.chain import ChainSession, RemoteError
-from swarm.client.config import ClientConfig
+from protocol import messages as m
+from swarm.client.config import ClientConfig, auto_verify_at_peer
 from swarm.client.integrity import FAILURES, Auditor
 from swarm.client.route import Hop, PeerInfo, choose_chain, parse_route, peer_id_of, to_hops
 from swarm.client.spotcheck import SessionAudit
+from swarm.client.verdicts import checked, computed, wire_check
 
 log = logging.getLogger("specswarm.client")
 
@@ -124,7 +130,7 @@ class SwarmModel:
             load = 1.0 - info.free_cache_tokens / max(rec.cache_tokens, 1) if rec and rec.cache_tokens else 0.0
             self.peers[pid] = PeerInfo(pid, addr, info.blocks, info.data_addr, rtt_ms=rtt, model=info.model,
                                        throughput=rec.throughput if rec else None, rtts=dict(rec.rtts) if rec else {},
-                                       load=max(0.0, min(load, 1.0)), path=self.paths.path_of(pid))
+                                       load=max(0.0, min(load, 1.0)), path=self.paths.path_of(pid), head=info.head)
 
     def _usable(self) -> dict[str, PeerInfo]:
         now = time.monotonic()
@@ -174,8 +180,24 @@ class SwarmModel:
             addr = self.config.addresses.dial_addr(addr)
         return await dial(self.node, addr)
 
-    async def open_chain(self, max_length: int) -> ChainSession:
-        chain = ChainSession(self.dial, self.route, self.config, self.head.cfg.max_position_embeddings)
+    def verifies_at_peer(self, sampling: SamplingParams | None) -> bool:
+        """Whether a session with these sampling parameters (None: plain decoding, no rounds) verifies at the last
+        peer: as `config.verify_at_peer` says, or by `auto_verify_at_peer` for the current route."""
+        want = self.config.verify_at_peer
+        if sampling is None or want is False:
+            return False
+        last = self.peers.get(self.route[-1].peer_id) if self.route else None
+        offered = last is not None and last.head
+        if want and not offered:
+            log.warning("--verify-at-peer: the route's last peer holds no LM head (--no-head, or an older peer); this "
+                        "client computes the same verdicts itself from the hidden states")
+        return want or auto_verify_at_peer(offered, self.head.cfg.vocab_size, self.head.cfg.hidden_size, self.weights[1])
+
+    async def open_chain(self, max_length: int, verify: m.VerifyAt | None = None) -> ChainSession:
+        """Sessions along the route; `verify`: the last hop verifies rounds, if it offers to (else hidden states)."""
+        last = self.peers.get(self.route[-1].peer_id)
+        verify = verify if last is not None and last.head else None
+        chain = ChainSession(self.dial, self.route, self.config, self.head.cfg.max_position_embeddings, verify)
         try:
             await chain.open(max_length)
         except BaseException:
@@ -183,7 +205,8 @@ class SwarmModel:
             raise
         return chain
 
-    async def recover(self, chain: ChainSession, error: BaseException, max_length: int, history: list) -> ChainSession:
+    async def recover(self, chain: ChainSession, error: BaseException, max_length: int, history: list,
+                      verify: m.VerifyAt | None = None) -> ChainSession:
         """A step failed: ban dead peers, re-plan, open the new route and replay `history` into it."""
         await chain.close()
         failed = chain.route
@@ -195,7 +218,7 @@ class SwarmModel:
                         " -> ".join(map(str, self.route)), len(history))
             new = None
             try:
-                new = await self.open_chain(max_length)
+                new = await self.open_chain(max_length, verify)
                 if history:
                     await new.replay(history)
                 return new
@@ -207,8 +230,9 @@ class SwarmModel:
                 failed, error = self.route, e
         raise error
 
-    def session(self, max_length: int) -> "RemoteBlocks":
-        return RemoteBlocks(self, max_length)
+    def session(self, max_length: int, sampling: SamplingParams | None = None) -> "RemoteBlocks":
+        """Blocks over the swarm for one generation; `sampling`: its rounds may be verified at the last peer."""
+        return RemoteBlocks(self, max_length, sampling)
 
     def close(self) -> None:
         """Close the DHT, then the node (even if the DHT would not close), then the loop, which first
@@ -233,8 +257,11 @@ class RemoteBlocks:
 
     overlaps = True  # steps run on the client's background loop while the caller drafts
 
-    def __init__(self, model: SwarmModel, max_length: int):
+    def __init__(self, model: SwarmModel, max_length: int, sampling: SamplingParams | None = None):
         self.model, self.max_length = model, max_length
+        self.sampling = sampling if model.verifies_at_peer(sampling) else None
+        self.verdicts = self.sampling is not None  # steps answer with RoundVerdicts (verification at the last peer)
+        self.verify_at = m.VerifyAt(sampling.temperature, sampling.top_p) if self.verdicts else None
         self.history: list[tuple[torch.Tensor, StepLayout]] = []
         self.outputs: list[torch.Tensor] = []  # with checks on: each history step's output, as the route gave it
         self.audit = SessionAudit(self)
@@ -249,26 +276,34 @@ class RemoteBlocks:
 
     async def _open(self) -> ChainSession:
         try:
-            return await self.model.open_chain(self.max_length)
+            return await self.model.open_chain(self.max_length, self.verify_at)
         except FAILURES as e:
             return await self.model.recover(ChainSession(None, self.model.route, self.model.config), e,
-                                            self.max_length, [])
+                                            self.max_length, [], self.verify_at)
 
-    def submit(self, hidden: torch.Tensor, layout: StepLayout) -> Future:
-        """Send one step; the future holds its output in the head's dtype."""
+    def submit(self, hidden: torch.Tensor, layout: StepLayout, check: RoundCheck | None = None) -> Future:
+        """Send one step; the future holds its output in the head's dtype, or with `verdicts` its RoundVerdict
+        (`check`: a sampled round's drafts and their distributions, for the verifier)."""
         if self.audit.transcript and not self._inflight:  # a rolled-back generation, run again: a verified step
             out = self.audit.answered(hidden, layout)
             if out is not None:
                 self.history.append((hidden, layout))
                 self.outputs.append(out)
                 done: Future = Future()
-                done.set_result(out.to(self.model.head.embed_tokens.weight.dtype))
+                done.set_result(self._release(out, layout, check))
                 return done
         self._sent += 1
         self._inflight.append(self._sent)
-        return asyncio.run_coroutine_threadsafe(self._step(self._sent, hidden, layout), self.model.bg.loop)
+        return asyncio.run_coroutine_threadsafe(self._step(self._sent, hidden, layout, check), self.model.bg.loop)
 
-    async def _step(self, number: int, hidden, layout) -> torch.Tensor:
+    def _release(self, out, layout: StepLayout, check: RoundCheck | None):
+        """What the decoder gets: hidden states in the head's dtype, or the round's verdict (the last peer's, else
+        computed here from the hidden states with the same verifier)."""
+        if not self.verdicts:
+            return out.to(self.model.head.embed_tokens.weight.dtype)
+        return out if isinstance(out, RoundVerdict) else computed(self.model.head, out, layout, check, self.sampling)
+
+    async def _step(self, number: int, hidden, layout, check: RoundCheck | None = None):
         attempt = 0
         self._tasks.add(asyncio.current_task())
         try:
@@ -278,13 +313,16 @@ class RemoteBlocks:
                 chain = self.chain
                 try:
                     await self.audit.before_send(chain)
-                    out = await chain.step(hidden, layout)
+                    out = await chain.step(hidden, layout, wire_check(check) if chain.verify else None)
+                    if isinstance(out, m.Verdict):
+                        out = checked(out, self.model.head.cfg.vocab_size, layout, check, self.sampling,
+                                      str(chain.route[-1].peer_id))
                     if self.audit.on and not await self.audit.settle(number, chain, hidden, layout, out):
                         continue  # a check replaced the route this step ran on: it goes again on the new one
                     self.history.append((hidden, layout))
                     if self.audit.on:
                         self.outputs.append(out)
-                    return out.to(self.model.head.embed_tokens.weight.dtype)
+                    return self._release(out, layout, check)
                 except FAILURES as e:
                     if number != self._inflight[0]:
                         # an older step is failing over: let it finish, then go again, in order
@@ -295,7 +333,7 @@ class RemoteBlocks:
                     attempt += 1
                     log.warning("step failed (%s); failing over", e)
                     self._recovering = number
-                    self.chain = await self.model.recover(chain, e, self.max_length, self.history)
+                    self.chain = await self.model.recover(chain, e, self.max_length, self.history, self.verify_at)
                     self.audit.rerouted()
         finally:
             self._tasks.discard(asyncio.current_task())

@@ -10,6 +10,11 @@ The model's context (`max_position_embeddings`) bounds the whole sequence, promp
 there (`stopped_by` "length", as when max_new_tokens is reached), and no session asks for more
 positions than the context, speculative slack included (`fit_context`).
 
+A speculative session is opened with the sampling parameters, so that a model whose blocks end at a
+verifying peer may verify the rounds there (verification at the last peer; not with LOSSY `relaxed`
+acceptance, which needs the target's softmax here); under sampling its drafts then come from the
+draft's top K (`SpecConfig.draft_top_k`).
+
 Knows `ModelHead` and `RunBlocks`; nothing of the network, peers, failover or tokenizers.
 """
 
@@ -23,9 +28,11 @@ import torch
 
 from peer.model import ContextTooLong, ModelHead, StepLayout
 from swarm.decode.round_policy import CostModel
-from swarm.decode.sampling import SamplingParams, sample
+from swarm.decode.sampling import MAX_CHECK_DRAFTS, SamplingParams, sample
 from swarm.decode.speculative import Drafter, SpecConfig, SpeculativeResult, speculative_decode
 from swarm.decode.target import GenerationResult, LocalModel, Model, RunBlocks, embed_step
+
+DRAFT_TOP_K = 16  # sampling, verified at the last peer: drafts come from the draft's top 16, renormalised
 
 
 def prefill(head: ModelHead, run: RunBlocks, prompt: list[int]) -> torch.Tensor:
@@ -90,7 +97,12 @@ def generate(model: Model, prompt: list[int], max_new_tokens: int, params: Sampl
             raise ValueError(f"sampling parameters given twice and different: {params} and {spec.params}")
         spec = replace(spec, params=params if spec.params == SamplingParams() else spec.params)
     length = min(len(prompt) + max_new_tokens + 2 * spec.slack + 2, model.head.cfg.max_position_embeddings)
-    session = model.session(length)
+    # verification at the last peer may take the rounds, unless relaxed (it needs the target's softmax here) or a
+    # sampled round could hold more drafts than a check carries
+    elsewhere = spec.relaxed is None and (spec.params.greedy or spec.slack <= MAX_CHECK_DRAFTS)
+    session = model.session(length, spec.params if elsewhere else None)
+    if session.verdicts and not spec.params.greedy and spec.draft_top_k is None:  # the peer is told the draft's q
+        spec = replace(spec, draft_top_k=DRAFT_TOP_K)
     try:
         return speculative_decode(model.head, session, Drafter(draft, length), prompt, max_new_tokens, spec,
                                   seed=seed, eos_ids=eos, on_tokens=on_tokens, policy=policy, max_length=length)

@@ -28,7 +28,8 @@ import torch
 from peer.model import ModelHead, StepLayout
 from swarm.decode.ngram import NgramIndex, Proposal, graft, is_chain, shared_path
 from swarm.decode.round_policy import CostModel, RoundPlan
-from swarm.decode.sampling import token_probs, verify, verify_greedy_tree, verify_tree
+from swarm.decode.sampling import (RoundCheck, RoundVerdict, sparse_q, token_probs, verify, verify_greedy_tree,
+                                   verify_tree)
 from swarm.decode.sources import NgramCalibration
 
 if TYPE_CHECKING:
@@ -62,6 +63,11 @@ class Round:
 
     def layout(self, compact) -> StepLayout:
         return StepLayout(self.start, len(self.ids), tuple(self.parents) if self.parents else None, compact)
+
+    def check(self, seed: int) -> RoundCheck:
+        """What a verifier at the last peer needs of this sampled round: its drafts, each one's distribution as
+        sparse (id, prob) pairs (the draft's top K; a deterministic draft's one pair), and a seed."""
+        return RoundCheck(tuple(self.drafts), tuple(sparse_q(q, x) for x, q in zip(self.drafts, self.qs)), seed)
 
 
 def draft_round(drafter: Drafter, ngram: NgramIndex | None, policy: CostModel, seq: list[int], room: int,
@@ -98,7 +104,7 @@ def draft_model(drafter: Drafter, policy: CostModel, plan: RoundPlan, seq: list[
         rnd.depth = plan.k
     else:
         rnd.drafts, q = drafter.propose(seq, plan.k, spec.params, generator,
-                                        lambda conf: policy.keep_drafting(conf, plan))
+                                        lambda conf: policy.keep_drafting(conf, plan), spec.draft_top_k)
         rnd.qs, rnd.depth = list(q), len(rnd.drafts)
         rnd.confidences, rnd.top = list(drafter.confidences), list(drafter.top)
         rnd.draft_first = drafter.first_seconds if rnd.drafts else None
@@ -143,11 +149,14 @@ def chain_q(rnd: Round, vocab: int, like: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows) if rows else like.new_zeros(0, vocab)
 
 
-def judge(head: ModelHead, rnd: Round, hidden: torch.Tensor, spec: SpecConfig,
+def judge(head: ModelHead, rnd: Round, out: torch.Tensor | RoundVerdict, spec: SpecConfig,
           generator) -> tuple[int, list[int], int, tuple | None]:
     """(drafts accepted, the tokens the round commits, the target's own token among them, the
-    compaction the next step needs); the accepted path is left in `rnd.path`."""
-    logits = head.logits(hidden)
+    compaction the next step needs); the accepted path is left in `rnd.path`. `out`: the step's final
+    hidden states, or the verdict of a last peer that verified the round (`judge_verdict`)."""
+    if isinstance(out, RoundVerdict):
+        return judge_verdict(rnd, out, spec)
+    logits = head.logits(out)
     if rnd.parents is not None:
         if spec.params.greedy:
             rnd.path, extra = verify_greedy_tree(rnd.ids, rnd.parents, logits.argmax(-1).tolist())
@@ -160,3 +169,23 @@ def judge(head: ModelHead, rnd: Round, hidden: torch.Tensor, spec: SpecConfig,
     accepted, extra = verify(rnd.drafts, chain_q(rnd, p.shape[-1], p), p, generator, spec.relaxed, soft)
     rnd.path = list(range(accepted + 1))
     return accepted, rnd.drafts[:accepted] + [extra], extra, None
+
+
+def judge_verdict(rnd: Round, verdict: RoundVerdict, spec: SpecConfig) -> tuple[int, list[int], int, tuple | None]:
+    """`judge` on a verdict from the last peer. Greedy: this client's own judge on the target's argmax (a chain
+    accepts while its drafts equal it, a tree as `verify_greedy_tree`): the same answer as from the logits.
+    Sampling: the peer's rejection sampling decided; its accepted path and next token are taken as they are."""
+    if spec.params.greedy:
+        argmax = list(verdict.argmax)
+        if rnd.parents is not None:
+            path, extra = verify_greedy_tree(rnd.ids, rnd.parents, argmax)
+        else:
+            accepted = 0
+            while accepted < len(rnd.drafts) and rnd.drafts[accepted] == argmax[accepted]:
+                accepted += 1
+            path, extra = list(range(accepted + 1)), argmax[accepted]
+    else:
+        path, extra = list(verdict.path), verdict.token
+    rnd.path = path
+    new = [rnd.ids[i] for i in path[1:]] + [extra]
+    return len(path) - 1, new, extra, (rnd.start, tuple(path)) if rnd.parents is not None else None

@@ -19,7 +19,11 @@ One round, top to bottom (`speculative_decode`; the round's own pieces in `round
      accept while the draft equals the target's argmax; an n-gram draft has a one-hot q) and adds one
      token of the target's own, so every round commits at least one token and the output
      distribution is the target's alone; a tree's longest path of drafts equal to the target's
-     argmax is accepted (`verify_greedy_tree`);
+     argmax is accepted (`verify_greedy_tree`). Verification at the last peer (`RunBlocks.verdicts`):
+     the round's step comes back as a verdict instead of hidden states, the target's argmax after every
+     node (greedy: judged here exactly as above) or, sampling, the peer's own rejection sampling of the
+     round (`Round.check`: the drafts, drawn from the draft's top K, with those K (id, prob) pairs, and a
+     seed from this generation's generator: exact for what was sampled, and reproducible);
   6. commit and observe: the new tokens join the sequence (and the n-gram index); the result counts
      the accepted tokens of each source; the policy learns from the round's timing and verdicts.
 Sampling (temperature > 0) drafts chains only (a model chain, an n-gram chain, or a model chain the
@@ -50,7 +54,7 @@ from peer.model import ModelHead, StepLayout
 from swarm.decode.ngram import NgramIndex
 from swarm.decode.round_policy import CostModel, RoundTiming, make_policy
 from swarm.decode.rounds import Round, draft_round, judge
-from swarm.decode.sampling import SamplingParams, draw, token_probs
+from swarm.decode.sampling import SamplingParams, draw, token_probs, top_k_probs
 from swarm.decode.target import GenerationResult, LocalModel, RunBlocks, embed_step
 
 
@@ -64,6 +68,8 @@ class SpecConfig:
     params: SamplingParams = SamplingParams()
     ngram: bool | None = None  # draft from the text itself too (n-gram index); None: with adaptive k, not fixed k
     ngram_max: int = 8  # the longest n-gram the index matches
+    draft_top_k: int | None = None  # sampling: drafts come from the draft's top K, renormalised (verification at the
+    # last peer sends those K (id, prob) pairs per draft); None: from the draft's whole distribution
 
     def __post_init__(self):
         if self.k is not None and self.k < 1:
@@ -71,6 +77,8 @@ class SpecConfig:
         if min(self.k_max, self.tree_width, self.ngram_max) < 1:
             raise ValueError(f"k_max, tree_width and ngram_max must be at least 1, got {self.k_max}, "
                              f"{self.tree_width} and {self.ngram_max}")
+        if self.draft_top_k is not None and not 1 <= self.draft_top_k <= 64:
+            raise ValueError(f"draft_top_k must lie in [1, 64] (the pairs one draft sends), got {self.draft_top_k}")
         if self.relaxed is not None and not 0 < self.relaxed < 1:
             raise ValueError(f"relaxed must be in (0, 1), got {self.relaxed}")
 
@@ -137,13 +145,15 @@ class Drafter:
         return self._step(context[keep:], keep)
 
     def propose(self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator | None = None,
-                decide: Callable[[list[float]], tuple[bool, bool]] | None = None) -> tuple[list[int], torch.Tensor]:
+                decide: Callable[[list[float]], tuple[bool, bool]] | None = None,
+                top_k: int | None = None) -> tuple[list[int], torch.Tensor]:
         """Up to k draft tokens continuing `context` and the draft distributions they were drawn from [k, vocab].
 
         `decide(confidences)` is asked after each token (its confidence: the draft's probability of
         it) whether to keep it and whether to draft another; without it, exactly k tokens. The
         confidences and (greedy) the draft's top-8 list at every position are left in
-        `self.confidences` and `self.top`.
+        `self.confidences` and `self.top`. `top_k` (sampling): draw from the draft's top-k only, renormalised
+        (the distribution returned is that one: what a verifier must be told).
         """
         t0 = time.perf_counter()
         self.confidences, self.top = [], []
@@ -152,6 +162,8 @@ class Drafter:
         tokens, probs = [], []
         for i in range(k):
             q = token_probs(logits, params)
+            if top_k is not None and not params.greedy:
+                q = top_k_probs(q, top_k)
             if params.greedy:
                 token = int(logits.argmax())
                 confidence = float(torch.softmax(logits.float(), -1)[token])
@@ -253,9 +265,16 @@ class SpeculativeResult(GenerationResult):
                 "rounds_by_source": dict(self.rounds_by)}
 
 
-def send(run: RunBlocks, head: ModelHead, rnd: Round, compact=None) -> Round:
+def send(run: RunBlocks, head: ModelHead, rnd: Round, spec: SpecConfig, generator: torch.Generator,
+         compact=None) -> Round:
+    """Submit a round (to a session that verifies it where the blocks end, with its check when sampling: a seed drawn
+    from the generation's generator, so a seeded generation is reproducible)."""
+    check = None
+    if run.verdicts and not spec.params.greedy:
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+        check = rnd.check(seed)
     rnd.sent_at = time.perf_counter()
-    rnd.future = run.submit(embed_step(head, rnd.ids), rnd.layout(compact))
+    rnd.future = run.submit(embed_step(head, rnd.ids), rnd.layout(compact), check)
     rnd.future.add_done_callback(lambda _: rnd.arrived_at.append(time.perf_counter()))
     rnd.left_at = time.perf_counter()
     return rnd
@@ -287,12 +306,13 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
         if ngram is not None:
             ngram.sync(seq)
         cur = ahead if hit else send(run, head, draft_round(drafter, ngram, policy, seq, left, spec, generator,
-                                                            tree_nodes), compact)
+                                                            tree_nodes), spec, generator, compact)
         ahead, room = None, min(left - len(cur.drafts), drafter.room(len(seq) + len(cur.drafts)))
         if cur.parents is None and cur.drafts and policy.send_ahead(cur, room, run.overlaps):
-            ahead = send(run, head, draft_round(drafter, ngram, policy, seq + cur.drafts, room, spec, generator, 0))
-        hidden = cur.future.result()
-        accepted, new, extra, compact = judge(head, cur, hidden, spec, generator)
+            ahead = send(run, head, draft_round(drafter, ngram, policy, seq + cur.drafts, room, spec, generator, 0),
+                         spec, generator)
+        out = cur.future.result()  # final hidden states, or a verdict from where the blocks end
+        accepted, new, extra, compact = judge(head, cur, out, spec, generator)
         sent_ahead = ahead
         if ahead is not None and accepted == len(cur.drafts):
             new = cur.drafts  # the round in flight verifies the next position itself

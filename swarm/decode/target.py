@@ -3,7 +3,10 @@
 `RunBlocks` is a session over every block of the model for one generation: `submit(hidden, layout)`
 runs one step (its `StepLayout` says where the new nodes sit and which tree path to keep first) and
 returns a future of the output hidden states; `overlaps` says whether steps run in the background
-(so sending one more before a verdict can hide a trip). `LocalModel` runs every block in this
+(so sending one more before a verdict can hide a trip). A session opened with sampling parameters may
+verify rounds where the blocks end (`verdicts`: verification at the last peer): its futures hold
+`RoundVerdict`s instead (the target's argmax after every node; for a sampled round, whose
+`RoundCheck` goes with `submit`, the accepted path and the next token). `LocalModel` runs every block in this
 process: the reference every other mode (peers over the network, speculative decoding) is compared
 with, token for token. A client-side model (`swarm.client.SwarmModel`) has the same shape. No session
 holds more positions than the model's context (`max_position_embeddings`): `LocalModel.session`
@@ -22,14 +25,16 @@ from typing import Protocol
 import torch
 
 from peer.model import BlockRange, Checkpoint, KVCache, ModelHead, StepLayout
+from peer.model.sampling import RoundCheck, SamplingParams
 
 
 class RunBlocks(Protocol):
     """Runs steps of one generation through every block of the model, [n, d] hidden states in and out."""
 
     overlaps: bool  # steps run in the background: submit returns before the step is done
+    verdicts: bool  # steps answer with RoundVerdicts (verified where the blocks end), not hidden states
 
-    def submit(self, hidden: torch.Tensor, layout: StepLayout) -> Future: ...
+    def submit(self, hidden: torch.Tensor, layout: StepLayout, check: RoundCheck | None = None) -> Future: ...
 
     def close(self) -> None: ...
 
@@ -39,7 +44,9 @@ class Model(Protocol):
 
     head: ModelHead
 
-    def session(self, max_length: int) -> RunBlocks: ...  # max_length <= head.cfg.max_position_embeddings
+    # max_length <= head.cfg.max_position_embeddings; sampling: the rounds' parameters, for a session that may verify
+    # them where the blocks end (None: plain decoding, hidden states always)
+    def session(self, max_length: int, sampling: SamplingParams | None = None) -> RunBlocks: ...
 
 
 @dataclass
@@ -56,8 +63,8 @@ class LocalModel:
         return cls(ckpt.load_head(dtype, device, quant),
                    ckpt.load_blocks(0, ckpt.config.num_hidden_layers, dtype, device, quant))
 
-    def session(self, max_length: int) -> "LocalSession":
-        return LocalSession(self.blocks, self.blocks.new_cache(max_length))
+    def session(self, max_length: int, sampling: SamplingParams | None = None) -> "LocalSession":
+        return LocalSession(self.blocks, self.blocks.new_cache(max_length))  # (verifies nothing: hidden states)
 
 
 @dataclass
@@ -67,8 +74,9 @@ class LocalSession:
     blocks: BlockRange
     cache: KVCache
     overlaps: bool = False
+    verdicts: bool = False
 
-    def submit(self, hidden: torch.Tensor, layout: StepLayout) -> Future:
+    def submit(self, hidden: torch.Tensor, layout: StepLayout, check: RoundCheck | None = None) -> Future:
         done: Future = Future()
         done.set_result(self.blocks(hidden, self.cache, layout))
         return done
