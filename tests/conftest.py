@@ -132,3 +132,16 @@ def copy_of_tiny(path: Path) -> Path:
         else:
             (path / f.name).write_bytes(f.read_bytes())
     return path
+
+
+def stop_in_process(bg, listeners, servers) -> None:
+    """Stop an in-process swarm of `BlockServer`s run on a `Background` loop: its listeners (asyncio servers
+    must be closed on their own loop's thread), its servers, then the loop."""
+    async def stop(listener):
+        listener.close()
+
+    for listener in listeners:
+        bg.run(stop(listener))
+    for server in servers:
+        bg.run(server.close())
+    bg.close()

@@ -34,6 +34,7 @@ from swarm.client.chain import ChainSession, RemoteError
 from swarm.client.config import ClientConfig
 from swarm.client.route import Hop
 from swarm.decode.generate import LocalModel, generate
+from conftest import stop_in_process
 
 RTOL = 1e-5
 TREE = (-1, 0, 0, 1, 1, 2, -1)
@@ -318,14 +319,7 @@ class Swarm:
         return Run()
 
     def close(self):
-        async def stop(listener):
-            listener.close()
-
-        for listener in self.listeners:
-            self.bg.run(stop(listener))
-        for s in self.servers:
-            self.bg.run(s.close())
-        self.bg.close()
+        stop_in_process(self.bg, self.listeners, self.servers)
 
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [20, 21], [30, 31, 32, 33, 34]]

@@ -33,6 +33,7 @@ from swarm.client.config import ClientConfig
 from swarm.client.route import Hop
 from swarm.decode.generate import LocalModel, generate
 from swarm.launch import PeerProcess
+from conftest import stop_in_process
 
 SPANS = [(0, 3), (3, 5), (5, 8)]
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
@@ -80,14 +81,7 @@ class InProcessSwarm:
         return Run()
 
     def close(self):
-        async def stop(listener):  # asyncio servers must be closed on their own loop's thread
-            listener.close()
-
-        for listener in self.listeners:
-            self.bg.run(stop(listener))
-        for s in self.servers:
-            self.bg.run(s.close())
-        self.bg.close()
+        stop_in_process(self.bg, self.listeners, self.servers)
 
 
 @pytest.fixture(scope="module")
