@@ -175,15 +175,9 @@ def judge_verdict(rnd: Round, verdict: RoundVerdict, spec: SpecConfig) -> tuple[
     """`judge` on a verdict from the last peer. Greedy: this client's own judge on the target's argmax (a chain
     accepts while its drafts equal it, a tree as `verify_greedy_tree`): the same answer as from the logits.
     Sampling: the peer's rejection sampling decided; its accepted path and next token are taken as they are."""
-    if spec.params.greedy:
-        argmax = list(verdict.argmax)
-        if rnd.parents is not None:
-            path, extra = verify_greedy_tree(rnd.ids, rnd.parents, argmax)
-        else:
-            accepted = 0
-            while accepted < len(rnd.drafts) and rnd.drafts[accepted] == argmax[accepted]:
-                accepted += 1
-            path, extra = list(range(accepted + 1)), argmax[accepted]
+    if spec.params.greedy:  # a chain is the tree whose node i follows node i - 1
+        parents = rnd.parents if rnd.parents is not None else list(range(-1, len(rnd.ids) - 1))
+        path, extra = verify_greedy_tree(rnd.ids, parents, list(verdict.argmax))
     else:
         path, extra = list(verdict.path), verdict.token
     rnd.path = path
