@@ -77,7 +77,7 @@ class PeerOptions:
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
     nat: NatOptions = field(default_factory=NatOptions)  # relays to reserve on when private; STUN when public
     paths: PathSettings = field(default_factory=PathSettings)  # WebRTC, STUN, TURN for peers behind NATs
-    quant: str = "none"  # "int8": weight-only int8 linear layers (half the bytes of bfloat16)
+    quant: str = "none"  # "int8" / "nf4": weight-only int8 (half the bytes of bfloat16) or 4-bit NormalFloat (~0.27)
     auto_cache_tokens: bool = False  # size limits.cache_tokens from the memory left after the blocks (peer/memory.py)
     batching: BatchSettings = field(default_factory=BatchSettings)  # steps of different sessions run together
     head: bool = True  # holding the last block: also load the final norm and LM head, to verify rounds (peer/verify.py)
@@ -135,7 +135,7 @@ def plan_blocks(ckpt: Checkpoint, opts: PeerOptions) -> MemoryPlan:
                        None if opts.auto_cache_tokens else limits.cache_tokens,
                        min_cache_tokens=limits.max_session_tokens,
                        max_cache_tokens=ceiling or limits.cache_tokens, reserved_bytes=head)
-    where = f"{opts.device} ({opts.dtype}" + (", int8 weights)" if opts.quant == "int8" else ")")
+    where = f"{opts.device} ({opts.dtype}" + (f", {opts.quant} weights)" if opts.quant != "none" else ")")
     log.info("%s", describe(plan, free, block_bytes, kv, where))
     return plan
 

@@ -39,6 +39,7 @@ from peer.channel import Channel, Stream
 from peer.limits import Limits, RateLimit, ServeStats
 from peer import verify
 from peer.model import BlockRange, CacheError, KVCache, ModelHead, StepLayout
+from peer.model.quant import announced_dtype
 from peer.model.sampling import SamplingParams
 from peer.push import PushLinks
 from protocol import crypto, sealing
@@ -151,7 +152,7 @@ class BlockServer:
             public_key, sig = self.identity
             await self._send(channel, codec, m.InfoReply(
                 self.model_id, (self.blocks.start, self.blocks.end), self.blocks.cfg.num_hidden_layers,
-                self.free_tokens, str(self.blocks.dtype).removeprefix("torch."), self.data_addr,
+                self.free_tokens, announced_dtype(self.blocks.dtype, self.blocks.quant), self.data_addr,
                 self.static.public.hex() if sig else None, sig, public_key,
                 verify.offers(self.head, self.blocks.end)))
         elif isinstance(msg, m.Open):

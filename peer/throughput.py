@@ -2,7 +2,7 @@
 
 Throughput is tokens per second through ONE block during decoding (one new token per step, a short
 cache), measured on the real weights of one block on the chosen device, dtype and quantization (an int8
-block is what the peer will serve, so that is what is timed). It is cached in
+or nf4 block is what the peer will serve, so that is what is timed). It is cached in
 `~/.cache/specswarm/throughput.json` (override with SPECSWARM_CACHE) per model, device, dtype, quantization
 and thread count, so a restarted peer joins at once.
 
@@ -34,6 +34,7 @@ def measure_block_throughput(ckpt: Checkpoint, device: str = "cpu", dtype: str =
     cache = blocks.new_cache(steps + 8)
     x = torch.randn(1, ckpt.config.hidden_size, dtype=blocks.dtype, device=blocks.device)
     blocks(x.repeat(8, 1), cache, StepLayout(0, 8))  # warm up and give attention something to read
+    blocks(x, cache, StepLayout(8, 1))  # a decode step's warm-up (on CUDA: its graph's capture); rolled back below
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -3,7 +3,10 @@
 The question it answers: how much more does verifying k drafted tokens cost than decoding one?
 On a GPU, small k is nearly free (memory-bound); on a CPU it is not. Uses a checkpoint you point it at
 (`--model DIR`) or random weights of a named shape (`--shape llama3-8b`), so no download is needed.
-`--quant int8` times int8 weights (peer/model/quant.py).
+`--quant int8` times int8 weights (peer/model/quant.py). `--engines` times the ways a step can run, side by
+side: `graphs` (CUDA graphs over static shapes, peer/model/graphs.py: what a CUDA peer runs), `eager`
+(one kernel launch per operation from Python), `static` (the graphs' static shapes without a graph: the
+CPU's check of that path). Default: graphs,eager on CUDA, eager on a CPU.
 
 The memory floor of a step is the bytes it must read (the blocks' weights, plus the keys and values of
 the cache and the new tokens) divided by the memory bandwidth, measured in the same run as a large
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peer.model import BlockRange, Checkpoint, ModelConfig, StepLayout, parse_dtype  # noqa: E402
 from peer.model.quant import quantize_linears  # noqa: E402
 
+ENGINES = {"graphs": "cuda", "eager": "off", "static": "eager"}  # --engines -> BlockRange.static_steps mode
 SHAPES = {  # hidden, intermediate, heads, kv heads, rope theta
     "llama3-8b": (4096, 14336, 32, 8, 500000.0),
     "llama2-7b": (4096, 11008, 32, 32, 10000.0),
@@ -104,6 +108,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quant", default="none", choices=["none", "int8"], help="int8: weight-only int8 linear layers")
     ap.add_argument("--copy-mib", type=int, default=None,
                     help="size of the copy that measures memory bandwidth [default: 1024 on cuda, 256 on cpu]")
+    ap.add_argument("--engines", default=None,
+                    help="comma-separated: graphs, eager, static [default: graphs,eager on cuda, eager on cpu]")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", action="store_true")
     return ap.parse_args()
@@ -123,33 +129,41 @@ def main() -> None:
     weight_bytes, kv_per_token = blocks.weight_bytes(), blocks.bytes_per_token()
     tokens = [int(t) for t in args.tokens.split(",")]
     lengths = [int(c) for c in args.cache_lengths.split(",")]
-    cache = blocks.new_cache(max(lengths) + max(tokens))
+    engines = (args.engines or ("graphs,eager" if args.device.startswith("cuda") else "eager")).split(",")
     width = blocks.cfg.hidden_size
     rows = []
-    with tqdm(total=len(tokens) * len(lengths), desc=f"{name} x{len(blocks.layers)} blocks", file=sys.stderr) as bar:
-        for length in lengths:
-            if length:  # fill the cache once; each timed step rolls back to `length`
-                blocks(torch.randn(length, width, dtype=dtype, device=args.device), cache, StepLayout(0, length))
-            for n in tokens:
-                hidden = torch.randn(n, width, dtype=dtype, device=args.device)
-                floor = (weight_bytes + (length + n) * kv_per_token) / bandwidth
-                rows.append(dict(cache_length=length, new_tokens=n,
-                                 ms=1000 * time_step(blocks, cache, hidden, length, args.reps), floor_ms=1000 * floor))
-                bar.update()
+    with tqdm(total=len(engines) * len(tokens) * len(lengths), desc=f"{name} x{len(blocks.layers)} blocks",
+              file=sys.stderr) as bar:
+        for engine in engines:
+            if blocks.static_steps(ENGINES[engine]) is None and engine != "eager":
+                sys.exit(f"bench_engine: --engines {engine} needs a CUDA device")
+            cache = blocks.new_cache(max(lengths) + max(tokens))
+            for length in lengths:
+                if length:  # fill the cache once; each timed step rolls back to `length`
+                    blocks(torch.randn(length, width, dtype=dtype, device=args.device), cache, StepLayout(0, length))
+                for n in tokens:
+                    hidden = torch.randn(n, width, dtype=dtype, device=args.device)
+                    floor = (weight_bytes + (length + n) * kv_per_token) / bandwidth
+                    ms = 1000 * time_step(blocks, cache, hidden, length, args.reps)
+                    rows.append(dict(engine=engine, cache_length=length, new_tokens=n, ms=ms, floor_ms=1000 * floor))
+                    bar.update()
+            del cache
     floor_ms = 1000 * (weight_bytes + (max(lengths) + 1) * kv_per_token) / bandwidth  # 1 token, longest cache
     report = dict(model=name, blocks=len(blocks.layers), device=str(args.device), dtype=str(dtype).split(".")[-1],
-                  quant=args.quant, weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token,
+                  quant=args.quant, engines=engines, weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token,
                   copy_gb_per_s=bandwidth / 1e9, floor_ms=floor_ms, torch=torch.__version__, rows=rows)
     if args.json:
         print(json.dumps(report))
         return
-    print_table(report, tokens, lengths)
+    for engine in engines:
+        print_table(report, tokens, lengths, engine)
 
 
-def print_table(report: dict, tokens: list[int], lengths: list[int]) -> None:
-    rows = report["rows"]
-    quant = "" if report["quant"] == "none" else " (int8 weights)"
-    print(f"{report['model']}, {report['blocks']} block(s), {report['device']} {report['dtype']}{quant}: ms per step "
+def print_table(report: dict, tokens: list[int], lengths: list[int], engine: str) -> None:
+    rows = [r for r in report["rows"] if r["engine"] == engine]
+    quant = "" if report["quant"] == "none" else f" ({report['quant']} weights)"
+    print(f"{report['model']}, {report['blocks']} block(s), {report['device']} {report['dtype']}{quant}, {engine}: "
+          f"ms per step "
           f"(x = relative to 1 new token at the same cache length; floor = the step's memory floor)")
     print(f"memory floor = (weights {report['weight_bytes'] / 2**20:.1f} MiB + KV {report['kv_bytes_per_token']} B "
           f"per cached token) / copy bandwidth {report['copy_gb_per_s']:.1f} GB/s (measured here)")

@@ -1,9 +1,10 @@
-"""The quality and memory cost of `--quant int8` on a model (SmolLM2-135M-Instruct by default), on this CPU.
+"""The quality and memory cost of `--quant int8` and `--quant nf4` on a model (SmolLM2-135M-Instruct by default),
+on this CPU.
 
-For fp32, bf16, bf16+int8 and fp32+int8 (swarm/bench/quant.py says how each figure is taken): the bytes
-of the blocks, held-out loss on the HumanEval canonical solutions (nats/token, teacher-forced), greedy
-agreement with bf16 and fp32 (tokens identical before the first divergence; share of identical
-positions) over N prompts x T tokens, and CPU ms per token of that greedy generation. Prints a
+For fp32, bf16, bf16+int8, fp32+int8, bf16+nf4 and fp32+nf4 (swarm/bench/quant.py says how each figure is
+taken): the bytes of the blocks, held-out loss on the HumanEval canonical solutions (nats/token,
+teacher-forced), greedy agreement with bf16 and fp32 (tokens identical before the first divergence; share
+of identical positions) over N prompts x T tokens, and CPU ms per token of that greedy generation. Prints a
 markdown table; --json PATH saves the report.
 
     python scripts/bench_quant.py --prompts 20 --new-tokens 64 --json docs/quant_smollm2.json

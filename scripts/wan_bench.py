@@ -72,6 +72,7 @@ MODE_KEYS = {  # --modes: short names for the modes (the default mode is "auto")
     "mediated": "plain client-mediated", "push": "plain push", "k2": "spec k=2", "k4": "spec k=4", "k8": "spec k=8",
     "adaptive": "spec adaptive", "pipeline": "spec adaptive+pipeline", "auto": "spec adaptive (auto pipeline)",
     "tree": "spec tree(2) k=4", "relaxed": "spec relaxed", "push-hot": "plain push T=", "spec-hot": "spec adaptive T=",
+    "auto2": "spec adaptive (auto pipeline, 1 ahead)",  # only when named: the default's pipeline, one round shallower
 }
 
 
@@ -93,6 +94,8 @@ def bench_modes(k_max: int, relaxed: float, temperature: float, keys: list[str] 
         modes.insert(7, Mode("spec adaptive (auto pipeline)", spec=SpecConfig(k_max=k_max)))
     if keys is None:
         return modes
+    if SpecConfig().pipeline is None:
+        modes.insert(8, Mode(MODE_KEYS["auto2"], spec=SpecConfig(k_max=k_max, pipeline_depth=2)))
     wanted = [MODE_KEYS[k] for k in keys]
     return [m for m in modes if any(m.name == w or (w.endswith(("=", "relaxed")) and m.name.startswith(w))
                                     for w in wanted)]

@@ -17,7 +17,7 @@ from peer.model import CacheError, CheckpointError, ConfigError
 from swarm.argtypes import fraction, non_negative, positive
 from swarm.commands import add_chat_parser, add_demo_parser, add_generate_parser
 from swarm.flags import (add_client_args, add_dataclass_args, add_draft_flag, add_model_args, add_model_flag,
-                         add_nat_args, check_device, client_config, dataclass_from_args, path_settings,
+                         add_nat_args, apply_device_args, client_config, dataclass_from_args, path_settings,
                          resolve_draft_flag, resolve_model_flag)
 
 
@@ -92,7 +92,7 @@ def cmd_peer(args) -> int:
     from peer.relay import RelayLimits
     from peer.serve import PeerOptions, parse_blocks, serve
 
-    check_device(args.device)
+    apply_device_args(args)
     opts = PeerOptions(args.model, parse_blocks(args.blocks) if args.blocks else None, args.num_blocks, args.listen,
                        args.identity, args.initial_peers, args.device, args.dtype, dataclass_from_args(Limits, args),
                        args.threads, args.direct, args.data_port, args.record_ttl, args.announce, args.public_ip,
@@ -214,7 +214,7 @@ def cmd_api(args) -> int:
     from swarm.launch import exit_on_signals
 
     set_threads(args.threads)
-    check_device(args.device)
+    apply_device_args(args)
     if args.local == bool(args.initial_peers):
         raise ValueError("give either --local or --initial-peers MULTIADDR (a peer's 'listening on' line)")
     resolve_model_flag(args)

@@ -20,7 +20,7 @@ from swarm.argtypes import positive
 from swarm.client.integrity import with_rollback
 from swarm.decode.generate import generate
 from swarm.decode.target import LocalModel
-from swarm.flags import (add_client_args, add_decode_args, add_model_args, check_device, client_config,
+from swarm.flags import (add_client_args, add_decode_args, add_model_args, apply_device_args, client_config,
                          resolve_draft_flag, resolve_model_flag, sampling_params, spec_config)
 from swarm.text import ChatTemplate, TextStream, load_tokenizer
 
@@ -43,7 +43,7 @@ def add_generate_parser(sub) -> None:
 
 def open_model(args):
     """The target: every block in this process (--local), or a client of the swarm."""
-    check_device(args.device)
+    apply_device_args(args)
     if args.local == bool(args.initial_peers):
         raise ValueError("give either --local or --initial-peers MULTIADDR "
                          "(a peer's 'listening on' line)")
@@ -127,8 +127,9 @@ def _generate(args, model, load_seconds: float) -> int:
             f"{h}" + (f" ({p})" if (p := model.paths.path_of(h.peer_id)) not in (None, "direct") else "")
             for h in model.route)
         per_round = f", {result.tokens_per_round:.2f} tokens/round" if spec else ""
+        weights = args.dtype if args.quant == "none" else f"{args.dtype}+{args.quant}"
         print(f"[{len(result.tokens)} tokens in {result.seconds:.2f} s, {result.tokens_per_s:.1f} tokens/s{per_round}, "
-              f"{mode}, {route}, {args.device}/{args.dtype}{'+int8' if args.quant == 'int8' else ''}]", file=sys.stderr)
+              f"{mode}, {route}, {args.device}/{weights}]", file=sys.stderr)
     if integrity and integrity["unverified"] and not args.json:  # (--json says it in its `unverified` field)
         print(f"WARNING: output unverified: blocks {', '.join(integrity['unverified_spans'])} had no independent "
               f"replica to check them against" + (" (--verify-rate 0)" if not integrity["verify_rate"] else ""),
@@ -223,11 +224,12 @@ def cmd_demo(args) -> int:
     from swarm.launch import even_spans, local_swarm
 
     set_threads(args.threads or 1)
-    check_device(args.device)
+    apply_device_args(args)
     model_dir = resolve_model_flag(args)
     spans = even_spans(Checkpoint(model_dir).config.num_hidden_layers, args.peers)
     print(f"starting {args.peers} peers on 127.0.0.1 ...", file=sys.stderr)
-    weights = ("--device", args.device, "--dtype", args.dtype, "--quant", args.quant)  # the peers' as the client's
+    weights = ("--device", args.device, "--dtype", args.dtype, "--quant", args.quant,  # the peers' as the client's
+               *(() if args.cuda_graphs else ("--no-cuda-graphs",)))
     with local_swarm(model_dir, spans, *weights) as peers:
         for p, span in zip(peers, spans):
             print(f"  peer …{p.peer_id[-8:]} serves blocks {span[0]}:{span[1]} at {p.addr}", file=sys.stderr)

@@ -18,7 +18,7 @@ import inspect
 import textwrap
 
 from peer.model.quant import QUANTS
-from swarm.argtypes import fraction, non_negative, positive
+from swarm.argtypes import fraction, non_negative, number, positive
 from swarm.client.config import TRANSPORTS, WIRE_DTYPES, ClientConfig
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.speculative import SpecConfig
@@ -39,6 +39,14 @@ def check_device(device: str) -> None:
                          "use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU")
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"--device wants cpu, cuda or cuda:N, got {device!r}")
+
+
+def apply_device_args(args) -> None:
+    """--device checked (one line when this torch cannot use it) and --cuda-graphs applied to this process."""
+    from peer.model import graphs
+
+    check_device(args.device)
+    graphs.set_default_mode("cuda" if getattr(args, "cuda_graphs", True) else "off")
 
 
 def add_model_flag(p) -> None:
@@ -79,8 +87,14 @@ def add_model_args(p) -> None:
     p.add_argument("--quant", default="none", choices=QUANTS,
                    help="int8: weight-only int8 linear layers (one scale per output channel), half the memory of "
                         "bfloat16 for the blocks (and an untied LM head); activations stay in --dtype; on a CPU "
-                        "fastest with --dtype bfloat16 [default: none]")
+                        "fastest with --dtype bfloat16. nf4: 4-bit NormalFloat codes, one scale per 64 inputs, "
+                        "~0.27 of bfloat16's memory, a little less accurate, dequantized per layer and call "
+                        "(slower than bfloat16 on a CPU) [default: none]")
     p.add_argument("--threads", type=positive(), default=None, help="torch CPU threads (default: half the cores)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a CUDA device, run each session's steps of up to 32 tokens as CUDA graphs (captured per "
+                        "session and step size on first use; prefill and batches of sessions run eagerly) "
+                        "[default: on; no effect on a CPU]")
 
 
 def add_client_args(p) -> None:
@@ -168,6 +182,9 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
     p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=SPEC.pipeline,
                    help="send the next round before this one's verdict, assuming full acceptance [default: the cost "
                         "model decides per round from what pipelined rounds saved and cost: on over slow links, off on loopback]")
+    p.add_argument("--pipeline-depth", type=number(int, 2), default=SPEC.pipeline_depth, metavar="N",
+                   help="when pipelining, at most N rounds in flight: the one awaited and N-1 sent ahead, each "
+                        "assuming the ones before it are fully accepted (2: one ahead) [default: %(default)s]")
     p.add_argument("--relaxed", type=fraction(open_high=True), default=SPEC.relaxed, metavar="TAU",
                    help="LOSSY: also accept drafts close to the target's best (0 < TAU < 1); output may differ from the target's")
     p.add_argument("--ngram", action=argparse.BooleanOptionalAction, default=SPEC.ngram,
@@ -184,7 +201,8 @@ def sampling_params(args) -> SamplingParams:
 
 def spec_config(args) -> SpecConfig:
     return SpecConfig(k=args.k, k_max=args.k_max, tree_width=args.tree, pipeline=args.pipeline, relaxed=args.relaxed,
-                      params=sampling_params(args), ngram=args.ngram, ngram_max=args.ngram_max)
+                      params=sampling_params(args), ngram=args.ngram, ngram_max=args.ngram_max,
+                      pipeline_depth=args.pipeline_depth)
 
 
 # --- peer limits, generated from the dataclass ----------------------------------------------------

@@ -34,6 +34,7 @@ MODES = {
     "k1": SpecConfig(k=1, pipeline=False), "k4": SpecConfig(k=4, pipeline=False), "k8": SpecConfig(k=8, pipeline=False),
     "adaptive": SpecConfig(pipeline=False), "pipelined-k4": SpecConfig(k=4, pipeline=True),
     "pipelined-adaptive": SpecConfig(pipeline=True), "auto-pipeline": SpecConfig(),
+    "pipelined-depth4": SpecConfig(k=3, pipeline=True, pipeline_depth=4),
     "tree": SpecConfig(k=4, tree_width=3, pipeline=False), "tree-adaptive": SpecConfig(tree_width=2, pipeline=False),
 }
 
@@ -55,6 +56,48 @@ def test_greedy_output_equals_plain_greedy(pair, mode, drafter):
             assert res.wasted_rounds == 0 and res.pipelined_hits == res.rounds - 1
     elif mode.startswith("pipelined"):
         assert res.wasted_rounds > 0 and res.trips == res.rounds + res.wasted_rounds
+
+
+class Watched:
+    """A target that counts its steps in flight: submitted after the last one whose result was asked for
+    (exact while no round is thrown away: a thrown-away round's result is never asked for)."""
+
+    def __init__(self, run):
+        self.run, self.submitted, self.consumed, self.most = run, 0, 0, 0
+        self.overlaps, self.verdicts = True, run.verdicts
+
+    def submit(self, hidden, layout, check=None):
+        future, watch, number = self.run.submit(hidden, layout, check), self, self.submitted + 1
+        self.submitted = number
+        self.most = max(self.most, number - self.consumed)
+        real = future.result
+
+        def result(*args, **kw):
+            watch.consumed = max(watch.consumed, number)
+            return real(*args, **kw)
+
+        future.result = result
+        return future
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_deeper_pipelines_keep_rounds_in_flight_and_the_output(pair, depth):
+    target, draft = pair
+    plain = generate(target, PROMPT, 24, stop_at_eos=False).tokens
+    length = len(PROMPT) + 24 + 16
+    for drafter in (target, draft):  # perfect drafts: every round sent ahead is used; random: most are thrown away
+        watched = Watched(target.session(length))
+        res = speculative_decode(target.head, watched, Drafter(drafter, length), PROMPT, 24,
+                                 SpecConfig(k=3, pipeline=True, pipeline_depth=depth))
+        assert res.tokens == plain
+        if drafter is target:
+            assert res.wasted_rounds == 0 and res.pipelined_hits == res.rounds - 1
+            assert watched.most == depth  # the round awaited and depth - 1 sent ahead of it
+        else:
+            misses = res.rounds - res.pipelined_hits - 1
+            assert res.wasted_rounds > (misses if depth > 2 else 0)  # deeper: a miss throws away several rounds
+    with pytest.raises(ValueError, match="pipeline_depth"):
+        SpecConfig(pipeline_depth=1)
 
 
 def test_relaxed_greedy_accepts_more_and_is_marked_lossy(pair):

@@ -3,7 +3,8 @@
 `Checkpoint(dir).load_blocks(a, b)` gives a `BlockRange` that runs steps of a session against its
 `KVCache`; `Checkpoint(dir).load_head()` gives a `ModelHead` (embeddings, final norm, LM head).
 `Checkpoint(file.gguf)` converts a llama.cpp GGUF once (`convert_gguf`) and loads the result.
-Both loaders take `quant="int8"`: weight-only int8 linear layers (`Int8Linear`), half the bytes of bf16.
+Both loaders take `quant="int8"`: weight-only int8 linear layers (`Int8Linear`), half the bytes of bf16; or
+`quant="nf4"`: 4-bit NormalFloat codes with a scale per 64 inputs (`Nf4Linear`), ~0.27 of the bytes of bf16.
 `peer.model.sampling`: sampling distributions and the lossless verifiers, shared by the client's decoder and a
 last peer that verifies rounds itself.
 """
@@ -11,10 +12,10 @@ last peer that verifies rounds itself.
 from .blocks import BlockRange, ModelHead
 from .cache import CacheError, KVCache, StepLayout
 from .checkpoint import Checkpoint, CheckpointError, parse_dtype
-from .quant import QUANTS, Int8Linear, check_quant
+from .quant import QUANTS, Int8Linear, Nf4Linear, check_quant
 from .config import ConfigError, ContextTooLong, ModelConfig, RopeConfig
 from .gguf import GGUFError, convert_gguf
 
 __all__ = ["BlockRange", "ModelHead", "KVCache", "StepLayout", "CacheError", "Checkpoint", "CheckpointError",
            "parse_dtype", "ConfigError", "ContextTooLong", "ModelConfig", "RopeConfig", "GGUFError", "convert_gguf",
-           "QUANTS", "Int8Linear", "check_quant"]
+           "QUANTS", "Int8Linear", "Nf4Linear", "check_quant"]

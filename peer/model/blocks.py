@@ -18,12 +18,17 @@ row on one CPU core, ~20 ms for 16 rows), so rows of calls that arrive while one
 together by the next; a call alone runs at once, exactly as before. Neither knows where its weights came
 from or who is asking.
 
+On a CUDA device a single session's step of up to 32 nodes runs as a CUDA graph at static shapes
+(`graphs.StaticSteps`; caches get spare slots for its padding), unless `static_steps("off")` or
+`--no-cuda-graphs`; everything else (prefill, batches of sessions, the CPU) runs eagerly as above.
+
 Under `--quant int8` the linear layers of a block (`LINEARS`) are `quant.Int8Linear`s, and a head's
 untied LM head too: `dtype` is then still the activations' (the norms' weights), never int8.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable, Sequence
 
@@ -31,9 +36,12 @@ import torch
 from torch import nn
 
 from .cache import CacheError, KVCache, StepLayout
+from . import graphs
 from .config import ContextTooLong, ModelConfig
 from .layers import Block, RMSNorm, Segment, rope_inv_freq, rope_tables
-from .quant import Int8Linear, check_quant, quantize_linears, state_bytes
+from .quant import check_quant, quantize_linears, state_bytes
+
+log = logging.getLogger(__name__)
 
 LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")  # of each block
 
@@ -47,6 +55,7 @@ class BlockRange(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(start, end))
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
         self._windows = tuple(cfg.sliding_windows[start:end])
+        self._static_mode, self._static = None, None
 
     def view(self, start: int, end: int) -> "BlockRange":
         """Blocks [start, end) of this range, sharing its weights (a peer serving part of its span)."""
@@ -60,7 +69,20 @@ class BlockRange(nn.Module):
         view.layers = nn.ModuleList(self.layers[start - self.start:end - self.start])
         view.register_buffer("inv_freq", self.inv_freq, persistent=False)
         view._windows = self._windows[start - self.start:end - self.start]
+        view._static_mode, view._static = None, None
         return view
+
+    def static_steps(self, mode: str) -> "graphs.StaticSteps | None":
+        """How single-session steps of up to 32 nodes run (`graphs`): "cuda" (CUDA graphs, on a CUDA device;
+        the process default, see `graphs.set_default_mode`), "eager" (static shapes without a graph) or "off".
+        Applies to caches made afterwards (they need spare slots)."""
+        self._static_mode, self._static = mode, graphs.make_static_steps(self, mode)
+        return self._static
+
+    def _static_engine(self) -> "graphs.StaticSteps | None":
+        if self._static_mode is None:  # the process default, fixed on first use (the weights are in place by then)
+            self.static_steps(graphs.default_mode())
+        return self._static
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,15 +95,15 @@ class BlockRange(nn.Module):
 
     @property
     def quant(self) -> str:
-        """"int8" when the linear weights are stored as int8 (`quant.Int8Linear`), else "none"."""
-        return "int8" if isinstance(self.layers[0].mlp.down_proj, Int8Linear) else "none"
+        """"int8" or "nf4" when the linear weights are stored so (`quant.Int8Linear`, `quant.Nf4Linear`), else "none"."""
+        return getattr(self.layers[0].mlp.down_proj, "quant", "none")
 
     def linear_names(self) -> list[str]:
         """The dotted names of every block's linear layers (what `--quant` quantizes)."""
         return [f"layers.{j}.{name}" for j in range(len(self.layers)) for name in LINEARS]
 
     def weight_bytes(self) -> int:
-        """Bytes the weights of these blocks take (int8 weights and their scales under --quant int8)."""
+        """Bytes the weights of these blocks take (codes and their scales under --quant int8 / nf4)."""
         return state_bytes(self)
 
     @staticmethod
@@ -89,8 +111,7 @@ class BlockRange(nn.Module):
         """Bytes of one block's weights in `dtype` (and `quant`), computed on the meta device: nothing allocated."""
         with torch.device("meta"):
             block = BlockRange(cfg, 0, 1).to(dtype)
-        if check_quant(quant) == "int8":
-            quantize_linears(block, block.linear_names(), dtype)
+        quantize_linears(block, block.linear_names(), dtype, check_quant(quant))
         return state_bytes(block)
 
     def new_cache(self, max_length: int) -> KVCache:
@@ -98,8 +119,9 @@ class BlockRange(nn.Module):
         cfg = self.cfg
         if max_length > cfg.max_position_embeddings:
             raise ContextTooLong(max_length, cfg.max_position_embeddings, "session")
+        spare = graphs.spare_slots(max_length) if self._static_engine() is not None else 0
         return KVCache(len(self.layers), cfg.num_key_value_heads, cfg.head_dim, max_length,
-                       dtype=self.dtype, device=self.device)
+                       dtype=self.dtype, device=self.device, spare=spare)
 
     def bytes_per_token(self) -> int:
         cfg = self.cfg
@@ -133,6 +155,12 @@ class BlockRange(nn.Module):
         if not kept:
             return out
         device = self.device
+        if len(kept) == 1 and self._static is not None and self._static.accepts(kept[0][2], kept[0][3]):
+            i, hidden, cache, layout = kept[0]
+            y = self._run_static(hidden, cache, layout)
+            if y is not None:
+                out[i] = y
+                return out
         if len(kept) == 1:  # exactly an unbatched step
             i, hidden, cache, layout = kept[0]
             x = (hidden.unsqueeze(0) if hidden.dim() == 2 else hidden).to(self.dtype)
@@ -153,6 +181,20 @@ class BlockRange(nn.Module):
         for (i, hidden, _, _), y in zip(kept, parts):
             out[i] = y.squeeze(0) if hidden.dim() == 2 else y
         return out
+
+    def _run_static(self, hidden, cache: KVCache, layout: StepLayout) -> torch.Tensor | None:
+        """The step at static shapes (a CUDA graph's replay); None when a capture failed: eager from then on."""
+        static = self._static
+        try:
+            y = static.run(hidden.reshape(layout.n, -1).to(self.dtype), cache, layout)
+        except RuntimeError as e:
+            if not static.capture:
+                raise
+            log.warning("CUDA graph capture of blocks [%d, %d) failed, running eagerly from now on: %s",
+                        self.start, self.end, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self._static = None
+            return None
+        return y.reshape(hidden.shape)
 
     def _check(self, hidden: torch.Tensor, layout: StepLayout) -> None:
         """CacheError unless `hidden` is [n, hidden_size] or [1, n, hidden_size] for the layout's n nodes."""
@@ -259,7 +301,7 @@ class ModelHead(nn.Module):
 
     @property
     def quant(self) -> str:
-        return "int8" if isinstance(self.lm_head, Int8Linear) else "none"
+        return getattr(self.lm_head, "quant", "none")
 
     @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:

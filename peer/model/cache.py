@@ -95,15 +95,19 @@ class KVCache:
     """Preallocated keys and values for `n_layers` consecutive blocks of one session (batch 1)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_length: int,
-                 dtype=torch.float32, device="cpu"):
+                 dtype=torch.float32, device="cpu", spare: int = 0):
+        """`spare` slots beyond `max_length` hold nothing of the session: a static-shape step writes its padding
+        rows there (`graphs.StaticSteps`). `graphs` is that engine's per-cache state (captured steps hold the
+        addresses of `keys` and `values`, so they live and die with this cache; the tensors are never replaced)."""
         if max_length <= 0:
             raise CacheError(f"max_length must be positive, got {max_length}")
-        shape = (n_layers, 1, n_kv_heads, max_length, head_dim)
+        shape = (n_layers, 1, n_kv_heads, max_length + spare, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_length = max_length
+        self.max_length, self.spare = max_length, spare
         self.length = 0  # slots [0, length) are valid
         self._last_tree: tuple[int, tuple] | None = None  # (start, parents) of the last tree step
+        self.graphs: dict = {}
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype=torch.float32) -> int:

@@ -6,8 +6,8 @@
 Reads `config.json` and the safetensors headers up front; tensors are read one by one with
 `safe_open` only when a `BlockRange` or `ModelHead` asks for them, so a peer serving blocks 8-15
 never touches the bytes of blocks 0-7. Single-file (`model.safetensors`) and sharded
-(`model.safetensors.index.json`) layouts are both understood. `quant="int8"` (weight-only int8,
-`quant.py`) quantizes each block's linear weights right after reading that block.
+(`model.safetensors.index.json`) layouts are both understood. `quant="int8"` or `"nf4"` (weight-only
+int8, or 4-bit NormalFloat: `quant.py`) quantizes each block's linear weights right after reading that block.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .blocks import LINEARS, BlockRange, ModelHead
 from .config import ConfigError, ModelConfig
 from .gguf import GGUFError, convert_gguf
 from .layers import rope_inv_freq
-from .quant import check_quant, quantize_linears, quantize_weight
+from .quant import QUANTIZERS, check_quant, quantize_linears
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -91,13 +91,13 @@ class Checkpoint:
         return out
 
     def load_blocks(self, start: int, end: int, dtype="float32", device="cpu", quant: str = "none") -> BlockRange:
-        """Blocks [start, end) in `dtype` on `device`; with quant="int8" their linear weights are quantized
-        block by block as they are read (`quant.quantize_weight`): no float copy of the range is ever held."""
+        """Blocks [start, end) in `dtype` on `device`; with quant="int8" or "nf4" their linear weights are quantized
+        block by block as they are read (`quant.QUANTIZERS`): no float copy of the range is ever held. nf4 refuses
+        (ValueError naming the layer) a model whose linear layers' inputs are not a multiple of 64."""
         cfg, dtype, quant = self.config, parse_dtype(dtype), check_quant(quant)
         with torch.device("meta"):
             blocks = BlockRange(cfg, start, end)
-            if quant == "int8":
-                quantize_linears(blocks, blocks.linear_names(), dtype)
+            quantize_linears(blocks, blocks.linear_names(), dtype, quant)
         state = {}
         for j, i in enumerate(range(start, end)):
             state.update(self._block_state(i, f"layers.{j}.", dtype, device, quant))
@@ -108,7 +108,8 @@ class Checkpoint:
 
     def _block_state(self, i: int, dst: str, dtype: torch.dtype, device, quant: str) -> dict[str, torch.Tensor]:
         """Block i's tensors under the names BlockRange gives them (prefix `dst`): q/k/v and gate/up fused;
-        linear weights as int8 + scale when quant is "int8" (read in float32 for that, one block at a time)."""
+        linear weights as codes + scales when quant is "int8" or "nf4" (read in float32 for that, one block at a
+        time)."""
         cfg, src = self.config, f"{self.prefix}layers.{i}."
         attn, mlp = ["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]
         names = [f"{src}{n}.weight" for n in ("input_layernorm", "post_attention_layernorm",
@@ -120,7 +121,7 @@ class Checkpoint:
             names.append(f"{src}self_attn.o_proj.bias")
         if cfg.mlp_bias:
             names += [f"{src}mlp.{p}.bias" for p in ("gate_proj", "up_proj", "down_proj")]
-        t = self.read(names, torch.float32 if quant == "int8" else dtype, device)
+        t = self.read(names, dtype if quant == "none" else torch.float32, device)
         state = {}
         for n in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
                   "mlp.down_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.bias"):
@@ -133,19 +134,19 @@ class Checkpoint:
             gate_up = [t.pop(f"{src}mlp.{p}.{kind}", None) for p in mlp]
             if gate_up[0] is not None:
                 state[f"{dst}mlp.gate_up_proj.{kind}"] = torch.cat(gate_up)
-        if quant == "int8":
+        if quant != "none":
             for name in LINEARS:
                 state[f"{dst}{name}.weight"], state[f"{dst}{name}.scale"] = \
-                    quantize_weight(state.pop(f"{dst}{name}.weight"), dtype)
-        return {k: v if v.dtype == torch.int8 else v.to(dtype) for k, v in state.items()}
+                    QUANTIZERS[quant](state.pop(f"{dst}{name}.weight"), dtype)
+        return {k: v if v.dtype in (torch.int8, torch.uint8) else v.to(dtype) for k, v in state.items()}
 
     def load_head(self, dtype="float32", device="cpu", quant: str = "none") -> ModelHead:
-        """Embeddings, final norm and LM head only (tied embeddings are read once). quant="int8" quantizes an
-        untied LM head; a tied one stays in `dtype` (why: `ModelHead`)."""
+        """Embeddings, final norm and LM head only (tied embeddings are read once). quant="int8" or "nf4"
+        quantizes an untied LM head; a tied one stays in `dtype` (why: `ModelHead`)."""
         cfg, dtype, quant = self.config, parse_dtype(dtype), check_quant(quant)
         embed, norm = f"{self.prefix}embed_tokens.weight", f"{self.prefix}norm.weight"
         names = [embed, norm]
-        quantized = quant == "int8" and not cfg.tie_word_embeddings
+        quantized = quant != "none" and not cfg.tie_word_embeddings
         if not cfg.tie_word_embeddings:
             if "lm_head.weight" not in self.weight_map:
                 raise CheckpointError("config says tie_word_embeddings=false but the checkpoint has no lm_head.weight")
@@ -155,11 +156,11 @@ class Checkpoint:
         with torch.device("meta"):
             head = ModelHead(cfg)
             if quantized:
-                quantize_linears(head, ["lm_head"], dtype)
+                quantize_linears(head, ["lm_head"], dtype, quant)
         state = {"embed_tokens.weight": t[embed], "norm.weight": t[norm]}
         if quantized:
             lm_head = self.read(["lm_head.weight"], torch.float32, device)["lm_head.weight"]
-            state["lm_head.weight"], state["lm_head.scale"] = quantize_weight(lm_head, dtype)
+            state["lm_head.weight"], state["lm_head.scale"] = QUANTIZERS[quant](lm_head, dtype)
             del lm_head
         else:
             state["lm_head.weight"] = t.get("lm_head.weight", t[embed])

@@ -6,7 +6,9 @@ into one matmul each.
 
 A block runs the new rows of one or several sessions at once (`Segment`: where each session's rows
 sit in the batch, and its cache): norms, rotary and every linear layer on all rows together (the
-weights are read once per batch), attention per session against its own cache. Knows nothing about
+weights are read once per batch), attention per session against its own cache. `forward_static` runs one session's rows at static shapes
+(a step padded to a size bucket, attention over the whole allocated cache under a mask): what
+`graphs.StaticSteps` captures as a CUDA graph. Knows nothing about
 checkpoints files, sessions' owners or the network.
 """
 
@@ -85,15 +87,20 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, segments: list[Segment], layer: int) -> torch.Tensor:
-        """x [1, rows, hidden]: every segment's rows; cos, sin [rows, head_dim] at their positions."""
+    def _qkv(self, x, cos, sin):
+        """Queries, keys, values [1, heads, rows, head_dim] of x [1, rows, hidden], rotated to their positions."""
         n = x.shape[1]
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(1, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(1, n, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, segments: list[Segment], layer: int) -> torch.Tensor:
+        """x [1, rows, hidden]: every segment's rows; cos, sin [rows, head_dim] at their positions."""
+        n, q_dim = x.shape[1], self.n_heads * self.head_dim
+        q, k, v = self._qkv(x, cos, sin)
         if len(segments) == 1:  # one session: the whole tensors, exactly as an unbatched step
             out = self._attend(q, k, v, segments[0], layer)
         else:
@@ -109,6 +116,19 @@ class Attention(nn.Module):
         causal = mask is None and seg.n > 1 and seg.start == 0  # a plain prefill
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else mask,
                                               is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
+
+
+    def forward_static(self, x, cos, sin, cache: KVCache, layer: int, slots, mask) -> torch.Tensor:
+        """One session's step at static shapes (what a CUDA graph captures): the rows' keys and values go to
+        cache slots `slots` [rows] (`index_copy_`), the queries attend to every allocated slot of the cache
+        under `mask` [rows, allocated slots] (True = may attend). No shape or branch depends on the step."""
+        n, q_dim = x.shape[1], self.n_heads * self.head_dim
+        q, k, v = self._qkv(x, cos, sin)
+        keys, values = cache.keys[layer], cache.values[layer]
+        keys.index_copy_(2, slots, k)
+        values.index_copy_(2, slots, v)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(1, n, q_dim))
 
 
 class MLP(nn.Module):
@@ -132,4 +152,10 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, segments: list[Segment], layer: int) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_static(self, x, cos, sin, cache: KVCache, layer: int, slots, masks: dict) -> torch.Tensor:
+        """`forward` for one session at static shapes (`Attention.forward_static`); masks maps windows to masks."""
+        x = x + self.self_attn.forward_static(self.input_layernorm(x), cos, sin, cache, layer, slots,
+                                              masks[self.self_attn.window])
         return x + self.mlp(self.post_attention_layernorm(x))

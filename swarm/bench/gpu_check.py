@@ -11,6 +11,7 @@ rows with `ok`:
      speculative generation during which the middle peer in use is killed (failover), identical too;
   4. engine: `scripts/bench_engine.py` for the Llama-3-8B block shape and the default model's shape,
      ms per step for 1..32 new tokens beside the memory floor measured in the same run, bf16 and int8,
+     CUDA graphs (what a peer runs; judged) beside eager launches,
      with the issue's bars (<= 2x floor for 1-16 tokens; 16 tokens <= 1.1x one token) as pass/fail.
 
 Knows the model engine, LocalModel/SwarmModel/generate, swarm.launch and bench_engine.py's JSON;
@@ -66,8 +67,12 @@ def exactness(model_dir: str, device: str, prompt: list[int], tokens: int, quant
             tb = generate(dev, prompt, tokens, stop_at_eos=False).tokens
             same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
             tol = TOLERANCE[dtype] * (2 if quant else 1)
+            static = dev.blocks._static  # on CUDA the decode steps ran as CUDA graphs (peer/model/graphs.py)
+            replays = static.replays if static is not None else 0
+            graphed = replays > 0 or not device.startswith("cuda")
             rows.append(dict(part="exactness", dtype=dtype, quant=quant or "none", rel_logit_diff=rel, tolerance=tol,
-                             tokens=len(ta), identical_prefix=same, ok=rel <= tol and same == len(ta)))
+                             tokens=len(ta), identical_prefix=same, graph_replays=replays,
+                             ok=rel <= tol and same == len(ta) and graphed))
             del cpu, dev
     return rows
 
@@ -130,14 +135,18 @@ def engine(device: str, shape: str, blocks: int, quant: str | None, reps: int, t
 def judge_engine(report: dict) -> dict:
     """The issue's bars on one engine report: every step of 1-16 tokens within 2x the floor, and a
     16-token verify step within 1.1x a 1-token step."""
-    rows = {r["new_tokens"]: r for r in report["rows"] if r["cache_length"] == 512}
+    engines = report.get("engines", ["eager"])
+    engine = "graphs" if "graphs" in engines else engines[0]  # what a peer runs on this device
+    at512 = [r for r in report["rows"] if r["cache_length"] == 512]
+    rows = {r["new_tokens"]: r for r in at512 if r.get("engine", engine) == engine}
     ms = {n: r["ms"] for n, r in rows.items()}
+    eager = {r["new_tokens"]: r["ms"] for r in at512 if r.get("engine") == "eager" and engine != "eager"}
     floors = {n: r.get("floor_ms", report.get("floor_ms")) for n, r in rows.items()}  # weights + the KV cache read
     floor = floors.get(1)
     within = None not in floors.values() and all(ms[n] <= BARS["floor_x"] * floors[n] for n in ms if n <= 16)
     flat = 16 in ms and 1 in ms and ms[16] <= BARS["verify16_x"] * ms[1]
     return dict(part="engine", shape=report["model"], blocks=report["blocks"], quant=report.get("quant", "none"),
-                ms=ms, floor_ms=floor, within_floor=within, flat_verify=flat, ok=within and flat)
+                engine=engine, ms=ms, eager_ms=eager, floor_ms=floor, within_floor=within, flat_verify=flat, ok=within and flat)
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -148,14 +157,17 @@ def format_rows(rows: list[dict]) -> str:
         if r["part"] == "exactness":
             text = (f"{r['dtype']}{'' if r['quant'] == 'none' else ' + ' + r['quant']}: logits differ by "
                     f"{r['rel_logit_diff']:.2e} of their range (tolerance {r['tolerance']:.0e}); greedy "
-                    f"{r['identical_prefix']}/{r['tokens']} tokens identical")
+                    f"{r['identical_prefix']}/{r['tokens']} tokens identical; {r.get('graph_replays', 0)} CUDA graph "
+                    f"replays")
         elif r["part"] == "swarm":
             text = f"{r['mode']}: {r['tokens']} tokens {'identical to' if r['ok'] else 'DIFFERENT from'} --local" + \
                    (f" ({r['failovers']} failover(s))" if "failovers" in r else "")
         else:
             floor = f"{r['floor_ms']:.3f}" if r["floor_ms"] is not None else "?"
             steps = " ".join(f"{n}:{v:.3f}" for n, v in sorted(r["ms"].items()))
-            text = (f"{r['shape']} x{r['blocks']} {r['quant']}: ms per step {steps}; floor {floor} ms "
+            eager = " ".join(f"{n}:{v:.3f}" for n, v in sorted(r.get("eager_ms", {}).items()))
+            text = (f"{r['shape']} x{r['blocks']} {r['quant']} {r.get('engine', 'eager')}: ms per step {steps}"
+                    f"{f' (eager {eager})' if eager else ''}; floor {floor} ms "
                     f"(<= {BARS['floor_x']}x floor: {r['within_floor']}, 16 vs 1 token <= {BARS['verify16_x']}x: "
                     f"{r['flat_verify']})")
         lines.append(f"{mark} {r['part']:<9} {text}")

@@ -1,6 +1,7 @@
-"""What `--quant int8` costs and saves on one model: bytes, held-out loss, greedy agreement, CPU speed.
+"""What `--quant int8` and `--quant nf4` cost and save on one model: bytes, held-out loss, greedy agreement,
+CPU speed.
 
-For each setting (`SETTINGS`: dtype + quantization; float32 and bfloat16, each with and without int8
+For each setting (`SETTINGS`: dtype + quantization; float32 and bfloat16, each with float, int8 and nf4
 weights) the whole model is loaded in this process (`LocalModel.load`) and measured on:
 
 - bytes: of the blocks' weights (`BlockRange.weight_bytes`) and of the head;
@@ -29,12 +30,13 @@ from swarm.bench.prompts import encode_prompt, humaneval_prompts
 from swarm.decode.generate import generate
 from swarm.decode.target import LocalModel
 
-SETTINGS = [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"), ("float32", "int8")]
+SETTINGS = [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"), ("float32", "int8"),
+            ("bfloat16", "nf4"), ("float32", "nf4")]
 REFERENCES = [("bfloat16", "none"), ("float32", "none")]
 
 
 def name_of(dtype: str, quant: str) -> str:
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype] + ("+int8" if quant == "int8" else "")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype] + ("" if quant == "none" else f"+{quant}")
 
 
 def solutions(limit: int) -> list[tuple[str, str]]:

@@ -212,6 +212,7 @@ class SessionAudit:
                 finally:
                     await chain.close()
             own = str(parse_dtype(self.model.weights[0])).removeprefix("torch.")
+            own += "+nf4" if self.model.weights[2] == "nf4" else ""  # (its tolerance: integrity.spread)
             return await self._local_opinion(route, k, steps), own, True
         except FAILURES as e:
             log.warning("no third opinion on blocks %s: %s", route[k].blocks, e)

@@ -55,7 +55,7 @@ class SwarmModel:
         if not initial_peers:
             raise ValueError("give at least one --initial-peers multiaddr")
         ckpt = Checkpoint(model_dir)
-        self.head = ckpt.load_head(dtype, device, quant)  # quant "int8": an untied LM head in int8
+        self.head = ckpt.load_head(dtype, device, quant)  # quant "int8" / "nf4": an untied LM head quantized
         self.model_id, self.num_blocks = ckpt.model_id, ckpt.config.num_hidden_layers
         self.model_dir, self.weights = ckpt.path, (dtype, device, quant)  # (a span loaded here for a third opinion)
         self.initial_peers, self.config = list(initial_peers), config

@@ -329,15 +329,15 @@ class CostModel:
         """The draft length a round sent ahead would plan (to judge whether sending it pays)."""
         return self.choose(room=room)
 
-    def send_ahead(self, rnd: RoundRecord, room: int, overlaps: bool) -> bool:
-        """Send the next round (a chain's) before this one's verdict? Forced on or off by `pipeline`; else
-        (auto) only where the target runs steps in the background and the cost model expects a gain."""
+    def send_ahead(self, rnd: RoundRecord, room: int, overlaps: bool, before=()) -> bool:
+        """Send the next round (a chain's) before `rnd`'s verdict and those of `before` (rounds in flight ahead of it)?
+        Forced by `pipeline`; else only where steps run in the background and the cost model expects a gain."""
         if self.pipeline is False or room <= 0 or not rnd.drafts:
             return False
         if self.pipeline:
             return True
-        p_all = math.prod(self.alpha(c) for c in rnd.confidences)
-        p_all *= math.prod(self.ngram.alpha(c) for c, s in zip(rnd.cells, rnd.sources) if s == "ngram")
+        p_all = math.prod(self.alpha(c) for r in (*before, rnd) for c in r.confidences) * math.prod(
+            self.ngram.alpha(c) for r in (*before, rnd) for c, s in zip(r.cells, r.sources) if s == "ngram")
         return overlaps and self.pipeline_pays(p_all, self.next_k(room))
 
     def observe_round(self, rnd: RoundRecord, accepted: int, extra: int, t: RoundTiming, ahead_kept: bool,

@@ -13,8 +13,10 @@ One round, top to bottom (`speculative_decode`; the round's own pieces in `round
      position (the start rolls back whatever the previous round rejected: no extra trip, ever; a
      tree round's accepted path is compacted by the next step, `StepLayout.compact`);
   4. send ahead (pipelining, when the policy says it pays or it is forced): while this round is on the
-     wire the next one is drafted and sent assuming this one is fully accepted; if it is not, the
-     round sent ahead is thrown away (`wasted_rounds`; the next step overwrites its cache entries);
+     wire the next one is drafted and sent assuming this one is fully accepted, and the one after it
+     assuming both are, up to `pipeline_depth` rounds in flight (the policy judges each further round
+     by the chance that every round before it is fully accepted); on the first rejection every round
+     sent ahead is thrown away (`wasted_rounds`; the next step overwrites their cache entries);
   5. verify: `sampling.verify` accepts drafts by rejection sampling (greedy is the one-hot case:
      accept while the draft equals the target's argmax; an n-gram draft has a one-hot q) and adds one
      token of the target's own, so every round commits at least one token and the output
@@ -68,6 +70,7 @@ class SpecConfig:
     params: SamplingParams = SamplingParams()
     ngram: bool | None = None  # draft from the text itself too (n-gram index); None: with adaptive k, not fixed k
     ngram_max: int = 8  # the longest n-gram the index matches
+    pipeline_depth: int = 3  # rounds in flight at most when pipelining (the one awaited and those sent ahead of it)
     draft_top_k: int | None = None  # sampling: drafts come from the draft's top K, renormalised (verification at the
     # last peer sends those K (id, prob) pairs per draft); None: from the draft's whole distribution
 
@@ -77,6 +80,8 @@ class SpecConfig:
         if min(self.k_max, self.tree_width, self.ngram_max) < 1:
             raise ValueError(f"k_max, tree_width and ngram_max must be at least 1, got {self.k_max}, "
                              f"{self.tree_width} and {self.ngram_max}")
+        if self.pipeline_depth < 2:
+            raise ValueError(f"pipeline_depth counts the round awaited too: at least 2, got {self.pipeline_depth}")
         if self.draft_top_k is not None and not 1 <= self.draft_top_k <= 64:
             raise ValueError(f"draft_top_k must lie in [1, 64] (the pairs one draft sends), got {self.draft_top_k}")
         if self.relaxed is not None and not 0 < self.relaxed < 1:
@@ -280,6 +285,28 @@ def send(run: RunBlocks, head: ModelHead, rnd: Round, spec: SpecConfig, generato
     return rnd
 
 
+def send_ahead(run: RunBlocks, head: ModelHead, drafter: Drafter, ngram: NgramIndex | None, policy: CostModel,
+               spec: SpecConfig, generator: torch.Generator, seq: list[int], left: int, cur: Round,
+               queue: list[Round]) -> list[Round]:
+    """While `cur` is on the wire, send more rounds (chains), each assuming every round before it is fully
+    accepted, while the policy says the next one pays and fewer than `spec.pipeline_depth` are in flight.
+    Appends them to `queue` (rounds already sent ahead of `cur`); returns those sent now."""
+    sent: list[Round] = []
+    while 1 + len(queue) < spec.pipeline_depth:
+        tail = queue[-1] if queue else cur
+        if tail.parents is not None or not tail.drafts:
+            break
+        pending = [cur, *queue]
+        ahead_seq = seq + [t for r in pending for t in r.drafts]
+        room = min(left - (len(ahead_seq) - len(seq)), drafter.room(len(ahead_seq)))
+        if not policy.send_ahead(tail, room, run.overlaps, before=pending[:-1]):
+            break
+        rnd = send(run, head, draft_round(drafter, ngram, policy, ahead_seq, room, spec, generator, 0), spec, generator)
+        queue.append(rnd)
+        sent.append(rnd)
+    return sent
+
+
 def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt: list[int], max_new_tokens: int,
                        spec: SpecConfig = SpecConfig(k=4), *, seed: int = 0, eos_ids: tuple = (),
                        on_tokens: Callable[[list[int]], None] | None = None, policy: CostModel | None = None,
@@ -296,38 +323,33 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
     t_start = time.perf_counter()
     if len(prompt) > 1:  # the last prompt token travels with the first round
         run.submit(embed_step(head, prompt[:-1]), StepLayout(0, len(prompt) - 1)).result()
-    seq, compact, ahead = list(prompt), None, None  # ahead: a round sent before the verdict on the one before
+    seq, compact, queue = list(prompt), None, []  # queue: rounds sent before the verdicts on the ones before them
     ngram = NgramIndex(seq, spec.ngram_max) if spec.ngram_on else None
     policy.begin()
     while len(result.tokens) < max_new_tokens and result.stopped_by != "eos":
         left, began = max_new_tokens - len(result.tokens) - 1, time.perf_counter()
-        hit = ahead is not None and ahead.start == len(seq) - 1 and ahead.ids[0] == seq[-1]
+        hit = bool(queue) and queue[0].start == len(seq) - 1 and queue[0].ids[0] == seq[-1]
         tree_nodes = None if max_length is None else max_length - len(seq)  # no step may pass the session
         if ngram is not None:
             ngram.sync(seq)
-        cur = ahead if hit else send(run, head, draft_round(drafter, ngram, policy, seq, left, spec, generator,
-                                                            tree_nodes), spec, generator, compact)
-        ahead, room = None, min(left - len(cur.drafts), drafter.room(len(seq) + len(cur.drafts)))
-        if cur.parents is None and cur.drafts and policy.send_ahead(cur, room, run.overlaps):
-            ahead = send(run, head, draft_round(drafter, ngram, policy, seq + cur.drafts, room, spec, generator, 0),
-                         spec, generator)
+        cur = queue.pop(0) if hit else send(run, head, draft_round(drafter, ngram, policy, seq, left, spec, generator,
+                                                                   tree_nodes), spec, generator, compact)
+        sent_ahead = send_ahead(run, head, drafter, ngram, policy, spec, generator, seq, left, cur, queue)
         out = cur.future.result()  # final hidden states, or a verdict from where the blocks end
         accepted, new, extra, compact = judge(head, cur, out, spec, generator)
-        sent_ahead = ahead
-        if ahead is not None and accepted == len(cur.drafts):
+        if queue and accepted == len(cur.drafts):
             new = cur.drafts  # the round in flight verifies the next position itself
         for i, token in enumerate(new):
             if token in eos_ids:
                 new, result.stopped_by = new[:i + 1], "eos"
                 break
-        if ahead is not None and (accepted < len(cur.drafts) or result.stopped_by == "eos"):
-            ahead, result.wasted_rounds = None, result.wasted_rounds + 1  # the next step overwrites its cache
+        if queue and (accepted < len(cur.drafts) or result.stopped_by == "eos"):
+            queue, result.wasted_rounds = [], result.wasted_rounds + len(queue)  # the next step overwrites their cache
         new = new[:max_new_tokens - len(result.tokens)]
         timing = RoundTiming(began, cur.sent_at, cur.arrived_at[-1] if cur.arrived_at else time.perf_counter(),
-                             time.perf_counter(), hit, sent_ahead.draft_seconds if sent_ahead else 0.0,
-                             sent_ahead.left_at if sent_ahead else None)
-        policy.observe_round(cur, accepted, extra, timing,
-                             ahead is not None, result.stopped_by == "eos")
+                             time.perf_counter(), hit, sum(r.draft_seconds for r in sent_ahead),
+                             sent_ahead[-1].left_at if sent_ahead else None)
+        policy.observe_round(cur, accepted, extra, timing, bool(queue), result.stopped_by == "eos")
         result.pipelined_hits += hit
         result.tree_rounds += cur.parents is not None and not hit
         result.count(cur)

@@ -58,7 +58,7 @@ class LocalModel:
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype="float32", device="cpu", quant: str = "none") -> "LocalModel":
-        """Every block and the head of a checkpoint (quant="int8": int8 linear weights, as peers load them)."""
+        """Every block and the head of a checkpoint (quant="int8" / "nf4": quantized linear weights, as peers load them)."""
         ckpt = Checkpoint(model_dir)
         return cls(ckpt.load_head(dtype, device, quant),
                    ckpt.load_blocks(0, ckpt.config.num_hidden_layers, dtype, device, quant))
