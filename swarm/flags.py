@@ -177,8 +177,10 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
     p.add_argument("--k", type=positive(), default=SPEC.k, help="fixed draft length [default: adaptive]")
     p.add_argument("--k-max", type=positive(), default=SPEC.k_max, help="longest draft the adaptive choice may pick")
     p.add_argument("--tree", type=positive(), default=SPEC.tree_width, metavar="WIDTH",
-                   help="allow draft trees up to WIDTH candidates for the next token (greedy only: sampling falls back "
-                        "to chains); with adaptive k the cost model picks chain or tree, width and depth [default: 1, chains]")
+                   help="allow draft trees up to WIDTH candidates for the next token (greedy: the draft's likeliest; "
+                        "sampling: drawn without replacement, verified losslessly); with adaptive k the cost model "
+                        "picks chain or tree, width and depth (under sampling it keeps to chains unless --k is fixed) "
+                        "[default: 1, chains]")
     p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=SPEC.pipeline,
                    help="send the next round before this one's verdict, assuming full acceptance [default: the cost "
                         "model decides per round from what pipelined rounds saved and cost: on over slow links, off on loopback]")

@@ -45,3 +45,16 @@ def test_each_shape_plans_its_own_route():
                            rtts={"c": 10})
     assert [p for p, _ in plan_route(swarm, 6, push=True)] == ["a", "b2", "c"]
     assert [p for p, _ in plan_route(swarm, 6, push=False)] == ["a", "b", "c"]
+
+
+def test_a_last_peer_that_can_verify_wins_when_verifying_here_costs_more():
+    # two replicas of the last span: "c" is 6 ms closer, "v" holds the LM head (it can verify rounds itself)
+    swarm = peers({"a": 50, "b": 50, "c": 50}, {"a": {"b": 10}, "b": {"c": 10, "v": 16}})
+    swarm["v"] = PeerInfo("v", "/ip4/127.0.0.1/tcp/1/p2p/v", (4, 6), throughput=1000.0, rtt_ms=56, head=True)
+    for push in (True, False):
+        assert plan_route(swarm, 6, push)[-1][0] == "c"  # the client verifies anyway: the faster one
+        assert plan_route(swarm, 6, push, headless_ms=20.0)[-1][0] == "v"  # 20 ms of LM head here: the verifier
+        assert plan_route(swarm, 6, push, headless_ms=2.0)[-1][0] == "c"  # not worth the detour
+    plan = choose_chain(swarm, 6, headless_ms=20.0)
+    route = [("a", (0, 2)), ("b", (2, 4)), ("c", (4, 6))]
+    assert plan.route[-1][0] == "v" and route_ms(swarm, route, True, 20.0) == route_ms(swarm, route, True) + 20.0

@@ -321,3 +321,44 @@ def test_end_to_end_sampling_follows_the_target(small_vocab, adaptive):
         assert lengths == {1, 2}  # the draft length did depend on the draft's confidence
     stat, critical = chi_square_stat(counts, expected)
     assert stat < critical, f"chi2 {stat:.1f} >= {critical:.1f}"
+
+
+def sampled_tree_joint(small_vocab, n=600):
+    """The first two tokens of n sampled generations whose first round is the draft model's own tree (k=2,
+    width 3), counted, beside the target's joint law times n; and how many rounds were trees."""
+    target, draft = small_vocab
+    params, prompt = SamplingParams(temperature=1.0), [1, 2, 3]
+    p1 = torch.softmax(generate_logits(target, prompt), -1)
+    p2 = torch.stack([torch.softmax(generate_logits(target, prompt + [a]), -1) for a in range(6)])
+    counts, length, trees = torch.zeros(6, 6), len(prompt) + 12, 0
+    cfg = SpecConfig(k=2, tree_width=3, pipeline=False, params=params, ngram=False)
+    for seed in range(n):
+        res = speculative_decode(target.head, target.session(length), Drafter(draft, length), prompt, 2, cfg,
+                                 seed=seed)
+        trees += res.tree_rounds
+        counts[res.tokens[0], res.tokens[1]] += 1
+    return counts, p1[:, None] * p2 * n, trees
+
+
+def test_sampled_draft_trees_follow_the_target(small_vocab):
+    """The draft model's own trees under sampling (first tokens drawn without replacement, each continued by
+    draws): the first two committed tokens follow the target's joint law (chi-square, significance 0.001)."""
+    counts, expected, trees = sampled_tree_joint(small_vocab)
+    assert trees >= counts.sum()  # every first round was a sampled tree
+    stat, critical = chi_square_stat(counts, expected)
+    assert stat < critical, f"chi2 {stat:.1f} >= {critical:.1f}"
+
+
+def test_the_check_catches_a_tree_drafter_that_declares_the_wrong_law(small_vocab, monkeypatch):
+    """Siblings drawn without replacement but declared as drawn from the plain q: biased, and the test sees it."""
+    import swarm.decode.speculative as speculative
+
+    real = speculative.draw_siblings
+
+    def declared_iid(q, width, generator=None, replace=True):
+        tokens, _ = real(q, width, generator, replace)
+        return tokens, [q] * len(tokens)
+
+    monkeypatch.setattr(speculative, "draw_siblings", declared_iid)
+    stat, critical = chi_square_stat(*sampled_tree_joint(small_vocab)[:2])
+    assert stat > critical, f"chi2 {stat:.1f} < {critical:.1f}: the test did not notice the bias"

@@ -95,6 +95,17 @@ def test_sampling_reproducible_and_the_same_wherever_verified(swarm):
         finally:
             model.close()
     assert runs[0] == runs[1] == runs[2] == runs[3]
+    trees = SpecConfig(k=3, tree_width=2, pipeline=False)  # the draft model's own sampled trees
+    tree_runs = []
+    for last in (peers[1], peers[2]):  # verified at the peer, and here by the same verifier (C holds no head)
+        model = client(path, peers, last, verify_at_peer=True)
+        try:
+            res = generate(model, PROMPT, N, params, draft=draft, spec=trees, seed=7, stop_at_eos=False)
+            tree_runs.append(res.tokens)
+            assert res.tree_rounds > 0
+        finally:
+            model.close()
+    assert tree_runs[0] == tree_runs[1]
     model = client(path, peers, peers[1], verify_at_peer=True)
     try:
         other = generate(model, PROMPT, N, params, draft=draft, spec=spec, seed=8, stop_at_eos=False).tokens

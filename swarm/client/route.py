@@ -7,6 +7,10 @@ loaded peer; finishing costs half the last peer's RTT back to the client. Client
 carries every hop, as Petals does), entering Y costs the client's whole round trip to Y. A peer may
 serve any part of its span, so overlapping spans still route.
 
+A client that verifies rounds at the last peer when it can (`headless_ms` > 0: its own cost of
+verifying a round, the LM head over a round's nodes) charges a finishing peer without a head that much,
+so a last peer that can verify wins unless another is faster by more than the client would spend.
+
 `choose_chain` picks the chain's shape per route: it plans both and keeps the one whose predicted
 step time (trip + compute) is lower, push on a tie. Push wins where peers are close to each other;
 client-mediated where the client is closer to each peer than they are to one another (measured: a
@@ -127,8 +131,10 @@ def _hop_ms(peers: dict[str, PeerInfo], prev: str | None, nxt: PeerInfo, push: b
     return rtt / 2 + HOP_OVERHEAD_MS
 
 
-def plan_route(peers: dict[str, PeerInfo], num_blocks: int, push: bool = True) -> list[tuple[str, tuple[int, int]]]:
-    """The cheapest chain covering [0, num_blocks), as [(peer id, span)], for this chain shape."""
+def plan_route(peers: dict[str, PeerInfo], num_blocks: int, push: bool = True,
+               headless_ms: float = 0.0) -> list[tuple[str, tuple[int, int]]]:
+    """The cheapest chain covering [0, num_blocks), as [(peer id, span)], for this chain shape. `headless_ms`:
+    what a step costs the client when the last peer holds no LM head (rounds verified here, not there)."""
     tie = itertools.count()
     queue = [(0.0, next(tie), 0, None, ())]
     best: dict[tuple[int, str | None], float] = {}
@@ -144,8 +150,8 @@ def plan_route(peers: dict[str, PeerInfo], num_blocks: int, push: bool = True) -
                 continue
             for end in range(at + 1, b + 1):
                 c = cost + _hop_ms(peers, last, info, push) + info.ms_for(end - at)
-                if end == num_blocks and push:
-                    c += (info.rtt_ms or 0.0) / 2
+                if end == num_blocks:
+                    c += ((info.rtt_ms or 0.0) / 2 if push else 0.0) + (0.0 if info.head else headless_ms)
                 if c < best.get((end, info.peer_id), float("inf")):
                     best[(end, info.peer_id)] = c
                     heapq.heappush(queue, (c, next(tie), end, info.peer_id, path + ((info.peer_id, (at, end)),)))
@@ -154,13 +160,16 @@ def plan_route(peers: dict[str, PeerInfo], num_blocks: int, push: bool = True) -
                   f"(they serve {', '.join(f'{a}:{b}' for a, b in covered) or 'nothing'})", gaps(covered, num_blocks))
 
 
-def route_ms(peers: dict[str, PeerInfo], route: list[tuple[str, tuple[int, int]]], push: bool) -> float:
+def route_ms(peers: dict[str, PeerInfo], route: list[tuple[str, tuple[int, int]]], push: bool,
+             headless_ms: float = 0.0) -> float:
     """Predicted time of one step along `route` (trip + compute), pushed or client-mediated."""
     total, prev = 0.0, None
     for pid, (a, b) in route:
         total += _hop_ms(peers, prev, peers[pid], push) + peers[pid].ms_for(b - a)
         prev = pid
-    return total + ((peers[prev].rtt_ms or 0.0) / 2 if push and prev else 0.0)
+    if prev is None:
+        return total
+    return total + ((peers[prev].rtt_ms or 0.0) / 2 if push else 0.0) + (0.0 if peers[prev].head else headless_ms)
 
 
 @dataclass(frozen=True)
@@ -174,12 +183,13 @@ class ChainPlan:
 
 
 def choose_chain(peers: dict[str, PeerInfo], num_blocks: int, push: bool | None = None,
-                 route: list[tuple[str, tuple[int, int]]] | None = None) -> ChainPlan:
+                 route: list[tuple[str, tuple[int, int]]] | None = None, headless_ms: float = 0.0) -> ChainPlan:
     """The route and chain shape with the lowest predicted step time; `push` True/False forces the
-    shape, `route` forces the route (both shapes are still predicted, for the log)."""
-    pushed = route or plan_route(peers, num_blocks, True)
-    mediated = route or plan_route(peers, num_blocks, False)
-    push_ms, mediated_ms = route_ms(peers, pushed, True), route_ms(peers, mediated, False)
+    shape, `route` forces the route (both shapes are still predicted, for the log). `headless_ms` (the
+    client's cost of verifying a round itself) makes a last peer that can verify rounds worth that much."""
+    pushed = route or plan_route(peers, num_blocks, True, headless_ms)
+    mediated = route or plan_route(peers, num_blocks, False, headless_ms)
+    push_ms, mediated_ms = route_ms(peers, pushed, True, headless_ms), route_ms(peers, mediated, False, headless_ms)
     if push is None:
         push = push_ms <= mediated_ms
     return ChainPlan(pushed if push else mediated, push, push_ms, mediated_ms)

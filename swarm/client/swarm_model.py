@@ -46,6 +46,7 @@ from swarm.client.route import Hop, PeerInfo, choose_chain, parse_route, peer_id
 from swarm.client.spotcheck import SessionAudit
 from swarm.client.verdicts import checked, computed, wire_check
 
+ROUND_NODES = 4  # a typical speculative round's nodes (what `_headless_ms` times the LM head on)
 log = logging.getLogger("specswarm.client")
 
 
@@ -65,6 +66,7 @@ class SwarmModel:
         self.dtypes: dict[str, str] = {}  # peer id -> the activation dtype it announces (checks' tolerance)
         self.audit = Auditor(self)  # spot-checks: who passed, suspects, liars caught, the last session's report
         self.failovers = 0
+        self._head_ms: float | None = None  # the LM head over a round's nodes here, timed once (`_headless_ms`)
         self.dht = None
         self.bg = BackgroundLoop()
         try:
@@ -141,7 +143,8 @@ class SwarmModel:
         usable = self._usable()
         cfg = self.config
         forced = None if self.auto_push else cfg.push
-        plan = choose_chain(usable, self.num_blocks, forced, parse_route(cfg.route, usable) if cfg.route else None)
+        plan = choose_chain(usable, self.num_blocks, forced, parse_route(cfg.route, usable) if cfg.route else None,
+                            self._headless_ms())
         if self.auto_push:
             self.config = cfg = replace(cfg, push=plan.push)
             log.info("chain shape: %s (predicted step %.1f ms pushed, %.1f ms client-mediated)",
@@ -150,6 +153,24 @@ class SwarmModel:
         if cfg.addresses is not None:  # e.g. an emulated WAN: the hop before each peer reaches it through its link
             hops = [replace(h, addr=cfg.addresses.route_addr(h.addr)) for h in hops]
         return hops
+
+    def _headless_ms(self) -> float:
+        """What a round costs this client when the route's last peer cannot verify it: the LM head over a round's
+        nodes (ROUND_NODES), timed once; 0 where rounds would be verified here anyway (`verify_at_peer` off, or
+        the auto rule keeps them here). The route planner charges a headless last peer that much."""
+        want, cfg = self.config.verify_at_peer, self.head.cfg
+        if want is False or not (want or auto_verify_at_peer(True, cfg.vocab_size, cfg.hidden_size, self.weights[1])):
+            return 0.0
+        if self._head_ms is None:
+            weight = self.head.norm.weight
+            x = torch.zeros(ROUND_NODES, cfg.hidden_size, dtype=weight.dtype, device=weight.device)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                self.head.logits(x).sum().item()  # (.item(): the work is done, on any device)
+                times.append(time.perf_counter() - t0)
+            self._head_ms = 1000 * sorted(times)[1]
+        return self._head_ms
 
     async def _ban_failed(self, route: list[Hop], error: BaseException) -> None:
         """Ban the hops that do not answer; if all answer, the peer that reported the error.

@@ -99,8 +99,9 @@ def draft_model(drafter: Drafter, policy: CostModel, plan: RoundPlan, seq: list[
     """The model's drafts for `plan`: a greedy tree, or a chain whose length the policy decides token by token."""
     d0 = drafter.seconds
     if plan.tree:
-        rnd.drafts, parents = drafter.propose_tree(seq, plan.k, plan.width)
-        rnd.parents, rnd.qs = [-1] + [p + 1 for p in parents], [None] * len(rnd.drafts)
+        rnd.drafts, parents, rnd.qs = drafter.propose_tree(seq, plan.k, plan.width, spec.params, generator,
+                                                           None if spec.params.greedy else spec.draft_top_k)
+        rnd.parents = [-1] + [p + 1 for p in parents]
         rnd.depth = plan.k
     else:
         rnd.drafts, q = drafter.propose(seq, plan.k, spec.params, generator,

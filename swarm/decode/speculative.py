@@ -28,8 +28,11 @@ One round, top to bottom (`speculative_decode`; the round's own pieces in `round
      seed from this generation's generator: exact for what was sampled, and reproducible);
   6. commit and observe: the new tokens join the sequence (and the n-gram index); the result counts
      the accepted tokens of each source; the policy learns from the round's timing and verdicts.
-Sampling (temperature > 0) drafts chains only (a model chain, an n-gram chain, or a model chain the
-proposal continues): trees are verified greedily. `relaxed` acceptance
+Sampling (temperature > 0) drafts trees too (`--tree W`): the model's first tokens drawn without
+replacement, each with the conditional law it was drawn from, each continued by draws from the
+draft, n-gram nodes as deterministic siblings; `verify_tree` keeps the target's law exactly (recursive
+rejection sampling over siblings). The adaptive policy learns trees' worth from greedy rank statistics,
+so under sampling it keeps to chains unless the shape is fixed (`--k K --tree W`). `relaxed` acceptance
 (opt-in, LOSSY) also accepts a draft whose target probability is close to the best one, judged on
 the target's softmax (also when decoding greedily).
 
@@ -56,7 +59,7 @@ from peer.model import ModelHead, StepLayout
 from swarm.decode.ngram import NgramIndex
 from swarm.decode.round_policy import CostModel, RoundTiming, make_policy
 from swarm.decode.rounds import Round, draft_round, judge
-from swarm.decode.sampling import SamplingParams, draw, token_probs, top_k_probs
+from swarm.decode.sampling import SamplingParams, draw, draw_siblings, token_probs, top_k_probs
 from swarm.decode.target import GenerationResult, LocalModel, RunBlocks, embed_step
 
 
@@ -64,7 +67,7 @@ from swarm.decode.target import GenerationResult, LocalModel, RunBlocks, embed_s
 class SpecConfig:
     k: int | None = None  # None: adaptive
     k_max: int = 8
-    tree_width: int = 1  # > 1: draft a tree with this many candidates for the first token (greedy only)
+    tree_width: int = 1  # > 1: draft a tree with this many candidates for the first token
     pipeline: bool | None = None  # None: the cost model decides per round (pays when the trip dwarfs compute)
     relaxed: float | None = None  # LOSSY: accept near-best drafts (0 < tau < 1)
     params: SamplingParams = SamplingParams()
@@ -103,8 +106,8 @@ class SpecConfig:
 
     @property
     def trees(self) -> bool:
-        """Trees are allowed: width > 1 and greedy (sampling drafts chains only)."""
-        return self.tree_width > 1 and self.params.greedy
+        """Trees are allowed: width > 1 (greedy: the draft's top candidates; sampling: drawn without replacement)."""
+        return self.tree_width > 1
 
     def policy(self) -> CostModel:
         """A fresh round policy for this configuration (adaptive, or this fixed shape)."""
@@ -190,25 +193,43 @@ class Drafter:
         self.seconds += time.perf_counter() - t0
         return tokens, torch.stack(probs) if probs else torch.empty(0)
 
-    def propose_tree(self, context: list[int], depth: int, width: int) -> tuple[list[int], list[int]]:
-        """Greedy tree: the `width` likeliest first tokens, each continued greedily to `depth` tokens.
+    def propose_tree(self, context: list[int], depth: int, width: int, params: SamplingParams = SamplingParams(),
+                     generator: torch.Generator | None = None, top_k: int | None = None) -> tuple[list, list, list]:
+        """A tree of `width` first tokens, each continued to `depth` tokens: (tokens, parents, qs), parents[i] = -1
+        for first-level nodes, qs[i] the distribution token i was drawn from (None: a deterministic pick).
 
-        Returns (tokens, parents) with parents[i] = -1 for first-level nodes.
+        Greedy: the `width` likeliest first tokens, each continued by the draft's argmax (qs all None).
+        Sampling: the first tokens drawn without replacement from the draft's distribution (its top `top_k`
+        renormalised, when given), each with the conditional it was drawn from (`draw_siblings`), and each
+        continued by draws from the draft's distribution after its own path: what `verify_tree` needs to
+        keep the target's law exactly.
         """
         t0 = time.perf_counter()
-        first = self._logits_after(context).topk(width).indices.tolist()
-        tokens, parents = [], []
-        for candidate in first:
-            parent = -1
-            token = candidate
+        sampled = not params.greedy
+
+        def law(logits):
+            q = token_probs(logits, params)
+            return top_k_probs(q, top_k) if top_k is not None else q
+
+        logits = self._logits_after(context)
+        if sampled:
+            first, first_qs = draw_siblings(law(logits), width, generator, replace=False)
+        else:
+            first, first_qs = logits.topk(width).indices.tolist(), [None] * width
+        tokens, parents, qs = [], [], []
+        for candidate, q in zip(first, first_qs):
+            parent, token = -1, candidate
             for d in range(depth):
                 tokens.append(token)
                 parents.append(parent)
+                qs.append(q)
                 parent = len(tokens) - 1
                 if d < depth - 1:
-                    token = int(self._step([token], len(context) + d).argmax())
+                    logits = self._step([token], len(context) + d)
+                    q = law(logits) if sampled else None
+                    token = draw(q, generator) if sampled else int(logits.argmax())
         self.seconds += time.perf_counter() - t0
-        return tokens, parents
+        return tokens, parents, qs
 
 
 SOURCES = ("model", "ngram", "both")
