@@ -161,6 +161,9 @@ def run_config(args, local: LocalModel, draft: LocalModel, prompts, links, n_pee
     return rep
 
 
+DEFAULT_MODE = "spec adaptive (auto pipeline)"  # what `swarm generate` does through a swarm
+
+
 def plots(results: list[dict], out_dir: Path) -> list[str]:
     import matplotlib
 
@@ -172,7 +175,9 @@ def plots(results: list[dict], out_dir: Path) -> list[str]:
     def ms(rep, mode):
         return next((e["measured"] for e in rep["entries"] if e["quantity"] == "ms_per_token" and e["mode"] == mode), None)
 
-    main_modes = ["plain client-mediated", "plain push", "spec k=4", "spec adaptive", "spec adaptive+pipeline"]
+    main_modes = [m for m in ("plain client-mediated", "plain push", "spec k=2", "spec k=4", "spec k=8", "spec tree(2) k=4",
+                              "spec adaptive", "spec adaptive+pipeline", DEFAULT_MODE)
+                  if any(ms(r, m) is not None for r in results)]  # the modes these runs measured
     by_peers: dict[int, list[dict]] = {}
     for rep in results:
         by_peers.setdefault(rep["peers"], []).append(rep)
@@ -182,7 +187,9 @@ def plots(results: list[dict], out_dir: Path) -> list[str]:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for mode in main_modes:
-            ax.plot([r["one_way_ms"] for r in reps], [ms(r, mode) for r in reps], "o-", label=mode)
+            default = mode == DEFAULT_MODE
+            ax.plot([r["one_way_ms"] for r in reps], [ms(r, mode) for r in reps], "o-", linewidth=3 if default else 1.5,
+                    label=f"{mode} (the default)" if default else mode)
         ax.set_xlabel("one-way latency per link (ms)")
         ax.set_ylabel("ms per token")
         ax.set_title(f"{peers} peers, emulated WAN, greedy")
