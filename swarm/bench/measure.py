@@ -67,7 +67,8 @@ class RoundLog:
     """A round policy, unchanged in every decision, that also records each round's shape for the
     simulator (`rounds`: `RoundShape`s of the last generation, in order): the tokens it sent, the draft
     steps it took (a dropped last draft counts: it cost a step), whether it had been sent ahead, and
-    the round sent ahead during it, used or thrown away. Everything else goes to the policy itself."""
+    the round sent ahead during it, used or thrown away (with `pipeline_depth` > 2, the next round in
+    flight: the simulator replays one round ahead). Everything else goes to the policy itself."""
 
     def __init__(self, policy):
         object.__setattr__(self, "policy", policy)
@@ -104,8 +105,10 @@ class RoundLog:
         if shape.hit and self.rounds and self.rounds[-1].ahead is not None:  # the round sent ahead, exactly
             self.rounds[-1] = replace(self.rounds[-1], ahead=replace(shape, hit=False))
         if getattr(timing, "ahead_sent", None) is not None and self._drafting:
-            ahead_steps, kept = self._drafting[0] if ahead_kept else self._drafting.pop(0)
+            ahead_steps, kept = self._drafting[0]
             shape = replace(shape, ahead=RoundShape(kept + 1, ahead_steps))
+        if not ahead_kept:  # every round still in flight (sent during this one or before) was thrown away
+            self._drafting.clear()
         self.rounds.append(shape)
         return self.policy.observe_round(rnd, accepted, extra, timing, ahead_kept, *args, **kwargs)
 
