@@ -184,6 +184,10 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
     p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=SPEC.pipeline,
                    help="send the next round before this one's verdict, assuming full acceptance [default: the cost "
                         "model decides per round from what pipelined rounds saved and cost: on over slow links, off on loopback]")
+    p.add_argument("--draft-vocab", type=non_negative(int), default=SPEC.draft_vocab, metavar="N",
+                   help="the draft model's LM head covers only the first N token ids (BPE's likeliest) and the "
+                        "context's: a much cheaper draft token for a large vocabulary, the output unchanged; 0: the "
+                        "whole vocabulary [default: %(default)s]")
     p.add_argument("--pipeline-depth", type=number(int, 2), default=SPEC.pipeline_depth, metavar="N",
                    help="when pipelining, at most N rounds in flight: the one awaited and N-1 sent ahead, each "
                         "assuming the ones before it are fully accepted (2: one ahead) [default: %(default)s]")
@@ -204,7 +208,7 @@ def sampling_params(args) -> SamplingParams:
 def spec_config(args) -> SpecConfig:
     return SpecConfig(k=args.k, k_max=args.k_max, tree_width=args.tree, pipeline=args.pipeline, relaxed=args.relaxed,
                       params=sampling_params(args), ngram=args.ngram, ngram_max=args.ngram_max,
-                      pipeline_depth=args.pipeline_depth)
+                      pipeline_depth=args.pipeline_depth, draft_vocab=args.draft_vocab or None)
 
 
 # --- peer limits, generated from the dataclass ----------------------------------------------------

@@ -351,14 +351,41 @@ def test_sampled_draft_trees_follow_the_target(small_vocab):
 
 def test_the_check_catches_a_tree_drafter_that_declares_the_wrong_law(small_vocab, monkeypatch):
     """Siblings drawn without replacement but declared as drawn from the plain q: biased, and the test sees it."""
-    import swarm.decode.speculative as speculative
+    import swarm.decode.drafter as drafter
 
-    real = speculative.draw_siblings
+    real = drafter.draw_siblings
 
     def declared_iid(q, width, generator=None, replace=True):
         tokens, _ = real(q, width, generator, replace)
         return tokens, [q] * len(tokens)
 
-    monkeypatch.setattr(speculative, "draw_siblings", declared_iid)
+    monkeypatch.setattr(drafter, "draw_siblings", declared_iid)
     stat, critical = chi_square_stat(*sampled_tree_joint(small_vocab)[:2])
     assert stat > critical, f"chi2 {stat:.1f} < {critical:.1f}: the test did not notice the bias"
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8)])
+def test_a_draft_vocabulary_subset_drafts_only_its_ids_and_keeps_the_output(pair, params):
+    """The draft's head over the first 48 ids and the context's: every draft lies there; greedy output is plain
+    greedy's, token for token (sampling: the same seed gives a valid generation of the same length)."""
+    target, draft = pair
+    length = len(PROMPT) + 40 + 20
+    spec = SpecConfig(k=4, pipeline=False, params=params, draft_vocab=48, ngram=False)
+    drafter = Drafter(draft, length, spec.draft_vocab)
+    seen = []
+    real = drafter.propose
+
+    def watched(context, *args, **kw):
+        tokens, q = real(context, *args, **kw)
+        seen.append((set(context), tokens))
+        return tokens, q
+
+    drafter.propose = watched
+    res = speculative_decode(target.head, target.session(length), drafter, PROMPT, 40, spec)
+    assert all(t < 48 or t in context for context, tokens in seen for t in tokens) and seen
+    assert any(t >= 48 for t in PROMPT + res.tokens)  # the subset was a real restriction
+    if params.greedy:
+        assert res.tokens == generate(target, PROMPT, 40, stop_at_eos=False).tokens
+    full = Drafter(draft, length, None)
+    assert full.vocab.size is None and torch.equal(full.vocab.logits(torch.ones(draft.head.cfg.hidden_size)),
+                                                   draft.head.logits(torch.ones(1, draft.head.cfg.hidden_size))[0])

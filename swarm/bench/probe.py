@@ -37,7 +37,7 @@ from swarm.bench.simulate import ChainTimings, CostTable
 from swarm.client.chain import ChainSession
 from swarm.decode.generate import LocalModel
 from swarm.decode.sampling import SamplingParams, token_probs
-from swarm.decode.speculative import Drafter
+from swarm.decode.speculative import Drafter, SpecConfig
 
 STEP_SIZES = (1, 2, 3, 5, 9, 17, 33)
 PREFILL_TOKENS = 128
@@ -169,7 +169,7 @@ def _draft_prefill(draft: LocalModel, reps: int) -> dict[int, float]:
 
 def _draft_costs(draft: LocalModel, prompt: list[int], reps: int) -> tuple[float, float]:
     """(ms per drafted token, ms per round) of the draft model, from rounds of 2 and of 6 drafts."""
-    drafter = Drafter(draft, len(prompt) + 16 * (reps + 2))
+    drafter = Drafter(draft, len(prompt) + 16 * (reps + 2), SpecConfig().draft_vocab)  # the default head
     context = list(prompt)
     drafter.propose(context, 2, SamplingParams())  # warm-up: the prompt goes in
     times = {2: [], 6: []}

@@ -13,7 +13,7 @@ and records its accepted path, from which the result counts each source's accept
 policy learns.
 
 Knows the model head (logits), the verifiers, the n-gram index and the round policy; the draft model
-only through `speculative.Drafter`'s methods; nothing of peers, sockets or tokenizers.
+only through `drafter.Drafter`'s methods; nothing of peers, sockets or tokenizers.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from swarm.decode.sampling import (RoundCheck, RoundVerdict, sparse_q, token_pro
 from swarm.decode.sources import NgramCalibration
 
 if TYPE_CHECKING:
-    from swarm.decode.speculative import Drafter, SpecConfig
+    from swarm.decode.drafter import Drafter
+    from swarm.decode.speculative import SpecConfig
 
 
 @dataclass

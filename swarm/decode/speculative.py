@@ -6,7 +6,8 @@ One round, top to bottom (`speculative_decode`; the round's own pieces in `round
      the draft model, the proposal alone, both, or neither (a plain step, when no draft pays), and the
      model's shape: a chain of up to k drafts (how many is decided token by token while drafting) or a
      small greedy tree;
-  2. draft: the `Drafter` catches its cache up with the committed sequence and drafts; the proposal is
+  2. draft: the `Drafter` (`drafter`) catches its cache up with the committed sequence and drafts (its
+     head over the first `draft_vocab` ids and the context's, `DraftVocab`); the proposal is
      fused in (`rounds.fuse_proposal`): where it agrees with the model's first drafts the nodes are
      shared, the rest is a sibling branch (one greedy tree) or continues the model's chain;
   3. send: the target runs [last committed token] + drafts in ONE step that starts at that token's
@@ -59,8 +60,9 @@ from peer.model import ModelHead, StepLayout
 from swarm.decode.ngram import NgramIndex
 from swarm.decode.round_policy import CostModel, RoundTiming, make_policy
 from swarm.decode.rounds import Round, draft_round, judge
-from swarm.decode.sampling import SamplingParams, draw, draw_siblings, token_probs, top_k_probs
-from swarm.decode.target import GenerationResult, LocalModel, RunBlocks, embed_step
+from swarm.decode.drafter import Drafter, DraftVocab  # noqa: F401  (re-exported: the decoder's drafter)
+from swarm.decode.sampling import SamplingParams
+from swarm.decode.target import GenerationResult, RunBlocks, embed_step
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class SpecConfig:
     ngram: bool | None = None  # draft from the text itself too (n-gram index); None: with adaptive k, not fixed k
     ngram_max: int = 8  # the longest n-gram the index matches
     pipeline_depth: int = 3  # rounds in flight at most when pipelining (the one awaited and those sent ahead of it)
+    draft_vocab: int | None = 8192  # the draft drafts from the first N token ids and the context's (DraftVocab)
     draft_top_k: int | None = None  # sampling: drafts come from the draft's top K, renormalised (verification at the
     # last peer sends those K (id, prob) pairs per draft); None: from the draft's whole distribution
 
@@ -118,118 +121,6 @@ class SpecConfig:
         kind = "tree" if self.tree_width > 1 else "chain"
         pipe = {True: "-pipelined", False: "", None: "-autopipeline"}[self.pipeline]
         return f"speculative-{kind}{pipe}{'-ngram' if self.ngram_on else ''}{'-relaxed(lossy)' if self.relaxed else ''}"
-
-
-class Drafter:
-    """The draft model with its own cache, kept in step with whatever sequence it is asked to extend."""
-
-    def __init__(self, model: LocalModel, max_length: int):
-        self.model = model
-        self.max_length = min(max_length, model.head.cfg.max_position_embeddings)  # never past its own context
-        self.session = model.session(self.max_length)
-        self.fed: list[int] = []  # tokens whose keys/values sit in the draft cache, in order
-        self.confidences: list[float] = []  # of the last proposal's drafts
-        self.top: list[list[int]] = []  # greedy: the draft's top-8 tokens at each of the last proposal's positions
-        self.first_seconds = 0.0
-        self.seconds = 0.0
-        self.tokens = 0
-
-    def room(self, length: int) -> int:
-        """Drafts it can propose after a sequence of `length` tokens: all but the last one go through its cache."""
-        return max(0, self.max_length + 1 - length)
-
-    def _step(self, tokens: list[int], start: int) -> torch.Tensor:
-        head = self.model.head
-        ids = torch.tensor(tokens, dtype=torch.long, device=head.embed_tokens.weight.device)
-        hidden = self.session.submit(head.embed(ids), StepLayout(start, len(tokens))).result()
-        self.fed[start:] = tokens
-        self.tokens += 1
-        return head.logits(hidden[-1:])[0]
-
-    def _logits_after(self, context: list[int]) -> torch.Tensor:
-        keep, limit = 0, min(len(self.fed), len(context) - 1)  # re-run at least the last token
-        while keep < limit and self.fed[keep] == context[keep]:
-            keep += 1
-        return self._step(context[keep:], keep)
-
-    def propose(self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator | None = None,
-                decide: Callable[[list[float]], tuple[bool, bool]] | None = None,
-                top_k: int | None = None) -> tuple[list[int], torch.Tensor]:
-        """Up to k draft tokens continuing `context` and the draft distributions they were drawn from [k, vocab].
-
-        `decide(confidences)` is asked after each token (its confidence: the draft's probability of
-        it) whether to keep it and whether to draft another; without it, exactly k tokens. The
-        confidences and (greedy) the draft's top-8 list at every position are left in
-        `self.confidences` and `self.top`. `top_k` (sampling): draw from the draft's top-k only, renormalised
-        (the distribution returned is that one: what a verifier must be told).
-        """
-        t0 = time.perf_counter()
-        self.confidences, self.top = [], []
-        logits = self._logits_after(context) if k > 0 else None
-        self.first_seconds = time.perf_counter() - t0  # the catch-up step: paid once per round, whatever k
-        tokens, probs = [], []
-        for i in range(k):
-            q = token_probs(logits, params)
-            if top_k is not None and not params.greedy:
-                q = top_k_probs(q, top_k)
-            if params.greedy:
-                token = int(logits.argmax())
-                confidence = float(torch.softmax(logits.float(), -1)[token])
-                self.top.append(logits.topk(min(8, logits.numel())).indices.tolist())
-            else:
-                token = draw(q, generator)
-                confidence = float(q[token])
-            keep, more = decide(self.confidences + [confidence]) if decide is not None else (True, True)
-            if not keep:
-                self.top = self.top[:len(tokens)]
-                break
-            tokens.append(token)
-            probs.append(q)
-            self.confidences.append(confidence)
-            if not more:
-                break
-            if i < k - 1:
-                logits = self._step([token], len(self.fed))
-        self.seconds += time.perf_counter() - t0
-        return tokens, torch.stack(probs) if probs else torch.empty(0)
-
-    def propose_tree(self, context: list[int], depth: int, width: int, params: SamplingParams = SamplingParams(),
-                     generator: torch.Generator | None = None, top_k: int | None = None) -> tuple[list, list, list]:
-        """A tree of `width` first tokens, each continued to `depth` tokens: (tokens, parents, qs), parents[i] = -1
-        for first-level nodes, qs[i] the distribution token i was drawn from (None: a deterministic pick).
-
-        Greedy: the `width` likeliest first tokens, each continued by the draft's argmax (qs all None).
-        Sampling: the first tokens drawn without replacement from the draft's distribution (its top `top_k`
-        renormalised, when given), each with the conditional it was drawn from (`draw_siblings`), and each
-        continued by draws from the draft's distribution after its own path: what `verify_tree` needs to
-        keep the target's law exactly.
-        """
-        t0 = time.perf_counter()
-        sampled = not params.greedy
-
-        def law(logits):
-            q = token_probs(logits, params)
-            return top_k_probs(q, top_k) if top_k is not None else q
-
-        logits = self._logits_after(context)
-        if sampled:
-            first, first_qs = draw_siblings(law(logits), width, generator, replace=False)
-        else:
-            first, first_qs = logits.topk(width).indices.tolist(), [None] * width
-        tokens, parents, qs = [], [], []
-        for candidate, q in zip(first, first_qs):
-            parent, token = -1, candidate
-            for d in range(depth):
-                tokens.append(token)
-                parents.append(parent)
-                qs.append(q)
-                parent = len(tokens) - 1
-                if d < depth - 1:
-                    logits = self._step([token], len(context) + d)
-                    q = law(logits) if sampled else None
-                    token = draw(q, generator) if sampled else int(logits.argmax())
-        self.seconds += time.perf_counter() - t0
-        return tokens, parents, qs
 
 
 SOURCES = ("model", "ngram", "both")

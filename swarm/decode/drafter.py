@@ -1,0 +1,173 @@
+"""The draft model's side of a round: `Drafter` (the draft with its own cache, kept in step with whatever
+sequence it is asked to extend: chains token by token, trees, greedy or sampled) and `DraftVocab` (its LM
+head over part of the vocabulary).
+
+Knows `LocalModel`, the model engine's steps and sampling; nothing of rounds, policies, peers or the network.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from peer.model import ModelHead, StepLayout
+from swarm.decode.sampling import SamplingParams, draw, draw_siblings, token_probs, top_k_probs
+from swarm.decode.target import LocalModel
+
+
+class DraftVocab:
+    """The draft's LM head over part of the vocabulary (as FR-Spec does with frequency-ranked tokens): the first
+    `size` ids plus every id the context holds. The head is most of a small draft's cost (SmolLM2's draft: a
+    49152 x 576 head, 6.9 of its 17.6 ms a token on one CPU core; 8192 ids: 0.5 ms), and the ids it leaves out
+    are rare (8192 + the context: 95.6 % of HumanEval's solution tokens). Logits of the ids left out are -inf,
+    so greedy drafts, confidences and sampled drafts' q are all over the subset: the target still verifies
+    every draft, and a sampled draft's q is the law it was drawn from, so the output is unchanged in law and,
+    greedy, token for token. A quantized (untied int8/nf4) head, or `size` None or >= the vocabulary: the
+    whole head."""
+
+    def __init__(self, head: ModelHead, size: int | None):
+        vocab = head.cfg.vocab_size
+        linear = isinstance(head.lm_head, torch.nn.Linear)
+        self.head, self.size = head, (size if size is not None and size < vocab and linear else None)
+        self.extra: list[int] = []  # context ids >= size, sorted
+        self._extra_t = None
+
+    def see(self, context: list[int]) -> None:
+        if self.size is None:
+            return
+        new = {t for t in context if t >= self.size} - set(self.extra)
+        if new:
+            self.extra = sorted(set(self.extra) | new)
+            self._extra_t = torch.tensor(self.extra, device=self.head.lm_head.weight.device)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [vocab] after one hidden state [hidden_size]; -inf outside the subset."""
+        head = self.head
+        if self.size is None:
+            return head.logits(hidden[None])[0]
+        weight = head.lm_head.weight
+        x = head.norm(hidden.to(head.norm.weight.dtype))
+        out = torch.full((head.cfg.vocab_size,), float("-inf"), device=weight.device)
+        out[:self.size] = torch.nn.functional.linear(x, weight[:self.size]).float()
+        if self._extra_t is not None:
+            out[self._extra_t] = torch.nn.functional.linear(x, weight[self._extra_t]).float()
+        return out
+
+
+class Drafter:
+    """The draft model with its own cache, kept in step with whatever sequence it is asked to extend."""
+
+    def __init__(self, model: LocalModel, max_length: int, vocab: int | None = None):
+        """`vocab`: draft only from the first `vocab` token ids (a BPE vocabulary's ids follow its merges, the
+        likeliest first) and any token of the context (`DraftVocab`); None: the whole vocabulary."""
+        self.model = model
+        self.vocab = DraftVocab(model.head, vocab)
+        self.max_length = min(max_length, model.head.cfg.max_position_embeddings)  # never past its own context
+        self.session = model.session(self.max_length)
+        self.fed: list[int] = []  # tokens whose keys/values sit in the draft cache, in order
+        self.confidences: list[float] = []  # of the last proposal's drafts
+        self.top: list[list[int]] = []  # greedy: the draft's top-8 tokens at each of the last proposal's positions
+        self.first_seconds = 0.0
+        self.seconds = 0.0
+        self.tokens = 0
+
+    def room(self, length: int) -> int:
+        """Drafts it can propose after a sequence of `length` tokens: all but the last one go through its cache."""
+        return max(0, self.max_length + 1 - length)
+
+    def _step(self, tokens: list[int], start: int) -> torch.Tensor:
+        head = self.model.head
+        ids = torch.tensor(tokens, dtype=torch.long, device=head.embed_tokens.weight.device)
+        hidden = self.session.submit(head.embed(ids), StepLayout(start, len(tokens))).result()
+        self.fed[start:] = tokens
+        self.tokens += 1
+        return self.vocab.logits(hidden[-1])
+
+    def _logits_after(self, context: list[int]) -> torch.Tensor:
+        self.vocab.see(context)
+        keep, limit = 0, min(len(self.fed), len(context) - 1)  # re-run at least the last token
+        while keep < limit and self.fed[keep] == context[keep]:
+            keep += 1
+        return self._step(context[keep:], keep)
+
+    def propose(self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator | None = None,
+                decide: Callable[[list[float]], tuple[bool, bool]] | None = None,
+                top_k: int | None = None) -> tuple[list[int], torch.Tensor]:
+        """Up to k draft tokens continuing `context` and the draft distributions they were drawn from [k, vocab].
+
+        `decide(confidences)` is asked after each token (its confidence: the draft's probability of
+        it) whether to keep it and whether to draft another; without it, exactly k tokens. The
+        confidences and (greedy) the draft's top-8 list at every position are left in
+        `self.confidences` and `self.top`. `top_k` (sampling): draw from the draft's top-k only, renormalised
+        (the distribution returned is that one: what a verifier must be told).
+        """
+        t0 = time.perf_counter()
+        self.confidences, self.top = [], []
+        logits = self._logits_after(context) if k > 0 else None
+        self.first_seconds = time.perf_counter() - t0  # the catch-up step: paid once per round, whatever k
+        tokens, probs = [], []
+        for i in range(k):
+            q = token_probs(logits, params)
+            if top_k is not None and not params.greedy:
+                q = top_k_probs(q, top_k)
+            if params.greedy:
+                token = int(logits.argmax())
+                confidence = float(torch.softmax(logits.float(), -1)[token])
+                self.top.append(logits.topk(min(8, logits.numel())).indices.tolist())
+            else:
+                token = draw(q, generator)
+                confidence = float(q[token])
+            keep, more = decide(self.confidences + [confidence]) if decide is not None else (True, True)
+            if not keep:
+                self.top = self.top[:len(tokens)]
+                break
+            tokens.append(token)
+            probs.append(q)
+            self.confidences.append(confidence)
+            if not more:
+                break
+            if i < k - 1:
+                logits = self._step([token], len(self.fed))
+        self.seconds += time.perf_counter() - t0
+        return tokens, torch.stack(probs) if probs else torch.empty(0)
+
+    def propose_tree(self, context: list[int], depth: int, width: int, params: SamplingParams = SamplingParams(),
+                     generator: torch.Generator | None = None, top_k: int | None = None) -> tuple[list, list, list]:
+        """A tree of `width` first tokens, each continued to `depth` tokens: (tokens, parents, qs), parents[i] = -1
+        for first-level nodes, qs[i] the distribution token i was drawn from (None: a deterministic pick).
+
+        Greedy: the `width` likeliest first tokens, each continued by the draft's argmax (qs all None).
+        Sampling: the first tokens drawn without replacement from the draft's distribution (its top `top_k`
+        renormalised, when given), each with the conditional it was drawn from (`draw_siblings`), and each
+        continued by draws from the draft's distribution after its own path: what `verify_tree` needs to
+        keep the target's law exactly.
+        """
+        t0 = time.perf_counter()
+        sampled = not params.greedy
+
+        def law(logits):
+            q = token_probs(logits, params)
+            return top_k_probs(q, top_k) if top_k is not None else q
+
+        logits = self._logits_after(context)
+        if sampled:
+            first, first_qs = draw_siblings(law(logits), width, generator, replace=False)
+        else:
+            first, first_qs = logits.topk(width).indices.tolist(), [None] * width
+        tokens, parents, qs = [], [], []
+        for candidate, q in zip(first, first_qs):
+            parent, token = -1, candidate
+            for d in range(depth):
+                tokens.append(token)
+                parents.append(parent)
+                qs.append(q)
+                parent = len(tokens) - 1
+                if d < depth - 1:
+                    logits = self._step([token], len(context) + d)
+                    q = law(logits) if sampled else None
+                    token = draw(q, generator) if sampled else int(logits.argmax())
+        self.seconds += time.perf_counter() - t0
+        return tokens, parents, qs
