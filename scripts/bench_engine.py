@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peer.model import BlockRange, Checkpoint, ModelConfig, StepLayout, parse_dtype  # noqa: E402
-from peer.model.quant import quantize_linears  # noqa: E402
+from peer.model.quant import QUANTS, quantize_linears  # noqa: E402
 
 ENGINES = {"graphs": "cuda", "eager": "off", "static": "eager"}  # --engines -> BlockRange.static_steps mode
 SHAPES = {  # hidden, intermediate, heads, kv heads, rope theta
@@ -56,8 +56,7 @@ def random_blocks(shape: str, n_blocks: int, dtype, device, quant: str = "none")
     for p in blocks.parameters():
         torch.nn.init.normal_(p, std=0.02)
     blocks = blocks.to(dtype)
-    if quant == "int8":
-        quantize_linears(blocks, blocks.linear_names(), dtype)
+    quantize_linears(blocks, blocks.linear_names(), dtype, quant)
     return blocks.eval()
 
 
@@ -105,7 +104,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--cache-lengths", default="0,128,512,2048")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    ap.add_argument("--quant", default="none", choices=["none", "int8"], help="int8: weight-only int8 linear layers")
+    ap.add_argument("--quant", default="none", choices=QUANTS, help="int8 / nf4: weight-only quantized linear layers")
     ap.add_argument("--copy-mib", type=int, default=None,
                     help="size of the copy that measures memory bandwidth [default: 1024 on cuda, 256 on cpu]")
     ap.add_argument("--engines", default=None,
@@ -124,7 +123,10 @@ def main() -> None:
         n = min(args.blocks, ckpt.config.num_hidden_layers)
         blocks, name = ckpt.load_blocks(0, n, dtype, args.device, args.quant), Path(args.model).name
     else:
-        blocks, name = random_blocks(args.shape, args.blocks, dtype, args.device, args.quant), args.shape
+        try:
+            blocks, name = random_blocks(args.shape, args.blocks, dtype, args.device, args.quant), args.shape
+        except ValueError as e:  # e.g. nf4 on a shape whose layers do not split into groups of 64
+            sys.exit(f"bench_engine: {e}")
     bandwidth = copy_bandwidth(args.device, args.copy_mib or (1024 if args.device.startswith("cuda") else 256))
     weight_bytes, kv_per_token = blocks.weight_bytes(), blocks.bytes_per_token()
     tokens = [int(t) for t in args.tokens.split(",")]

@@ -163,7 +163,7 @@ def run_config(args, local: LocalModel, draft: LocalModel, prompts, links, n_pee
     return rep
 
 
-DEFAULT_MODE = "spec adaptive (auto pipeline)"  # what `swarm generate` does through a swarm
+DEFAULT_MODE = MODE_KEYS["auto"]  # what `swarm generate` does through a swarm
 
 
 def plots(results: list[dict], out_dir: Path) -> list[str]:

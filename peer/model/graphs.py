@@ -32,16 +32,13 @@ sessions' owners, the network or checkpoints.
 
 from __future__ import annotations
 
-import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .cache import KVCache, StepLayout
 from .layers import rope_tables
-
-log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
 ALIGN = 8  # allocated slots are a multiple of this (attention kernels like aligned masks)
@@ -92,7 +89,6 @@ class _Static:
     masks: dict
     out: torch.Tensor | None = None
     graph: object = None
-    replays: int = field(default=0)
 
 
 class StaticSteps:
@@ -132,7 +128,6 @@ class StaticSteps:
             if st.graph is None:
                 self._capture(st, cache)
             st.graph.replay()
-            st.replays += 1
             self.replays += 1
             return st.out[0, :layout.n].clone()
 

@@ -6,9 +6,9 @@ into one matmul each.
 
 A block runs the new rows of one or several sessions at once (`Segment`: where each session's rows
 sit in the batch, and its cache): norms, rotary and every linear layer on all rows together (the
-weights are read once per batch), attention per session against its own cache. `forward_static` runs one session's rows at static shapes
-(a step padded to a size bucket, attention over the whole allocated cache under a mask): what
-`graphs.StaticSteps` captures as a CUDA graph. Knows nothing about
+weights are read once per batch), attention per session against its own cache. `forward_static` runs
+one session's rows at static shapes (a step padded to a size bucket, attention over the whole allocated
+cache under a mask): what `graphs.StaticSteps` captures as a CUDA graph. Knows nothing about
 checkpoints files, sessions' owners or the network.
 """
 
@@ -116,7 +116,6 @@ class Attention(nn.Module):
         causal = mask is None and seg.n > 1 and seg.start == 0  # a plain prefill
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else mask,
                                               is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
-
 
     def forward_static(self, x, cos, sin, cache: KVCache, layer: int, slots, mask) -> torch.Tensor:
         """One session's step at static shapes (what a CUDA graph captures): the rows' keys and values go to

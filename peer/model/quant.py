@@ -215,8 +215,8 @@ class Nf4Linear(_QuantLinear):
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
-QUANTIZERS = {"int8": quantize_weight, "nf4": quantize_nf4}  # quant -> (float weight, dtype) -> (weight, scale)
 LINEAR_CLASSES = {"int8": Int8Linear, "nf4": Nf4Linear}
+QUANTIZERS = {q: cls.quantizer for q, cls in LINEAR_CLASSES.items()}  # quant -> (float weight, dtype) -> (weight, scale)
 
 
 CPU_INT8PACK_DTYPES = (torch.bfloat16,)  # where torch's CPU kernel is fast (float32 / float16: see the docstring)

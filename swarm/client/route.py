@@ -151,7 +151,7 @@ def plan_route(peers: dict[str, PeerInfo], num_blocks: int, push: bool = True,
             for end in range(at + 1, b + 1):
                 c = cost + _hop_ms(peers, last, info, push) + info.ms_for(end - at)
                 if end == num_blocks:
-                    c += ((info.rtt_ms or 0.0) / 2 if push else 0.0) + (0.0 if info.head else headless_ms)
+                    c += _finish_ms(info, push, headless_ms)
                 if c < best.get((end, info.peer_id), float("inf")):
                     best[(end, info.peer_id)] = c
                     heapq.heappush(queue, (c, next(tie), end, info.peer_id, path + ((info.peer_id, (at, end)),)))
@@ -167,9 +167,13 @@ def route_ms(peers: dict[str, PeerInfo], route: list[tuple[str, tuple[int, int]]
     for pid, (a, b) in route:
         total += _hop_ms(peers, prev, peers[pid], push) + peers[pid].ms_for(b - a)
         prev = pid
-    if prev is None:
-        return total
-    return total + ((peers[prev].rtt_ms or 0.0) / 2 if push else 0.0) + (0.0 if peers[prev].head else headless_ms)
+    return total + (_finish_ms(peers[prev], push, headless_ms) if prev else 0.0)
+
+
+def _finish_ms(last: PeerInfo, push: bool, headless_ms: float) -> float:
+    """After the last peer: its way back to the client when pushed (half its RTT; client-mediated, `_hop_ms`
+    counted the whole), and the client's own verification when that peer holds no LM head."""
+    return ((last.rtt_ms or 0.0) / 2 if push else 0.0) + (0.0 if last.head else headless_ms)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from peer.model import StepLayout, parse_dtype
+from peer.model.quant import announced_dtype
 from swarm.client.chain import ChainSession
 from swarm.client.integrity import FAILURES, Rollback, ShadowChain, Transcript, Verdict, run_span
 from swarm.client.route import Hop, to_hops
@@ -211,8 +212,7 @@ class SessionAudit:
                     return await chain.replay_all(steps), self.auditor.dtype_of(pid), False
                 finally:
                     await chain.close()
-            own = str(parse_dtype(self.model.weights[0])).removeprefix("torch.")
-            own += "+nf4" if self.model.weights[2] == "nf4" else ""  # (its tolerance: integrity.spread)
+            own = announced_dtype(parse_dtype(self.model.weights[0]), self.model.weights[2])  # as a peer's
             return await self._local_opinion(route, k, steps), own, True
         except FAILURES as e:
             log.warning("no third opinion on blocks %s: %s", route[k].blocks, e)

@@ -31,16 +31,17 @@ class DraftVocab:
         vocab = head.cfg.vocab_size
         linear = isinstance(head.lm_head, torch.nn.Linear)
         self.head, self.size = head, (size if size is not None and size < vocab and linear else None)
-        self.extra: list[int] = []  # context ids >= size, sorted
+        self.extra: set[int] = set()  # context ids >= size
         self._extra_t = None
 
     def see(self, context: list[int]) -> None:
+        """Add the context's ids beyond the first `size` to the subset (they stay for the draft's lifetime)."""
         if self.size is None:
             return
-        new = {t for t in context if t >= self.size} - set(self.extra)
+        new = {t for t in context if t >= self.size} - self.extra
         if new:
-            self.extra = sorted(set(self.extra) | new)
-            self._extra_t = torch.tensor(self.extra, device=self.head.lm_head.weight.device)
+            self.extra |= new
+            self._extra_t = torch.tensor(sorted(self.extra), device=self.head.lm_head.weight.device)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

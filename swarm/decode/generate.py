@@ -104,7 +104,8 @@ def generate(model: Model, prompt: list[int], max_new_tokens: int, params: Sampl
     if session.verdicts and not spec.params.greedy and spec.draft_top_k is None:  # the peer is told the draft's q
         spec = replace(spec, draft_top_k=DRAFT_TOP_K)
     try:
-        return speculative_decode(model.head, session, Drafter(draft, length, spec.draft_vocab), prompt, max_new_tokens, spec,
+        drafter = Drafter(draft, length, spec.draft_vocab)
+        return speculative_decode(model.head, session, drafter, prompt, max_new_tokens, spec,
                                   seed=seed, eos_ids=eos, on_tokens=on_tokens, policy=policy, max_length=length)
     finally:
         session.close()

@@ -60,7 +60,7 @@ from peer.model import ModelHead, StepLayout
 from swarm.decode.ngram import NgramIndex
 from swarm.decode.round_policy import CostModel, RoundTiming, make_policy
 from swarm.decode.rounds import Round, draft_round, judge
-from swarm.decode.drafter import Drafter, DraftVocab  # noqa: F401  (re-exported: the decoder's drafter)
+from swarm.decode.drafter import Drafter
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.target import GenerationResult, RunBlocks, embed_step
 
