@@ -19,9 +19,8 @@ from swarm.decode.target import LocalModel
 
 class DraftVocab:
     """The draft's LM head over part of the vocabulary (as FR-Spec does with frequency-ranked tokens): the first
-    `size` ids plus every id the context holds. The head is most of a small draft's cost (SmolLM2's draft: a
-    49152 x 576 head, 6.9 of its 17.6 ms a token on one CPU core; 8192 ids: 0.5 ms), and the ids it leaves out
-    are rare (8192 + the context: 95.6 % of HumanEval's solution tokens). Logits of the ids left out are -inf,
+    `size` ids plus every id the context holds. The head is a large part of a small draft's cost and the ids it
+    leaves out are rare (`scripts/bench_draft_vocab.py` measures both: SmolLM2's draft, README). Logits of the ids left out are -inf,
     so greedy drafts, confidences and sampled drafts' q are all over the subset: the target still verifies
     every draft, and a sampled draft's q is the law it was drawn from, so the output is unchanged in law and,
     greedy, token for token. A quantized (untied int8/nf4) head, or `size` None or >= the vocabulary: the
