@@ -349,7 +349,9 @@ def test_concurrent_sessions_are_batched_and_equal_local(tiny):
     assert [got.get(i) for i in range(len(PROMPTS))] == reference
     for st, line in zip(stats, lines):
         steps = len(PROMPTS) * 16  # a prefill and 15 decode steps per generation
-        assert st.batched_steps == steps and st.batches < steps / 2 and st.largest_batch >= 3, line
+        # unbatched: one batch a step; 4 sessions in lockstep: ~steps / 4. Another process on the 2 cores staggers the
+        # sessions (37 batches for 64 steps seen beside a benchmark), so the bound proves batching, not its best case
+        assert st.batched_steps == steps and st.batches < steps * 0.75 and st.largest_batch >= 3, line
         assert f"batches: {st.batches} for {steps} steps (mean {st.mean_batch:.1f}, largest {st.largest_batch})" in line
 
 
