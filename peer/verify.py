@@ -3,9 +3,11 @@ with the verdict (`protocol.messages.Verdict`) instead of the final hidden state
 
 A peer offers it when it holds the model's last block and loaded the head (final norm and LM head;
 `swarm peer` does unless `--no-head`). The client asks for it in its Open (`VerifyAt`: its sampling
-parameters); greedy rounds need nothing more (the verdict is the target's argmax after every node,
-and the client's own judge runs on it); a sampled round's Step (or, in sealed push mode, this hop's
-onion layer) carries a `Check`: the drafts, the sparse distributions they were drawn from, a seed.
+parameters, temperature, top-p and top-k, each bounded by the parser; a top-k past the vocabulary keeps
+every token, as on the client); greedy rounds need nothing more (the verdict is the target's argmax
+after every node, and the client's own judge runs on it); a sampled round's Step (or, in sealed push
+mode, this hop's onion layer) carries a `Check`: the drafts, the sparse distributions they were drawn
+from, a seed.
 Here everything from the network is checked against this model before use (ids inside the
 vocabulary, one distribution per draft, one draft per node after the first), and the verdict is
 `peer.model.sampling.check_round`, the client's own verifier, run on this peer's logits.
@@ -45,7 +47,7 @@ def accept_open(head: ModelHead | None, msg: m.Open) -> SamplingParams | None:
         raise ProtocolError(ErrorCode.NO_HEAD, f"this peer {why}")
     if msg.next is not None:
         raise ProtocolError(ErrorCode.NO_HEAD, "a session that pushes to a next peer is not the last hop")
-    return SamplingParams(msg.verify.temperature, msg.verify.top_p)
+    return SamplingParams(msg.verify.temperature, msg.verify.top_p, msg.verify.top_k)
 
 
 def round_check(params: SamplingParams | None, step: m.Step, n: int, vocab: int) -> RoundCheck | None:

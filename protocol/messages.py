@@ -113,6 +113,15 @@ class VerifyAt:
 
     temperature: float = 0.0  # 0: greedy (the verdict is the target's argmax after every node)
     top_p: float = 1.0
+    # None: off, and then absent from the header, so a peer from before top-k reads the same Open. Such a peer
+    # ignores a "top_k" it does not know (parsers read only their own keys) and would verify without it.
+    top_k: int | None = None
+
+    def header(self) -> dict:
+        h = {"temperature": self.temperature, "top_p": self.top_p}
+        if self.top_k is not None:
+            h["top_k"] = self.top_k
+        return h
 
     @classmethod
     def parse(cls, h):
@@ -121,7 +130,7 @@ class VerifyAt:
         top_p = float_field(h, "top_p", 0.0, 1.0)
         if top_p <= 0:
             raise _bad("field 'top_p' must be in (0, 1]")
-        return cls(float_field(h, "temperature", 0.0, 1000.0), top_p)
+        return cls(float_field(h, "temperature", 0.0, 1000.0), top_p, _int(h, "top_k", 1, MAX_INT, optional=True))
 
 
 @dataclass
@@ -144,7 +153,7 @@ class Open:
         if self.prev_link:
             h["prev_link"] = self.prev_link
         if self.verify is not None:
-            h["verify"] = {"temperature": self.verify.temperature, "top_p": self.verify.top_p}
+            h["verify"] = self.verify.header()
         return h
 
     @classmethod

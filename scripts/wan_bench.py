@@ -74,6 +74,7 @@ MODE_KEYS = {  # --modes: short names for the modes (the default mode is "auto")
     "tree": "spec tree(2) k=4", "relaxed": "spec relaxed", "push-hot": "plain push T=", "spec-hot": "spec adaptive T=",
     "auto2": "spec adaptive (auto pipeline, 1 ahead)",  # only when named: the default's pipeline, one round shallower
     "fullvocab": "spec adaptive (auto pipeline, whole draft vocabulary)",  # only when named: --draft-vocab 0
+    "nomemory": "spec adaptive (auto pipeline, no n-gram memory)",  # only when named: --no-ngram-memory
 }
 
 
@@ -98,6 +99,7 @@ def bench_modes(k_max: int, relaxed: float, temperature: float, keys: list[str] 
     if SpecConfig().pipeline is None:
         modes.insert(8, Mode(MODE_KEYS["auto2"], spec=SpecConfig(k_max=k_max, pipeline_depth=2)))
         modes.insert(9, Mode(MODE_KEYS["fullvocab"], spec=SpecConfig(k_max=k_max, draft_vocab=None)))
+        modes.insert(10, Mode(MODE_KEYS["nomemory"], spec=SpecConfig(k_max=k_max, ngram_memory=False)))
     wanted = [MODE_KEYS[k] for k in keys]
     return [m for m in modes if any(m.name == w or (w.endswith(("=", "relaxed")) and m.name.startswith(w))
                                     for w in wanted)]

@@ -1,7 +1,8 @@
 """Chatting with a model through the swarm: streaming replies, a live status line, a kept conversation.
 
 `Chat` keeps the conversation and generates each reply speculatively (or plainly) through a
-`SwarmModel` or `LocalModel`, keeping the round policy it learnt from one reply to the next. A model
+`SwarmModel` or `LocalModel`, keeping the round policy it learnt from one reply to the next, and
+the n-grams of its replies (`NgramMemory`: drafts recalled from them, also after old turns were trimmed). A model
 with a chat template (`swarm.text.ChatTemplate`) gets its conversation as turns (system, user,
 assistant), rendered anew for every reply, and its reply ends at the model's end-of-turn token; only
 the assistant's text is shown. A model without one (the tiny code model) continues the raw text. The
@@ -36,6 +37,7 @@ from swarm.client.chain import RemoteError
 from swarm.client.route import NoRoute
 from swarm.console import Console
 from swarm.decode.generate import generate
+from swarm.decode.ngram import NgramMemory
 from swarm.decode.round_policy import CostModel
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.speculative import SpecConfig
@@ -106,6 +108,7 @@ class Chat:
     history: list[int] = field(default_factory=list)
     stats: ChatStats = field(default_factory=ChatStats)
     policy: CostModel | None = None  # the round policy, carried from reply to reply
+    memory: NgramMemory = field(default_factory=NgramMemory)  # earlier replies' n-grams, drafted from
     seed: int = 0  # reply i samples with seed + i
     console: Console | None = None  # notes, countdowns and the status line (None: silent)
     retry_seconds: float = RETRY_SECONDS
@@ -219,7 +222,7 @@ class Chat:
         (one stopped by Ctrl-C may have stopped in the middle of updating it)."""
         res = generate(self.model, prompt, max_new_tokens, self.params, draft=self.draft,
                        spec=self.spec if self.draft is not None else None, seed=self.seed + self.stats.replies,
-                       on_tokens=on_tokens, policy=copy.deepcopy(self.policy))
+                       on_tokens=on_tokens, policy=copy.deepcopy(self.policy), memory=self.memory)
         if self.draft is not None:
             self.policy = res.policy
             self.stats.rounds += res.rounds

@@ -112,7 +112,7 @@ def _generate(args, model, load_seconds: float) -> int:
                "dtype": args.dtype, "quant": args.quant, **result.summary(),
                "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
                "load_seconds": round(load_seconds, 3), "temperature": args.temperature, "top_p": args.top_p,
-               "seed": args.seed}
+               "top_k": args.top_k or None, "seed": args.seed}
         if spec:
             out.update(k=args.k if args.k else "adaptive", draft=str(args.draft), lossy=args.relaxed is not None)
         if not args.local:

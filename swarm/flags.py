@@ -169,6 +169,9 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
                    help="0 = greedy (default); higher samples more freely")
     p.add_argument("--top-p", type=fraction(), default=SamplingParams().top_p,
                    help="sample from the smallest set of tokens whose probabilities add up to P [default: %(default)s]")
+    p.add_argument("--top-k", type=non_negative(int), default=0, metavar="K",
+                   help="sample from the K likeliest tokens only (before --top-p; tokens tied with the K-th stay "
+                        "too); 0: off [default: 0]")
     p.add_argument("--seed", type=int, default=0, help="random seed of sampling (same seed, same text) [default: 0]")
     add_draft_flag(p)
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
@@ -199,15 +202,22 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
                         "or a plain step [default: on with adaptive k, off with a fixed --k]")
     p.add_argument("--ngram-max", type=positive(), default=SPEC.ngram_max, metavar="N",
                    help="longest n-gram the n-gram draft matches [default: %(default)s]")
+    p.add_argument("--ngram-drafts", type=positive(), default=SPEC.ngram_drafts, metavar="N",
+                   help="the most n-gram drafts in one round (the cost model sends fewer where they are unsure) "
+                        "[default: %(default)s]")
+    p.add_argument("--ngram-memory", action=argparse.BooleanOptionalAction, default=SPEC.ngram_memory,
+                   help="the n-gram draft also recalls earlier replies of this process (a chat's, an API server's "
+                        "requests'): similar requests repeat each other's phrases [default: on]")
 
 
 def sampling_params(args) -> SamplingParams:
-    return SamplingParams(args.temperature, args.top_p)
+    return SamplingParams(args.temperature, args.top_p, args.top_k)
 
 
 def spec_config(args) -> SpecConfig:
     return SpecConfig(k=args.k, k_max=args.k_max, tree_width=args.tree, pipeline=args.pipeline, relaxed=args.relaxed,
                       params=sampling_params(args), ngram=args.ngram, ngram_max=args.ngram_max,
+                      ngram_memory=args.ngram_memory, ngram_drafts=args.ngram_drafts,
                       pipeline_depth=args.pipeline_depth, draft_vocab=args.draft_vocab or None)
 
 

@@ -164,6 +164,10 @@ def test_models_and_a_completion_equal_to_swarm_generate(api, reference):
     assert len([p for p in pieces if p]) > 1, "the text came in one piece: not streamed"
     echo = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=NEW, echo=True)
     assert echo.choices[0].text == PROMPT + reference
+    # vLLM's top_k: 1 keeps only the likeliest token, so sampling at any temperature gives the greedy text
+    top1 = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=NEW, temperature=1.5,
+                                     extra_body={"top_k": 1})
+    assert top1.choices[0].text == reference
 
 
 def test_chat_completions_use_the_models_template(api):
@@ -200,7 +204,8 @@ def test_stop_strings_end_the_text_before_them(api, reference):
 @pytest.mark.parametrize("params,param", [
     ({"max_tokens": -1}, "max_tokens"), ({"temperature": -0.5}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"), ({"model": "no-such-model"}, "model"), ({"n": 2}, "n"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"logprobs": 2}, "logprobs")])
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"logprobs": 2}, "logprobs"),
+    ({"extra_body": {"top_k": -2}}, "top_k"), ({"extra_body": {"top_k": 2.5}}, "top_k")])
 def test_bad_parameters_get_400_in_openais_shape(api, params, param):
     client, _, _, _ = api
     with pytest.raises(openai.BadRequestError) as raised:
@@ -389,6 +394,20 @@ def test_a_swarm_that_cannot_serve_gets_503_and_a_timeout_504():
         assert raised.value.status_code == 504 and raised.value.body["code"] == "timeout"
     finally:
         slow.close()
+
+
+def test_top_k_as_vllm_reads_it():
+    from swarm.api.schemas import APIError, Defaults, parse_request
+
+    def top_k(body, default=None):
+        return parse_request({"prompt": "x", **body}, False, ["m"], Defaults(top_k=default)).top_k
+
+    assert top_k({}) is None and top_k({}, 40) == 40 and top_k({"top_k": None}, 40) == 40
+    assert top_k({"top_k": 5}) == 5 and top_k({"top_k": 0}, 40) is None and top_k({"top_k": -1}, 40) is None
+    for bad in (-2, 1.0, True, "5", [5]):
+        with pytest.raises(APIError) as e:
+            top_k({"top_k": bad})
+        assert e.value.status == 400 and e.value.param == "top_k"
 
 
 def test_text_out_holds_back_what_may_be_a_stop_string():

@@ -5,13 +5,14 @@ output stays token-identical to plain greedy in every mode while the n-gram draf
 sampling with n-gram drafts (one-hot q) still follows the target's law."""
 
 import argparse
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import make_checkpoint
 from swarm.decode.generate import LocalModel, generate
-from swarm.decode.ngram import NgramIndex, Score, graft, is_chain, shared_path
+from swarm.decode.ngram import SEPARATOR, NgramIndex, NgramMemory, Score, graft, is_chain, shared_path
 from swarm.decode.round_policy import CostModel, FixedShape, RoundPlan
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.sources import NgramCalibration, best_prefix
@@ -63,6 +64,37 @@ def test_the_index_keeps_up_incrementally_and_drafts_in_flight_are_not_indexed()
     assert index.tokens == [3, 4, 3] and index.propose([3, 4, 3], 2).tokens == [4, 3]
 
 
+def test_the_memory_recalls_earlier_generations_and_keeps_them_apart():
+    memory = NgramMemory(n_max=4)
+    memory.remember([1, 2, 3, 4, 5])
+    memory.remember([6, 7, 8])
+    assert len(memory) == 10 and memory.documents == 2  # each document after a separator
+    assert memory.next([2, 3]) == (4, Score(2, 1, 1, recalled=True))
+    assert memory.next([5]) is None and memory.next([4, 5]) is None  # a document's end is no continuation
+    assert memory.next([5, 6]) == (7, Score(1, 1, 1, recalled=True))  # "5 6" never ran across the separator
+    assert all(t != SEPARATOR for t in NgramIndex([5], 4, memory=memory).propose([5, 6], 8).tokens)
+    # this text's own match wins a tie; the memory's wins where it matched longer
+    index = NgramIndex([9, 2, 3, 7, 9, 2, 3], n_max=4, memory=memory)
+    own = index.propose([9, 2, 3], 1)
+    assert own.tokens == [7] and not own.scores[0].recalled  # order 3 here beats order 2 in the memory
+    longer = NgramIndex([3, 9], n_max=4, memory=memory).propose([1, 2, 3], 3)
+    assert longer.tokens == [4, 5] and all(s.recalled for s in longer.scores)  # stops at the document's end
+    assert NgramIndex([1, 2], n_max=4).propose([1, 2, 3], 3).tokens == []  # without the memory: nothing
+
+
+def test_the_memory_keeps_its_newest_documents_within_the_cap():
+    memory = NgramMemory(n_max=3, max_tokens=40)
+    for d in range(10):
+        memory.remember([100 * d + i for i in range(7)])  # 8 tokens a document with its separator
+        assert len(memory) <= 40
+    assert memory.next([900, 901]) is not None and memory.next([0, 1]) is None  # the oldest went first
+    assert memory.documents == len(memory) // 8 >= 3
+    memory.remember(list(range(1000, 1100)))  # longer than the cap: its last 39 tokens
+    assert len(memory) == 40 and memory.documents == 1 and memory.next([1097, 1098]) == (1099, Score(2, 1, 1, True))
+    with pytest.raises(ValueError):
+        NgramMemory(max_tokens=1)
+
+
 def test_graft_shares_the_agreeing_prefix_and_branches_where_the_proposal_parts():
     drafts, parents = [10, 11, 12], [-1, 0, 1]  # a chain
     assert graft(drafts, parents, [10, 11, 12, 13, 14]) == ([10, 11, 12, 13, 14], [-1, 0, 1, 2, 3], [0, 1, 2])
@@ -98,6 +130,18 @@ def local_policy(acceptance: float, draft: float) -> CostModel:
         policy.observe(n - 1, round((n - 1) * acceptance), n, 0.006 + 0.004 * n, draft * (n - 1), first_seconds=draft)
     policy.accepted, policy.rejections = 10 * acceptance, 10 * (1 - acceptance)
     return policy
+
+
+def test_recalled_drafts_are_calibrated_apart():
+    cal = NgramCalibration()
+    here, recalled = cal.cell(Score(4, 2, 2)), cal.cell(Score(4, 2, 2, recalled=True))
+    assert here != recalled and NgramCalibration.recalled(recalled) and not NgramCalibration.recalled(here)
+    assert cal.alpha(recalled) < cal.alpha(here)  # the prior trusts this text's repeats more
+    against = cal.cell(Score(4, 2, 2, recalled=True), against=True)
+    assert cal.alone(against) == recalled and NgramCalibration.recalled(against)
+    for _ in range(50):
+        cal.observe(recalled, True)
+    assert cal.alpha(recalled) > cal.alpha(here)  # what the verdicts say wins over the prior
 
 
 def test_the_policy_picks_who_drafts_from_costs_and_acceptance():
@@ -187,6 +231,25 @@ def test_greedy_with_ngram_drafts_equals_plain_greedy(pair, mode):
         assert res.pipelined_hits > 0
 
 
+def test_a_later_generation_recalls_an_earlier_one_and_keeps_the_output(pair):
+    """The memory (through `generate`) drafts what an earlier generation said: far fewer rounds, the output
+    still plain greedy's; without the flag the memory is neither read nor written."""
+    target, draft = pair
+    prompt = [11, 73, 5, 190, 42, 8, 66, 131]
+    plain = generate(target, prompt, 48, stop_at_eos=False).tokens
+    spec, memory = SpecConfig(pipeline=False), NgramMemory()
+    off = generate(target, prompt, 48, draft=draft, spec=replace(spec, ngram_memory=False), stop_at_eos=False,
+                   policy=Forced("ngram"), memory=memory)
+    assert off.tokens == plain and len(memory) == 0 and off.recalled == 0
+    first = generate(target, prompt, 48, draft=draft, spec=spec, stop_at_eos=False, policy=Forced("ngram"),
+                     memory=memory)
+    assert first.tokens == plain and first.recalled == 0 and memory.documents == 1
+    again = generate(target, prompt, 48, draft=draft, spec=spec, stop_at_eos=False, policy=Forced("ngram"),
+                     memory=memory)
+    assert again.tokens == plain and again.recalled >= 24 and again.rounds * 2 <= first.rounds
+    assert again.stats()["recalled"] == again.recalled and memory.documents == 2
+
+
 def test_a_perfect_draft_and_the_ngram_index_together(pair):
     """With the target as its own draft every model draft is accepted; the n-gram's only where right."""
     target, _ = pair
@@ -237,9 +300,11 @@ def test_sampling_with_ngram_chains_follows_the_target(small_vocab):  # noqa: F8
 def test_config_and_flags():
     assert SpecConfig().ngram_on and not SpecConfig(k=4).ngram_on and SpecConfig(k=4, ngram=True).ngram_on
     assert not SpecConfig(ngram=False).ngram_on and "ngram" in SpecConfig().mode and "ngram" not in SpecConfig(k=2).mode
-    assert SpecConfig(k_max=8).slack == 16 and SpecConfig(k_max=8, ngram=False).slack == 8
-    with pytest.raises(ValueError):
-        SpecConfig(ngram_max=0)
+    assert SpecConfig(k_max=8).slack == 24 and SpecConfig(k_max=8, ngram=False).slack == 8
+    assert SpecConfig(k_max=8, ngram_drafts=4, tree_width=2).slack == 20  # a tree of 2 x 8, then 4 n-gram nodes
+    for bad in ("ngram_max", "ngram_drafts"):
+        with pytest.raises(ValueError):
+            SpecConfig(**{bad: 0})
     from swarm.flags import add_decode_args, spec_config
 
     p = argparse.ArgumentParser()
@@ -247,6 +312,8 @@ def test_config_and_flags():
     assert spec_config(p.parse_args([])).ngram is None
     spec = spec_config(p.parse_args(["--no-ngram", "--ngram-max", "5"]))
     assert spec.ngram is False and spec.ngram_max == 5 and not spec.ngram_on
+    spec = spec_config(p.parse_args(["--ngram-drafts", "12", "--no-ngram-memory"]))
+    assert spec.ngram_drafts == 12 and not spec.ngram_memory and spec_config(p.parse_args([])).ngram_memory
 
 
 def test_bench_acceptance_reports_who_drafted():

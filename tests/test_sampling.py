@@ -1,6 +1,7 @@
-"""Sampling: greedy, temperature and top-p distributions, and seeded reproducibility end to end."""
+"""Sampling: greedy, temperature, top-k and top-p distributions, and seeded reproducibility end to end."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -27,6 +28,33 @@ def test_temperature_and_top_p_distribution():
     assert sharp[0] > 0.5 and torch.isclose(sharp.sum(), torch.tensor(1.0))
 
 
+def test_top_k_keeps_the_k_likeliest_then_top_p_judges_what_is_left():
+    logits = torch.log(torch.tensor([0.1, 0.4, 0.2, 0.3]))
+    assert torch.allclose(token_probs(logits, SamplingParams(1.0, top_k=2)), torch.tensor([0, 4 / 7, 0, 3 / 7]))
+    for k in (4, 5, 10**9):  # k >= vocab: every token stays
+        assert torch.allclose(token_probs(logits, SamplingParams(1.0, top_k=k)), torch.tensor([0.1, 0.4, 0.2, 0.3]))
+    # temperature first (the set is the same, the law is the tempered one's), row by row on a batch
+    hot = token_probs(torch.stack([logits, logits.flip(0)]), SamplingParams(2.0, top_k=2))
+    sqrt = torch.tensor([0.4, 0.3]).sqrt()
+    assert torch.allclose(hot[0, [1, 3]], sqrt / sqrt.sum()) and hot[0, [0, 2]].sum() == 0
+    assert torch.allclose(hot[1], hot[0].flip(0))
+    # then top-p over the top-k law renormalised (Hugging Face's order): {1, 3, 2} is 4/9, 3/9, 2/9, and 0.75
+    # of that mass needs {1, 3}; top-p first (0.4 + 0.3 < 0.75) would have kept three tokens
+    assert torch.allclose(token_probs(logits, SamplingParams(1.0, 0.75, 3)), torch.tensor([0, 4 / 7, 0, 3 / 7]))
+    assert token_probs(logits, SamplingParams(0.0, 1.0, 2)).tolist() == [0.0, 1.0, 0.0, 0.0]  # greedy stays greedy
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """Ties at the k-th value: all of them stay (Hugging Face's and vLLM's rule), never an arbitrary pick."""
+    logits = torch.tensor([3.0, 1.0, 0.0, 1.0, 1.0])
+    kept = token_probs(logits, SamplingParams(1.0, top_k=2))
+    assert (kept > 0).tolist() == [True, True, False, True, True]
+    assert torch.allclose(kept, torch.softmax(torch.tensor([3.0, 1.0, -math.inf, 1.0, 1.0]), -1))
+    tied_top = token_probs(torch.tensor([2.0, 0.0, 2.0]), SamplingParams(1.0, top_k=1))
+    assert tied_top.tolist() == [0.5, 0.0, 0.5]
+    assert (token_probs(logits, SamplingParams(1.0, top_k=1)) > 0).tolist() == [True, False, False, False, False]
+
+
 def test_sampling_frequencies_follow_the_distribution():
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
     g = torch.Generator().manual_seed(0)
@@ -35,9 +63,25 @@ def test_sampling_frequencies_follow_the_distribution():
 
 
 def test_bad_params_are_refused():
-    for kw in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5)):
+    for kw in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(top_k=2.0), dict(top_k=True),
+               dict(top_k="3")):
         with pytest.raises(ValueError):
             SamplingParams(**kw)
+    assert SamplingParams(1.0, top_k=0) == SamplingParams(1.0) and SamplingParams(1.0, top_k=0).top_k is None
+
+
+def test_the_top_k_flag_reaches_the_sampling_parameters():
+    from swarm.cli import build_parser
+    from swarm.flags import sampling_params
+
+    need = {"generate": ["--prompt", "x"]}
+    for command in ("generate", "chat", "api"):
+        args = build_parser().parse_args([command, "--model", "tiny", *need.get(command, []), "--temperature", "0.7",
+                                          "--top-k", "40"])
+        assert sampling_params(args) == SamplingParams(0.7, 1.0, 40)
+    assert sampling_params(build_parser().parse_args(["generate", "--model", "tiny", "--prompt", "x"])).top_k is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--model", "tiny", "--prompt", "x", "--top-k", "-3"])
 
 
 def run_cli(path, *extra):
@@ -51,9 +95,9 @@ def run_cli(path, *extra):
 def test_seeded_sampling_is_reproducible(tiny):
     path = tiny("llama2").path
     a = run_cli(path, "--temperature", "1.0", "--seed", "7")
-    b = run_cli(path, "--temperature", "1.0", "--seed", "7")
+    b = run_cli(path, "--temperature", "1.0", "--seed", "7", "--top-k", "0")  # 0: top-k off
     c = run_cli(path, "--temperature", "1.0", "--seed", "8")
-    assert a["tokens"] == b["tokens"]
+    assert a["tokens"] == b["tokens"] and a["top_k"] is None is b["top_k"]
     assert a["tokens"] != c["tokens"]
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import make_checkpoint
 from swarm.decode.generate import LocalModel, generate
 from swarm.decode.round_policy import CostModel
-from swarm.decode.sampling import SamplingParams
+from swarm.decode.sampling import SamplingParams, token_probs
 from swarm.decode.sampling import verify, verify_greedy_tree
 from swarm.decode.speculative import Drafter, SpecConfig, speculative_decode
 
@@ -299,13 +299,14 @@ def test_the_chi_square_test_catches_a_biased_sampler():
     assert stat > critical, f"chi2 {stat:.1f} < {critical:.1f}: the test did not notice the bias"
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_end_to_end_sampling_follows_the_target(small_vocab, adaptive):
+@pytest.mark.parametrize("adaptive,top_k", [(False, None), (True, None), (False, 3)])
+def test_end_to_end_sampling_follows_the_target(small_vocab, adaptive, top_k):
     """Whole speculative generations (drafter, target, verify): the first token's law is the target's.
-    Adaptive: the cost model stops drafting at hesitant drafts (a rule that reads only the draft)."""
+    Adaptive: the cost model stops drafting at hesitant drafts (a rule that reads only the draft). Top-k:
+    the target's law is its top-k distribution (the draft drafts from its own): never a token outside it."""
     target, draft = small_vocab
-    params, prompt, n = SamplingParams(temperature=1.0), [1, 2, 3], 400
-    expected = torch.softmax(generate_logits(target, prompt), -1) * n
+    params, prompt, n = SamplingParams(temperature=1.0, top_k=top_k), [1, 2, 3], 400
+    expected = token_probs(generate_logits(target, prompt), params) * n
     counts = torch.zeros(6)
     length = len(prompt) + 8
     lengths = set()
@@ -319,6 +320,7 @@ def test_end_to_end_sampling_follows_the_target(small_vocab, adaptive):
         counts[res.tokens[0]] += 1
     if adaptive:
         assert lengths == {1, 2}  # the draft length did depend on the draft's confidence
+    assert counts[expected == 0].sum() == 0 and int((expected > 0).sum()) == (top_k or 6)
     stat, critical = chi_square_stat(counts, expected)
     assert stat < critical, f"chi2 {stat:.1f} >= {critical:.1f}"
 

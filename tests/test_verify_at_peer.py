@@ -2,7 +2,7 @@
 only its verdict. Greedy output identical to --local (chains and trees, push and client-mediated); sampling
 exact (chi-square on a small vocabulary) and reproducible with a seed; a failover onto a last peer without a
 head still exact (the client then computes the same verdicts); spot-checks compare verdicts with a replica and
-catch a lying verifier; bad input refused while the peer keeps serving.
+catch a lying verifier; top-k verified at the peer as here; bad input refused while the peer keeps serving.
 
 Real peers on loopback (the bundled tiny pair): A serves blocks 0:2, B 2:4 with the head, C 2:4 started with
 --no-head.
@@ -114,6 +114,32 @@ def test_sampling_reproducible_and_the_same_wherever_verified(swarm):
     assert other != runs[0]  # the seed matters
 
 
+def test_top_k_is_verified_at_the_peer_as_here(swarm):
+    """Top-k reaches the verifying peer (its Open's VerifyAt) and the peer filters the target by it: top-k 1 under
+    temperature is the argmax, so the output is --local's greedy one (a peer that ignored top-k would sample other
+    tokens); top-k 8 seeded gives the same tokens verified at B as verified here (C holds no head)."""
+    path, draft, peers, reference = swarm
+    spec = SpecConfig(k=4, pipeline=False)
+    model = client(path, peers, peers[1], verify_at_peer=True)
+    try:
+        probe = model.session(16, SamplingParams(0.9, 0.95, 8))
+        assert probe.chain.verify == m.VerifyAt(0.9, 0.95, 8)
+        probe.close()
+        assert generate(model, PROMPT, N, SamplingParams(0.9, 1.0, 1), draft=draft, spec=spec, seed=3,
+                        stop_at_eos=False).tokens == reference
+        at_peer = generate(model, PROMPT, N, SamplingParams(0.9, 0.95, 8), draft=draft, spec=spec, seed=7,
+                           stop_at_eos=False).tokens
+    finally:
+        model.close()
+    model = client(path, peers, peers[2], verify_at_peer=True)
+    try:
+        here = generate(model, PROMPT, N, SamplingParams(0.9, 0.95, 8), draft=draft, spec=spec, seed=7,
+                        stop_at_eos=False).tokens
+    finally:
+        model.close()
+    assert at_peer == here and at_peer != reference
+
+
 def test_bad_input_is_refused_and_the_peer_keeps_serving(swarm):
     path, _, peers, _ = swarm
     model = client(path, peers, peers[1], push=False)
@@ -139,6 +165,7 @@ def test_bad_input_is_refused_and_the_peer_keeps_serving(swarm):
         assert refused(model.route[:1], verify=hot) == "no_head"  # A's blocks do not end the model
         no_head = [model.route[0], type(model.route[1])(peers[2].addr, peers[2].peer_id, (2, 4))]
         assert refused(no_head) == "no_head"  # C holds no head
+        assert refused(model.route, verify=m.VerifyAt(1.0, 1.0, 0)) == "bad_request"  # top_k 0: off is no field
         assert refused(model.route, m.Check([5], [[(5, 1.0)]], 1)) == "bad_check"  # one draft for a 3-node step
         assert refused(model.route, m.Check([5, 4096], [[(5, 1.0)], [(4096, 1.0)]], 1)) == "bad_check"
         assert refused(model.route, m.Check([5, 6], [[(5, 1.5)], [(6, 1.0)]], 1)) == "bad_request"  # prob > 1
@@ -262,6 +289,12 @@ def test_wire_checks_and_verdicts():
     v = m.Verdict("a" * 32, 1, [1, 2, 3], [0, 1], 7)
     assert m.decode(m.encode(v)) == v
     assert m.decode(m.encode(m.Open("a" * 32, 9, (0, 2), verify=m.VerifyAt(0.5, 0.9)))).verify == m.VerifyAt(0.5, 0.9)
+    assert m.decode(m.encode(m.Open("a" * 32, 9, (0, 2), verify=m.VerifyAt(0.5, 0.9, 40)))).verify.top_k == 40
+    assert m.VerifyAt(0.5, 0.9).header() == {"temperature": 0.5, "top_p": 0.9}  # off: an older peer's own Open
+    for top_k in (0, -1, 2.5, True, "8", 2**31, [3]):  # hostile top_k: refused, whatever else the Open says
+        with pytest.raises(m.ProtocolError) as e:
+            m.VerifyAt.parse({"temperature": 1.0, "top_p": 1.0, "top_k": top_k})
+        assert e.value.code == "bad_request" and "top_k" in str(e.value)
     for bad in ({"drafts": [1], "q": [[[1, float("nan")]]], "seed": 1}, {"drafts": [1], "q": [[[1, 0.6], [1, 0.4]]], "seed": 1},
                 {"drafts": [1], "q": [[[1, 0.9], [2, 0.9]]], "seed": 1}, {"drafts": [1], "q": [[]], "seed": 1},
                 {"drafts": [1], "q": [[[1, 1.0]] * 65], "seed": 1}, {"drafts": [1] * 300, "q": [], "seed": 1},

@@ -84,8 +84,17 @@ def test_prompts_from_texts_are_the_first_n_cut_to_the_context():
 def test_every_mode_runs_on_every_prompt_with_the_same_tokens(wan_bench, monkeypatch):
     ran = []
 
-    def fake_run_mode(model, draft, mode, prompt, new_tokens, seed=0, policy=None):
+    memories = {}
+
+    def fake_run_mode(model, draft, mode, prompt, new_tokens, seed=0, policy=None, memory=None):
         ran.append((mode.name, tuple(prompt), new_tokens))
+        if mode.spec is not None:  # each speculative mode's own memory, holding only the prompts before
+            assert memories.setdefault(mode.name, memory) is memory and memory.documents == len(
+                [1 for m, _, _ in ran if m == mode.name]) - 1
+            assert all(memory is not other for name, other in memories.items() if name != mode.name)
+            memory.remember(list(prompt))
+        else:
+            assert memory is None
         return SimpleNamespace(tokens=[0] * new_tokens, policy=None)
 
     monkeypatch.setattr(measure_mod, "probe", lambda *a, **k: {})

@@ -1,6 +1,8 @@
 """The target's side of speculative verification: sampling distributions, lossless verifiers, a round's verdict.
 
-`token_probs` is the distribution a sampler draws from; `verify` (lossless rejection sampling of a
+`token_probs` is the distribution a sampler draws from (`SamplingParams`: temperature, then top-k, then
+top-p, as Hugging Face's warpers; every sampled draw, the draft's and the target's, goes through it, so the
+target's law verified against is the filtered one); `verify` (lossless rejection sampling of a
 chain), `verify_tree` (its multi-candidate form for a sampled tree) and `verify_greedy_tree` compare
 the target's and the draft's versions of it. The client's decoder (`swarm.decode`) and a last peer
 that verifies rounds itself (`peer.verify`, "verification at the last peer") share this one
@@ -24,12 +26,18 @@ import torch
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int | None = None  # keep the k likeliest tokens (ties at the k-th kept: `token_probs`); None or 0: off
 
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 0):
+            raise ValueError(f"top_k must be a positive integer (0 or None: off), got {self.top_k!r}")
+        if self.top_k == 0:  # one spelling of "off", so equal parameters compare equal
+            object.__setattr__(self, "top_k", None)
 
     @property
     def greedy(self) -> bool:
@@ -37,10 +45,19 @@ class SamplingParams:
 
 
 def token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities [..., vocab] after temperature and top-p; one-hot at the argmax when greedy."""
+    """Probabilities [..., vocab] after temperature, top-k and top-p (Hugging Face's order; top-p judges the
+    top-k distribution renormalised); one-hot at the argmax when greedy, whatever top-k and top-p say.
+
+    Top-k keeps every token whose logit is at least the k-th largest: exactly k tokens unless others tie with
+    the k-th, and then all of them (as Hugging Face's and vLLM's top-k): a set fixed by the logits' values
+    alone, never by how a sort orders equal values, so the client and a verifying peer agree on it."""
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    scores = logits.float()
+    if params.top_k is not None and params.top_k < scores.shape[-1]:
+        kth = scores.topk(params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep the smallest set of tokens whose mass reaches top_p (the top token always stays)

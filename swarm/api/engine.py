@@ -10,7 +10,11 @@ timed out) stops it at its next batch of tokens, which closes its sessions on th
 
 Concurrent generations share the model (read-only weights; the `SwarmModel`'s network work runs on its
 one background loop, every step on its own session) and the draft (each generation has its own
-draft cache); what they learn, the round policy, is copied in and kept under a lock.
+draft cache); what they learn, the round policy, is copied in and kept under a lock, and every
+reply's n-grams join one `NgramMemory` later requests draft from (SuffixDecoding's global tree: requests
+for similar things repeat each other's phrases; the target verifies every draft, so one request's
+output never enters another's, but how fast a reply comes may hint that a similar one was asked
+before: docs/security.md).
 
 The model is opened by `start`; while the swarm does not cover it, requests get 503 with the reason,
 and a thread looks again every `retry_seconds`.
@@ -40,6 +44,7 @@ from peer.model import ContextTooLong
 from swarm.api.schemas import APIError, GenRequest
 from swarm.chat import swarm_lacks_peers, why
 from swarm.decode.generate import generate
+from swarm.decode.ngram import NgramMemory
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.speculative import SpecConfig
 from swarm.decode.target import LocalModel, Model
@@ -168,6 +173,7 @@ class Engine:
         self.active = self.served = 0
         self._lock = threading.Lock()
         self._policy = None  # the round policy the last finished speculative generation left
+        self._memory = NgramMemory()  # every request's output, drafted from in later ones (thread-safe)
         self._count = 0  # requests given a seed of their own
         self._closed = threading.Event()
         self.on_ready: Callable[[Model], None] | None = None
@@ -286,7 +292,7 @@ class Engine:
         out = TextOut(self.tokenizer, req.stop)
         stop_ids = set(self.template.stop_ids) if req.chat and self.template and not req.ignore_eos else set()
         beyond = stop_ids - set(model.head.cfg.eos_token_ids)  # end-of-turn tokens generate() does not stop at
-        params = SamplingParams(req.temperature, req.top_p)
+        params = SamplingParams(req.temperature, req.top_p, req.top_k)
         with self._lock:
             seed = req.seed if req.seed is not None else self.seed + self._count
             self._count += req.seed is None
@@ -315,7 +321,8 @@ class Engine:
         try:
             result = generate(model, prompt, req.max_tokens, params, draft=self.draft,
                               spec=replace(self.spec, params=params) if self.spec else None, seed=seed,
-                              stop_at_eos=not req.ignore_eos, on_tokens=on_tokens, policy=policy)
+                              stop_at_eos=not req.ignore_eos, on_tokens=on_tokens, policy=policy,
+                              memory=self._memory)
         except EndOfReply:
             pass
         seconds = time.perf_counter() - t0

@@ -67,7 +67,7 @@ def run(args, open_model: Callable[[], Model], draft: LocalModel | None, initial
     local = getattr(args, "local", False)
     swarm_map = SwarmMap(engine, ckpt.model_id, ckpt.config.num_hidden_layers, initial_peers, path_settings(args),
                          local=local)
-    defaults = Defaults(args.max_new_tokens, args.temperature, args.top_p)
+    defaults = Defaults(args.max_new_tokens, args.temperature, args.top_p, args.top_k or None)
     server = Server(engine, swarm_map, names, defaults, args.api_key, info)
     print(f"model {name}: {'every block in this process' if local else 'connecting to the swarm…'}", file=sys.stderr)
 

@@ -4,7 +4,7 @@
 `GenRequest` (what to generate and how), or raises `APIError` (status 400, OpenAI's error shape,
 naming the parameter) for what we cannot honour: a bad value, an unknown model, `n` > 1, a feature
 we do not have (logprobs, tools, penalties). Parameters a request leaves out take the server's
-defaults (`Defaults`: the `--max-new-tokens`, `--temperature`, `--top-p` flags). `completion`,
+defaults (`Defaults`: the `--max-new-tokens`, `--temperature`, `--top-p`, `--top-k` flags). `completion`,
 `chunk` and `usage` write OpenAI's shapes; our own numbers (speculative rounds, route) go in an
 extra `"specswarm"` field that standard clients ignore.
 
@@ -48,6 +48,7 @@ class Defaults:
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int | None = None  # None: off
 
 
 @dataclass
@@ -59,6 +60,7 @@ class GenRequest:
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int | None = None  # (vLLM's extension) the k likeliest tokens only; None: off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
@@ -98,6 +100,17 @@ def _integer(body: dict, name: str, default: int | None, low: int) -> int | None
     if value < low:
         raise bad(f"{value} is less than the minimum of {low} - '{name}'.", name)
     return value
+
+
+def _top_k(body: dict, default: int | None) -> int | None:
+    """vLLM's `top_k`: an integer >= 1, or 0 or -1 for off (None)."""
+    value = body.get("top_k")
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise bad(f"{json.dumps(value)} is not a valid value for 'top_k': it must be an integer >= 1, "
+                  "or 0 or -1 (off).", "top_k")
+    return value if value >= 1 else None
 
 
 def _flag(body: dict, name: str) -> bool:
@@ -191,6 +204,7 @@ def parse_request(body: dict, chat: bool, names: list[str], defaults: Defaults) 
                      max_tokens=_integer(body, name, defaults.max_tokens, 1),
                      temperature=_number(body, "temperature", defaults.temperature, 0.0, 2.0),
                      top_p=_number(body, "top_p", defaults.top_p, 0.0, 1.0, low_open=True),
+                     top_k=_top_k(body, defaults.top_k),
                      seed=_integer(body, "seed", None, -2**63), stop=_stops(body.get("stop")),
                      stream=_flag(body, "stream"), ignore_eos=_flag(body, "ignore_eos"))
     options = body.get("stream_options")

@@ -6,7 +6,8 @@ Against any swarm the client can reach (a real one, or an emulated WAN from `swa
   2. every mode (plain decoding client-mediated and push; speculative with a fixed k sweep, adaptive,
      optionally pipelined / tree / relaxed) runs on every prompt, interleaved per prompt so
      background load hits every mode alike; each speculative setting keeps its round policy from
-     prompt to prompt, as a chat keeps it between turns;
+     prompt to prompt, as a chat keeps it between turns, and its `NgramMemory` (the n-grams of its
+     runs on the prompts before: never of the prompt at hand, which runs once per mode);
   3. the simulator (`swarm.bench.simulate`) predicts every run from the medians of all probes, and
      `swarm.bench.report` puts measurement and prediction side by side. A speculative run is
      predicted from its own rounds, in order, cold ones first (`RoundLog` records their shapes
@@ -27,6 +28,7 @@ from swarm.bench.probe import EmulatedLinks, merge_probes, probe, probe_units, t
 from swarm.bench.report import ModeTotals, format_report, plot_report, report
 from swarm.bench.simulate import ChainTimings, RoundShape, plain_ms_per_token, speculative_timeline_ms
 from swarm.decode.generate import generate
+from swarm.decode.ngram import NgramMemory
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.speculative import SpecConfig
 from swarm.decode.target import LocalModel
@@ -124,15 +126,17 @@ def _tree_steps(rnd) -> int:
     return 1 + len(model) - width
 
 
-def run_mode(model, draft, mode: Mode, prompt: list[int], new_tokens: int, seed: int = 0, policy=None):
+def run_mode(model, draft, mode: Mode, prompt: list[int], new_tokens: int, seed: int = 0, policy=None,
+             memory: NgramMemory | None = None):
     """One generation in `mode` (plain or speculative), timed by the generation itself. `model` is the
     client configured for the mode's push setting; `policy` a round policy an earlier run left (a
-    speculative run always gets a `RoundLog`, so `result.policy.rounds` holds its rounds)."""
+    speculative run always gets a `RoundLog`, so `result.policy.rounds` holds its rounds); `memory`
+    the n-grams of the mode's earlier runs (on other prompts)."""
     if mode.spec is None:
         return generate(model, prompt, new_tokens, SamplingParams(mode.temperature), seed=seed, stop_at_eos=False)
     policy = policy if isinstance(policy, RoundLog) else RoundLog(policy or mode.spec.policy())
     return generate(model, prompt, new_tokens, draft=draft, spec=mode.spec, seed=seed, stop_at_eos=False,
-                    policy=policy)
+                    policy=policy, memory=memory)
 
 
 def predict_seconds(mode: Mode, result, prompt_tokens: int, timings: ChainTimings,
@@ -151,6 +155,7 @@ def predict_seconds(mode: Mode, result, prompt_tokens: int, timings: ChainTiming
 def _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, links):
     """Probes and runs, interleaved: ([probe, ...], [(mode, result, prompt tokens, rounds or None), ...])."""
     policies = {}  # per speculative setting: the round policy as the last run left it
+    memories = {}  # ... and the n-grams of its earlier runs (each prompt runs once per mode: never its own)
     probes, done = [], []
     for i, prompt in enumerate(prompts):
         if i % probe_every == 0:
@@ -159,7 +164,8 @@ def _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, link
             if mode.spec is not None and draft is None:
                 continue
             result = run_mode(model.with_config(push=mode.push), draft, mode, prompt, new_tokens,
-                              policy=policies.get(mode.spec))
+                              policy=policies.get(mode.spec),
+                              memory=memories.setdefault(mode.spec, NgramMemory()) if mode.spec else None)
             rounds = None
             if mode.spec is not None:
                 policies[mode.spec] = result.policy

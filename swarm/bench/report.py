@@ -27,6 +27,8 @@ class ModeTotals:
     accepted: int = 0
     hits: int = 0
     wasted: int = 0
+    recalled: int = 0  # accepted drafts recalled from the mode's earlier runs (n-gram memory)
+    ngram: int = 0  # accepted n-gram drafts (this text's or recalled) the model did not draft too
     ks: list[int] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
 
@@ -41,6 +43,8 @@ class ModeTotals:
             self.accepted += result.accepted
             self.hits += result.pipelined_hits
             self.wasted += result.wasted_rounds
+            self.recalled += getattr(result, "recalled", 0)
+            self.ngram += getattr(result, "accepted_by", {}).get("ngram", 0)
             self.ks += result.ks
 
 
@@ -85,7 +89,8 @@ def _run_entries(totals: dict[str, ModeTotals], modes) -> list[dict]:
             entries.append(dict(quantity="tokens_per_round", mode=mode.name, measured=round(t.tokens / t.rounds, 3),
                                 mean_k=round(sum(t.ks) / len(t.ks), 2) if t.ks else None,
                                 acceptance_rate=round(t.accepted / t.drafted, 4) if t.drafted else None,
-                                pipelined_hits=t.hits, wasted_rounds=t.wasted))
+                                pipelined_hits=t.hits, wasted_rounds=t.wasted, ngram_accepted=t.ngram,
+                                recalled_accepted=t.recalled))
     return entries
 
 

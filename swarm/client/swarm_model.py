@@ -282,7 +282,9 @@ class RemoteBlocks:
         self.model, self.max_length = model, max_length
         self.sampling = sampling if model.verifies_at_peer(sampling) else None
         self.verdicts = self.sampling is not None  # steps answer with RoundVerdicts (verification at the last peer)
-        self.verify_at = m.VerifyAt(sampling.temperature, sampling.top_p) if self.verdicts else None
+        top_k = sampling.top_k if sampling is not None and not sampling.greedy and sampling.top_k is not None \
+            and sampling.top_k < model.head.cfg.vocab_size else None  # sent only where it cuts: see m.VerifyAt
+        self.verify_at = m.VerifyAt(sampling.temperature, sampling.top_p, top_k) if self.verdicts else None
         self.history: list[tuple[torch.Tensor, StepLayout]] = []
         self.outputs: list[torch.Tensor] = []  # with checks on: each history step's output, as the route gave it
         self.audit = SessionAudit(self)

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from peer.model import ContextTooLong, ModelHead, StepLayout
+from swarm.decode.ngram import NgramMemory
 from swarm.decode.round_policy import CostModel
 from swarm.decode.sampling import MAX_CHECK_DRAFTS, SamplingParams, sample
 from swarm.decode.speculative import Drafter, SpecConfig, SpeculativeResult, speculative_decode
@@ -76,13 +77,14 @@ def fit_context(model: Model, prompt: list[int], max_new_tokens: int) -> int:
 def generate(model: Model, prompt: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), *,
              draft: LocalModel | None = None, spec: SpecConfig | None = None, seed: int = 0,
              stop_at_eos: bool = True, on_tokens: Callable[[list[int]], None] | None = None,
-             policy: CostModel | None = None) -> GenerationResult | SpeculativeResult:
+             policy: CostModel | None = None, memory: NgramMemory | None = None) -> GenerationResult | SpeculativeResult:
     """Decode `max_new_tokens` after `prompt` with a LocalModel or a SwarmModel, or fewer where the
     context ends (a prompt longer than the context: `ContextTooLong`, before any session is opened).
 
     Plain when `spec` is None; speculative with `draft` (same tokenizer as the model) otherwise, its
     sampling parameters from `params` or `spec.params` (either; not two different ones). `policy`: the round policy an earlier generation left
-    (`result.policy`), so a conversation keeps what it learnt; `on_tokens` gets every committed batch."""
+    (`result.policy`), so a conversation keeps what it learnt; `memory`: earlier generations' n-grams to
+    draft from (`spec.ngram_memory`; this one joins them); `on_tokens` gets every committed batch."""
     if spec is not None and draft is None:
         raise ValueError("speculative decoding needs a draft model")
     max_new_tokens = fit_context(model, prompt, max_new_tokens)
@@ -106,7 +108,8 @@ def generate(model: Model, prompt: list[int], max_new_tokens: int, params: Sampl
     try:
         drafter = Drafter(draft, length, spec.draft_vocab)
         return speculative_decode(model.head, session, drafter, prompt, max_new_tokens, spec,
-                                  seed=seed, eos_ids=eos, on_tokens=on_tokens, policy=policy, max_length=length)
+                                  seed=seed, eos_ids=eos, on_tokens=on_tokens, policy=policy, max_length=length,
+                                  memory=memory if spec.ngram_memory else None)
     finally:
         session.close()
 

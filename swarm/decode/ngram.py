@@ -11,14 +11,23 @@ tokens. Each token comes with its `Score` (the order matched, how often that con
 out of how many) for the round policy to calibrate. `graft` fuses such a proposal into a draft tree:
 the part that agrees with the tree's first tokens is shared, only the rest becomes a new branch.
 
+`NgramMemory` is the same index over earlier generations (their prompts and outputs, each a document of
+its own), shared by a client's generations (SuffixDecoding's global tree): answers to similar requests
+repeat each other's phrases. An index given a memory takes, token by token, the longer of its own match
+and the memory's (its own on a tie), and marks the memory's as `recalled`. The memory keeps the newest
+`max_tokens` tokens of documents; a lock makes it safe to share between generations running at once.
+
 Knows token ids only: nothing of models, tensors, peers or tokenizers.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 MODES = ("recent", "frequent")
+SEPARATOR = -1  # between the memory's documents: no n-gram runs across two of them
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +38,7 @@ class Score:
     order: int
     count: int
     total: int
+    recalled: bool = False  # from earlier generations (`NgramMemory`), not from this text
 
     @property
     def share(self) -> float:
@@ -49,12 +59,13 @@ class Proposal:
 class NgramIndex:
     """Every n-gram (n_min <= n <= n_max) of a growing sequence -> {next token: [count, last position]}."""
 
-    def __init__(self, tokens: list[int] = (), n_max: int = 4, n_min: int = 1, mode: str = "recent"):
+    def __init__(self, tokens: list[int] = (), n_max: int = 4, n_min: int = 1, mode: str = "recent",
+                 memory: NgramMemory | None = None):
         if not 1 <= n_min <= n_max:
             raise ValueError(f"want 1 <= n_min <= n_max, got {n_min} and {n_max}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.n_max, self.n_min, self.mode = n_max, n_min, mode
+        self.n_max, self.n_min, self.mode, self.memory = n_max, n_min, mode, memory
         self.tokens: list[int] = []
         self.follow: dict[tuple[int, ...], dict[int, list[int]]] = {}
         self.extend(tokens)
@@ -104,16 +115,83 @@ class NgramIndex:
         """Up to k tokens continuing `context` (the indexed sequence, maybe followed by tokens not indexed
         yet, such as drafts in flight): the walk stops where no suffix has a recorded continuation."""
         out = Proposal()
-        tail = list(context[-self.n_max:])
+        reach = max(self.n_max, self.memory.n_max if self.memory is not None else 0)
+        tail = list(context[-reach:])
         for _ in range(k):
             found = self._next(tail)
+            if self.memory is not None:
+                recalled = self.memory.next(tail)
+                if recalled is not None and (found is None or recalled[1].order > found[1].order):
+                    found = recalled
             if found is None:
                 break
             token, score = found
             out.tokens.append(token)
             out.scores.append(score)
-            tail = tail[1:] + [token] if len(tail) >= self.n_max else tail + [token]
+            tail = tail[1:] + [token] if len(tail) >= reach else tail + [token]
         return out
+
+
+class NgramMemory:
+    """An n-gram index over earlier generations: each `remember`ed text (a prompt and its output) is a
+    document of its own, and the newest documents up to `max_tokens` tokens are kept (older ones are
+    dropped and the index rebuilt from the rest, down to three quarters of the cap). Thread-safe."""
+
+    def __init__(self, n_max: int = 8, max_tokens: int = 32768):
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
+        self.n_max, self.max_tokens = n_max, max_tokens
+        self._docs: deque[list[int]] = deque()
+        self._index = NgramIndex((), n_max)
+        self._lock = threading.Lock()  # the live index: held by readers and for an append or a swap
+        self._writing = threading.Lock()  # one writer at a time
+
+    def __len__(self) -> int:
+        """Tokens held (documents and their separators)."""
+        return len(self._index)
+
+    @property
+    def documents(self) -> int:
+        return len(self._docs)
+
+    def remember(self, tokens: list[int]) -> None:
+        """Index one more document (a generation's prompt and output); drop the oldest beyond the cap.
+        A rebuild is done beside the live index, which readers keep using until the swap."""
+        doc = list(tokens)[-(self.max_tokens - 1):]
+        if not doc:
+            return
+        with self._writing:
+            if len(self._index) + len(doc) + 1 <= self.max_tokens:
+                with self._lock:
+                    self._docs.append(doc)
+                    _add(self._index, doc)
+                return
+            kept, size = deque([doc]), len(doc) + 1
+            for old in reversed(self._docs):
+                if size + len(old) + 1 > self.max_tokens * 3 // 4:
+                    break
+                kept.appendleft(old)
+                size += len(old) + 1
+            fresh = NgramIndex((), self.n_max)
+            for d in kept:
+                _add(fresh, d)
+            with self._lock:
+                self._docs, self._index = kept, fresh
+
+    def next(self, tail: list[int]) -> tuple[int, Score] | None:
+        """The token that continued the longest suffix of `tail` in earlier generations (`recalled`)."""
+        with self._lock:
+            found = self._index._next(tail)
+        if found is None:
+            return None
+        token, score = found
+        return token, Score(score.order, score.count, score.total, recalled=True)
+
+
+def _add(index: NgramIndex, doc: list[int]) -> None:
+    """A memory's document: the separator enters the n-grams (none runs across it), never as a continuation."""
+    index.tokens.append(SEPARATOR)
+    index.extend(doc)
 
 
 def shared_path(drafts: list[int], parents: list[int], branch: list[int]) -> list[int]:

@@ -77,7 +77,7 @@ def draft_round(drafter: Drafter, ngram: NgramIndex | None, policy: CostModel, s
     fewer where its session ends); a tree of at most `tree_nodes` drafts (None: any the config allows;
     0: chains only, near the end of the target's session or for a round sent ahead)."""
     t0 = time.perf_counter()
-    proposal = ngram.propose(seq, min(room, spec.draft_max)) if ngram is not None and room > 0 else Proposal()
+    proposal = ngram.propose(seq, min(room, spec.ngram_drafts)) if ngram is not None and room > 0 else Proposal()
     cells = [NgramCalibration.cell(s) for s in proposal.scores]
     rnd = Round([], len(seq) - 1, [], ngram_seconds=time.perf_counter() - t0)
     nodes = spec.slack if tree_nodes is None else tree_nodes

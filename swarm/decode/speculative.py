@@ -57,11 +57,12 @@ from typing import Callable
 import torch
 
 from peer.model import ModelHead, StepLayout
-from swarm.decode.ngram import NgramIndex
+from swarm.decode.ngram import NgramIndex, NgramMemory
 from swarm.decode.round_policy import CostModel, RoundTiming, make_policy
 from swarm.decode.rounds import Round, draft_round, judge
 from swarm.decode.drafter import Drafter
 from swarm.decode.sampling import SamplingParams
+from swarm.decode.sources import NgramCalibration
 from swarm.decode.target import GenerationResult, RunBlocks, embed_step
 
 
@@ -75,6 +76,8 @@ class SpecConfig:
     params: SamplingParams = SamplingParams()
     ngram: bool | None = None  # draft from the text itself too (n-gram index); None: with adaptive k, not fixed k
     ngram_max: int = 8  # the longest n-gram the index matches
+    ngram_memory: bool = True  # draft from earlier generations' n-grams too (the caller's NgramMemory)
+    ngram_drafts: int = 16  # the most n-gram drafts on one path of a round (free to draft: the policy cuts them)
     pipeline_depth: int = 3  # rounds in flight at most when pipelining (the one awaited and those sent ahead of it)
     draft_vocab: int | None = 8192  # the draft drafts from the first N token ids and the context's (DraftVocab)
     draft_top_k: int | None = None  # sampling: drafts come from the draft's top K, renormalised (verification at the
@@ -83,9 +86,9 @@ class SpecConfig:
     def __post_init__(self):
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be at least 1 (or None: adaptive), got {self.k}")
-        if min(self.k_max, self.tree_width, self.ngram_max) < 1:
-            raise ValueError(f"k_max, tree_width and ngram_max must be at least 1, got {self.k_max}, "
-                             f"{self.tree_width} and {self.ngram_max}")
+        if min(self.k_max, self.tree_width, self.ngram_max, self.ngram_drafts) < 1:
+            raise ValueError(f"k_max, tree_width, ngram_max and ngram_drafts must be at least 1, got {self.k_max}, "
+                             f"{self.tree_width}, {self.ngram_max} and {self.ngram_drafts}")
         if self.pipeline_depth < 2:
             raise ValueError(f"pipeline_depth counts the round awaited too: at least 2, got {self.pipeline_depth}")
         if self.draft_top_k is not None and not 1 <= self.draft_top_k <= 64:
@@ -99,13 +102,13 @@ class SpecConfig:
 
     @property
     def draft_max(self) -> int:
-        """The most drafts on one path of a round (the model's, or the n-gram proposal's)."""
+        """The most drafts of the draft model on one path of a round."""
         return max(self.k or 0, self.k_max)
 
     @property
     def slack(self) -> int:
         """The most draft nodes one round may send (a tree of the widest shape, and an n-gram branch)."""
-        return self.draft_max * (max(1, self.tree_width) + self.ngram_on)
+        return self.draft_max * max(1, self.tree_width) + (self.ngram_drafts if self.ngram_on else 0)
 
     @property
     def trees(self) -> bool:
@@ -140,6 +143,7 @@ class SpeculativeResult(GenerationResult):
     accepted_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))  # accepted drafts by source
     drafted_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES[:2], 0))  # model: on its path
     rounds_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHOICES, 0))  # rounds by who drafted
+    recalled: int = 0  # accepted n-gram drafts recalled from earlier generations (NgramMemory)
     policy: CostModel | None = field(default=None, repr=False)  # the round policy as the run left it
 
     @property
@@ -167,6 +171,8 @@ class SpeculativeResult(GenerationResult):
         """A verified round: its drafts and accepted drafts by source, and who drafted it."""
         for node in rnd.path[1:]:
             self.accepted_by[rnd.sources[node - 1]] += 1
+            cell = rnd.cells[node - 1] if rnd.cells else None
+            self.recalled += cell is not None and NgramCalibration.recalled(cell)
         self.drafted_by["model"] += rnd.model_depth
         self.drafted_by["ngram"] += rnd.sources.count("ngram")
         self.rounds_by[rnd.choice] += 1
@@ -174,10 +180,10 @@ class SpeculativeResult(GenerationResult):
     def stats(self) -> dict:
         """Rounds and acceptance (the draft model's, the n-gram index's); drafted and accepted drafts by
         source ("both": drafted by the model and proposed by the n-gram index too, counted as the
-        model's drafts) and rounds by who drafted them."""
+        model's drafts), rounds by who drafted them, and accepted drafts recalled from earlier generations."""
         return {"rounds": self.rounds, "tokens_per_round": round(self.tokens_per_round, 3),
                 "wasted_rounds": self.wasted_rounds, "acceptance_rate": round(self.acceptance_rate, 4),
-                "ngram_acceptance_rate": round(self.ngram_acceptance_rate, 4),
+                "ngram_acceptance_rate": round(self.ngram_acceptance_rate, 4), "recalled": self.recalled,
                 "accepted_by_source": dict(self.accepted_by), "drafted_by_source": dict(self.drafted_by),
                 "rounds_by_source": dict(self.rounds_by)}
 
@@ -222,9 +228,11 @@ def send_ahead(run: RunBlocks, head: ModelHead, drafter: Drafter, ngram: NgramIn
 def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt: list[int], max_new_tokens: int,
                        spec: SpecConfig = SpecConfig(k=4), *, seed: int = 0, eos_ids: tuple = (),
                        on_tokens: Callable[[list[int]], None] | None = None, policy: CostModel | None = None,
-                       max_length: int | None = None) -> SpeculativeResult:
+                       max_length: int | None = None, memory: NgramMemory | None = None) -> SpeculativeResult:
     """Decode speculatively: plan -> draft -> send (-> send ahead) -> verify -> commit -> observe.
     `policy`: a round policy to keep learning in (one from an earlier generation); else a fresh one.
+    `memory`: earlier generations' n-grams, drafted from beside this text's; this output (after the
+    prompt's last n-grams) joins it at the end.
     `max_length`: the length of `run`'s session, which no step may pass (None: it has room for
     max_new_tokens plus two rounds of `spec.slack`)."""
     if not prompt:
@@ -236,41 +244,45 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
     if len(prompt) > 1:  # the last prompt token travels with the first round
         run.submit(embed_step(head, prompt[:-1]), StepLayout(0, len(prompt) - 1)).result()
     seq, compact, queue = list(prompt), None, []  # queue: rounds sent before the verdicts on the ones before them
-    ngram = NgramIndex(seq, spec.ngram_max) if spec.ngram_on else None
+    ngram = NgramIndex(seq, spec.ngram_max, memory=memory) if spec.ngram_on else None
     policy.begin()
-    while len(result.tokens) < max_new_tokens and result.stopped_by != "eos":
-        left, began = max_new_tokens - len(result.tokens) - 1, time.perf_counter()
-        hit = bool(queue) and queue[0].start == len(seq) - 1 and queue[0].ids[0] == seq[-1]
-        tree_nodes = None if max_length is None else max_length - len(seq)  # no step may pass the session
-        if ngram is not None:
-            ngram.sync(seq)
-        cur = queue.pop(0) if hit else send(run, head, draft_round(drafter, ngram, policy, seq, left, spec, generator,
-                                                                   tree_nodes), spec, generator, compact)
-        sent_ahead = send_ahead(run, head, drafter, ngram, policy, spec, generator, seq, left, cur, queue)
-        out = cur.future.result()  # final hidden states, or a verdict from where the blocks end
-        accepted, new, extra, compact = judge(head, cur, out, spec, generator)
-        if queue and accepted == len(cur.drafts):
-            new = cur.drafts  # the round in flight verifies the next position itself
-        for i, token in enumerate(new):
-            if token in eos_ids:
-                new, result.stopped_by = new[:i + 1], "eos"
-                break
-        if queue and (accepted < len(cur.drafts) or result.stopped_by == "eos"):
-            queue, result.wasted_rounds = [], result.wasted_rounds + len(queue)  # the next step overwrites their cache
-        new = new[:max_new_tokens - len(result.tokens)]
-        timing = RoundTiming(began, cur.sent_at, cur.arrived_at[-1] if cur.arrived_at else time.perf_counter(),
-                             time.perf_counter(), hit, sum(r.draft_seconds for r in sent_ahead),
-                             sent_ahead[-1].left_at if sent_ahead else None)
-        policy.observe_round(cur, accepted, extra, timing, bool(queue), result.stopped_by == "eos")
-        result.pipelined_hits += hit
-        result.tree_rounds += cur.parents is not None and not hit
-        result.count(cur)
-        result.rounds, result.drafted, result.accepted = result.rounds + 1, result.drafted + cur.depth, result.accepted + accepted
-        result.accepted_per_round.append(accepted)
-        result.ks.append(cur.depth)
-        seq += new
-        result.tokens += new
-        if on_tokens:
-            on_tokens(new)
+    try:
+        while len(result.tokens) < max_new_tokens and result.stopped_by != "eos":
+            left, began = max_new_tokens - len(result.tokens) - 1, time.perf_counter()
+            hit = bool(queue) and queue[0].start == len(seq) - 1 and queue[0].ids[0] == seq[-1]
+            tree_nodes = None if max_length is None else max_length - len(seq)  # no step may pass the session
+            if ngram is not None:
+                ngram.sync(seq)
+            cur = queue.pop(0) if hit else send(run, head, draft_round(drafter, ngram, policy, seq, left, spec, generator,
+                                                                       tree_nodes), spec, generator, compact)
+            sent_ahead = send_ahead(run, head, drafter, ngram, policy, spec, generator, seq, left, cur, queue)
+            out = cur.future.result()  # final hidden states, or a verdict from where the blocks end
+            accepted, new, extra, compact = judge(head, cur, out, spec, generator)
+            if queue and accepted == len(cur.drafts):
+                new = cur.drafts  # the round in flight verifies the next position itself
+            for i, token in enumerate(new):
+                if token in eos_ids:
+                    new, result.stopped_by = new[:i + 1], "eos"
+                    break
+            if queue and (accepted < len(cur.drafts) or result.stopped_by == "eos"):
+                queue, result.wasted_rounds = [], result.wasted_rounds + len(queue)  # the next step overwrites their cache
+            new = new[:max_new_tokens - len(result.tokens)]
+            timing = RoundTiming(began, cur.sent_at, cur.arrived_at[-1] if cur.arrived_at else time.perf_counter(),
+                                 time.perf_counter(), hit, sum(r.draft_seconds for r in sent_ahead),
+                                 sent_ahead[-1].left_at if sent_ahead else None)
+            policy.observe_round(cur, accepted, extra, timing, bool(queue), result.stopped_by == "eos")
+            result.pipelined_hits += hit
+            result.tree_rounds += cur.parents is not None and not hit
+            result.count(cur)
+            result.rounds, result.drafted, result.accepted = result.rounds + 1, result.drafted + cur.depth, result.accepted + accepted
+            result.accepted_per_round.append(accepted)
+            result.ks.append(cur.depth)
+            seq += new
+            result.tokens += new
+            if on_tokens:
+                on_tokens(new)
+    finally:  # what was committed, also when the caller stopped the generation (a stop string, a cancel)
+        if memory is not None and ngram is not None:
+            memory.remember(seq[max(0, len(prompt) - memory.n_max):])
     result.seconds = time.perf_counter() - t_start
     return result
