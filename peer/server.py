@@ -154,7 +154,7 @@ class BlockServer:
                 self.model_id, (self.blocks.start, self.blocks.end), self.blocks.cfg.num_hidden_layers,
                 self.free_tokens, announced_dtype(self.blocks.dtype, self.blocks.quant), self.data_addr,
                 self.static.public.hex() if sig else None, sig, public_key,
-                verify.offers(self.head, self.blocks.end)))
+                verify.offers(self.head, self.blocks.end), verify.offers(self.head, self.blocks.end)))
         elif isinstance(msg, m.Open):
             await self._open(channel, msg, codec)
             self.stats.sessions_served += 1  # (_open raises if it refuses)

@@ -79,11 +79,12 @@ class InfoReply:
     x25519_sig: str | None = None
     public_key: str | None = None
     head: bool = False  # it holds the final norm and LM head: sessions ending at its last block may verify there
+    top_k: bool = False  # its verifier honours VerifyAt.top_k (a peer from before top-k does not say so)
 
     def header(self) -> dict:
         h = dict(model=self.model, blocks=list(self.blocks), num_blocks=self.num_blocks,
                  free_cache_tokens=self.free_cache_tokens, dtype=self.dtype)
-        for key in ("data_addr", "x25519", "x25519_sig", "public_key", "head"):
+        for key in ("data_addr", "x25519", "x25519_sig", "public_key", "head", "top_k"):
             if getattr(self, key):
                 h[key] = getattr(self, key)
         return h
@@ -95,7 +96,8 @@ class InfoReply:
             raise _bad("field 'data_addr' must be tcp://HOST:PORT")
         return cls(_str(h, "model"), _span(h), _int(h, "num_blocks", 1), _int(h, "free_cache_tokens"),
                    _str(h, "dtype", 16), data_addr, _hex(h, "x25519", 64),
-                   _hex(h, "x25519_sig", 128), _str(h, "public_key", 512, optional=True), bool_field(h, "head"))
+                   _hex(h, "x25519_sig", 128), _str(h, "public_key", 512, optional=True), bool_field(h, "head"),
+                   bool_field(h, "top_k"))
 
 
 @dataclass
@@ -114,7 +116,8 @@ class VerifyAt:
     temperature: float = 0.0  # 0: greedy (the verdict is the target's argmax after every node)
     top_p: float = 1.0
     # None: off, and then absent from the header, so a peer from before top-k reads the same Open. Such a peer
-    # ignores a "top_k" it does not know (parsers read only their own keys) and would verify without it.
+    # would ignore a "top_k" it does not know (parsers read only their own keys), so a client sends top-k only to
+    # a peer whose InfoReply says it honours it (`InfoReply.top_k`), and verifies the rounds itself otherwise.
     top_k: int | None = None
 
     def header(self) -> dict:

@@ -129,6 +129,16 @@ def test_top_k_is_verified_at_the_peer_as_here(swarm):
                         stop_at_eos=False).tokens == reference
         at_peer = generate(model, PROMPT, N, SamplingParams(0.9, 0.95, 8), draft=draft, spec=spec, seed=7,
                            stop_at_eos=False).tokens
+        assert model.peers[peers[1].peer_id].top_k  # B said its verifier honours top-k
+        model.peers[peers[1].peer_id].top_k = False  # as a peer from before top-k: B only returns hidden states
+        probe = model.session(16, SamplingParams(0.9, 0.95, 8))
+        assert probe.chain.verify is None and probe.verdicts  # ... and this client judges the rounds itself
+        probe.close()
+        probe = model.session(16, SamplingParams(0.9, 0.95))
+        assert probe.chain.verify is not None  # without top-k B still verifies
+        probe.close()
+        old_peer = generate(model, PROMPT, N, SamplingParams(0.9, 0.95, 8), draft=draft, spec=spec, seed=7,
+                            stop_at_eos=False).tokens
     finally:
         model.close()
     model = client(path, peers, peers[2], verify_at_peer=True)
@@ -137,7 +147,7 @@ def test_top_k_is_verified_at_the_peer_as_here(swarm):
                         stop_at_eos=False).tokens
     finally:
         model.close()
-    assert at_peer == here and at_peer != reference
+    assert at_peer == here == old_peer and at_peer != reference
 
 
 def test_bad_input_is_refused_and_the_peer_keeps_serving(swarm):

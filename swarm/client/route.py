@@ -87,6 +87,7 @@ class PeerInfo:
     model: str = ""
     path: str | None = None  # how we reach it (peer/paths.py): direct, webrtc, webrtc-turn, relay; rtt_ms is on it
     head: bool = False  # it holds the LM head with the model's last block: rounds may be verified there
+    top_k: bool = False  # ... and its verifier honours top-k sampling
 
     def ms_for(self, n_blocks: int) -> float:
         per_block = 1000.0 / self.throughput if self.throughput else DEFAULT_MS_PER_BLOCK

@@ -132,7 +132,8 @@ class SwarmModel:
             load = 1.0 - info.free_cache_tokens / max(rec.cache_tokens, 1) if rec and rec.cache_tokens else 0.0
             self.peers[pid] = PeerInfo(pid, addr, info.blocks, info.data_addr, rtt_ms=rtt, model=info.model,
                                        throughput=rec.throughput if rec else None, rtts=dict(rec.rtts) if rec else {},
-                                       load=max(0.0, min(load, 1.0)), path=self.paths.path_of(pid), head=info.head)
+                                       load=max(0.0, min(load, 1.0)), path=self.paths.path_of(pid), head=info.head,
+                                       top_k=info.top_k)
 
     def _usable(self) -> dict[str, PeerInfo]:
         now = time.monotonic()
@@ -215,9 +216,11 @@ class SwarmModel:
         return want or auto_verify_at_peer(offered, self.head.cfg.vocab_size, self.head.cfg.hidden_size, self.weights[1])
 
     async def open_chain(self, max_length: int, verify: m.VerifyAt | None = None) -> ChainSession:
-        """Sessions along the route; `verify`: the last hop verifies rounds, if it offers to (else hidden states)."""
+        """Sessions along the route; `verify`: the last hop verifies rounds, if it offers to and honours every
+        sampling parameter (a peer from before top-k does not: then it sends hidden states, verified here)."""
         last = self.peers.get(self.route[-1].peer_id)
-        verify = verify if last is not None and last.head else None
+        verify = verify if last is not None and last.head and (verify is None or verify.top_k is None or last.top_k) \
+            else None
         chain = ChainSession(self.dial, self.route, self.config, self.head.cfg.max_position_embeddings, verify)
         try:
             await chain.open(max_length)
