@@ -56,6 +56,7 @@ from swarm.bench.simulate import ChainTimings  # noqa: E402
 from swarm.bench.wan.links import PROFILES, load_matrix  # noqa: E402
 from swarm.bench.wan.swarm import WanSwarm  # noqa: E402
 from swarm.bench.workload import WorkloadError, open_workload  # noqa: E402
+from swarm.decode.drafter import draft_weights, load_draft  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
 from swarm.decode.sampling import SamplingParams  # noqa: E402
 from swarm.decode.speculative import SpecConfig  # noqa: E402
@@ -132,7 +133,8 @@ def run_config(args, local: LocalModel, draft: LocalModel, prompts, links, n_pee
     """One configuration: our modes on the emulated WAN, the local reference, then Petals' row."""
     modes = bench_modes(args.k_max, args.relaxed, args.temperature, args.modes)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as logs, WanSwarm(args.model, n_peers, links, log_dir=logs) as wan:
+    with tempfile.TemporaryDirectory() as logs, WanSwarm(args.model, n_peers, links, log_dir=logs,
+                                                         dtype=args.dtype) as wan:
         spans = wan.spans
         model = wan.model(timeout=120.0, verify_at_peer=args.verify_at_peer)
         try:  # every mode on every prompt, with the same token budget: no per-mode limits
@@ -153,7 +155,7 @@ def run_config(args, local: LocalModel, draft: LocalModel, prompts, links, n_pee
         if not any(s in name for s in ("relaxed", "T=")) and "local" not in name}
     if not args.no_petals:
         bar.set_description(f"{label}, {n_peers} peers: Petals")
-        row = run_petals(args.petals_venv, args.model, spans, links, prompts, args.max_new_tokens, ref)
+        row = run_petals(args.petals_venv, args.model, spans, links, prompts, args.max_new_tokens, ref, dtype=args.dtype)
         plain = next((e["measured"] for e in rep["entries"] if e.get("mode") == "plain push"), None)
         row["speedup_vs_plain_push"] = round(plain / row["measured"], 3) if plain and row["measured"] else None
         at = next((i + 1 for i, e in enumerate(rep["entries"]) if e.get("mode") == "plain client-mediated"), 1)
@@ -266,6 +268,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="prompts from a JSON-lines file (a \"prompt\" field a line, as HumanEval.jsonl[.gz]) "
                     "instead of HumanEval's")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens every mode generates per prompt")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and activations of the peers, the client's head, the --local reference and Petals' "
+                    "servers and client: every row alike (the draft has --draft-dtype) [default: float32]")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--relaxed", type=float, default=0.5)
     ap.add_argument("--k-max", type=int, default=8)
@@ -325,7 +330,8 @@ def main() -> None:
     except (WorkloadError, PromptFileError) as e:
         raise SystemExit(f"error: {e}") from None
     args.model, args.draft = str(work.model_dir), str(work.draft_dir)
-    local, draft = LocalModel.load(args.model), LocalModel.load(args.draft)
+    local = LocalModel.load(args.model, args.dtype)
+    draft = load_draft(args.draft, "cpu", args.draft_dtype, args.draft_quant)
     n_blocks = local.head.cfg.num_hidden_layers
     prompts = load_prompts(work.tokenizer, None if args.all_prompts else args.prompts, args.max_new_tokens,
                            local.head.cfg.max_position_embeddings, work.template, texts)
@@ -348,6 +354,7 @@ def main() -> None:
         print(f"outputs differing from --local: {rep['outputs_differing_from_local']}", file=sys.stderr)
     bar.close()
     out = dict(command=" ".join(sys.argv), model=args.model, draft=args.draft, model_spec=work.model_spec,
+               dtype=args.dtype, draft_weights="/".join(draft_weights("cpu", args.draft_dtype, args.draft_quant)[::-1]),
                draft_spec=work.draft_spec, prompt_mode=work.prompt_mode, prompt_source=args.prompt_file or "HumanEval",
                prompts=len(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                cpu_count=os.cpu_count(), petals=dict(venv=str(args.petals_venv), installed=installed(args.petals_venv),

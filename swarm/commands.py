@@ -18,6 +18,7 @@ from peer import set_threads
 from swarm import bundled
 from swarm.argtypes import positive
 from swarm.client.integrity import with_rollback
+from swarm.decode.drafter import load_draft
 from swarm.decode.generate import generate
 from swarm.decode.target import LocalModel
 from swarm.flags import (add_client_args, add_decode_args, add_model_args, apply_device_args, client_config,
@@ -72,7 +73,7 @@ def open_draft(args, command: str) -> LocalModel | None:
     if args.relaxed is not None:
         print(f"WARNING: --relaxed {args.relaxed} is lossy: the output may differ from the target model's own",
               file=sys.stderr)
-    return LocalModel.load(draft, args.dtype, args.device, args.quant)
+    return load_draft(draft, args.device, args.draft_dtype, args.draft_quant)
 
 
 def cmd_generate(args) -> int:

@@ -20,6 +20,7 @@ import textwrap
 from peer.model.quant import QUANTS
 from swarm.argtypes import fraction, non_negative, number, positive
 from swarm.client.config import TRANSPORTS, WIRE_DTYPES, ClientConfig
+from swarm.decode.drafter import DRAFT_DTYPES, DRAFT_QUANTS
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.speculative import SpecConfig
 from swarm.registry import DEFAULT_MODEL, MODELS, resolve_draft, resolve_model
@@ -60,6 +61,11 @@ def add_draft_flag(p) -> None:
     p.add_argument("--draft", default=None, metavar="NAME|DIR|FILE",
                    help="draft model for speculative decoding, as --model [default: the model's own draft, when it "
                         "has one]")
+    p.add_argument("--draft-dtype", default="auto", choices=DRAFT_DTYPES,
+                   help="the draft's weights and activations (it only proposes: the target verifies every token) "
+                        "[default: auto, bfloat16]")
+    p.add_argument("--draft-quant", default="auto", choices=DRAFT_QUANTS,
+                   help="the draft's linear layers [default: auto, int8 on a CPU (faster drafts), none on a GPU]")
 
 
 def resolve_model_flag(args) -> str:

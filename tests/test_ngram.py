@@ -258,18 +258,23 @@ def test_a_perfect_draft_and_the_ngram_index_together(pair):
     assert res.tokens == plain and res.acceptance_rate == 1.0 and res.tokens_per_round > 4
 
 
-def test_the_bundled_tiny_pair_with_ngram_drafts_equals_plain_greedy():
+@pytest.mark.parametrize("weights", ["float32", "auto"])
+def test_the_bundled_tiny_pair_with_ngram_drafts_equals_plain_greedy(weights):
+    """The bundled pair, every kind of round, the draft in float32 or in its default weights (int8 over bfloat16
+    on a CPU): the output is the float32 target's, and the model's drafts are accepted either way."""
     from swarm.bundled import TINY_DRAFT, TINY_MODEL
+    from swarm.decode.drafter import load_draft
     from swarm.text import load_tokenizer
 
-    target, draft = LocalModel.load(TINY_MODEL), LocalModel.load(TINY_DRAFT)
+    target = LocalModel.load(TINY_MODEL)
+    draft = LocalModel.load(TINY_DRAFT) if weights == "float32" else load_draft(TINY_DRAFT)
     prompt = load_tokenizer(TINY_MODEL).encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n").ids
     plain = generate(target, prompt, 96, stop_at_eos=False).tokens
     policy = None
     for spec in (SpecConfig(pipeline=False), SpecConfig(tree_width=2), SpecConfig(pipeline=True)):
         res = generate(target, prompt, 96, draft=draft, spec=spec, stop_at_eos=False, policy=policy)
         assert res.tokens == plain
-        assert res.accepted_by["ngram"] > 0
+        assert res.accepted_by["ngram"] > 0 and res.accepted_by["model"] + res.accepted_by["both"] > 0
         policy = res.policy  # as a chat would: the policy carries over
     stats = res.stats()
     assert stats["accepted_by_source"] == res.accepted_by and stats["rounds_by_source"] == res.rounds_by
@@ -295,6 +300,24 @@ def test_sampling_with_ngram_chains_follows_the_target(small_vocab):  # noqa: F8
         stat, critical = chi_square_stat(counts.flatten(), expected.flatten())
         assert stat < critical, f"{source}: chi2 {stat:.1f} >= {critical:.1f}"
         assert ngram["accepted"] > 0 and ngram["rejected"] > 0, ngram  # both ways of the one-hot rejection ran
+
+
+def test_the_drafts_weights():
+    from swarm.decode.drafter import draft_weights
+
+    assert draft_weights("cpu") == ("bfloat16", "int8") and draft_weights("cuda:0") == ("bfloat16", "none")
+    assert draft_weights("cpu", "float32", "none") == ("float32", "none")
+    assert draft_weights("cuda", quant="int8") == ("bfloat16", "int8")
+    with pytest.raises(ValueError):
+        draft_weights("cpu", "float64")
+    from swarm.flags import add_draft_flag
+
+    p = argparse.ArgumentParser()
+    add_draft_flag(p)
+    args = p.parse_args([])
+    assert (args.draft_dtype, args.draft_quant) == ("auto", "auto")
+    args = p.parse_args(["--draft-dtype", "float32", "--draft-quant", "none"])
+    assert (args.draft_dtype, args.draft_quant) == ("float32", "none")
 
 
 def test_config_and_flags():

@@ -110,9 +110,10 @@ def test_every_mode_runs_on_every_prompt_with_the_same_tokens(wan_bench, monkeyp
 
 class FakeWan:
     spans, layout = [(0, 2), (2, 4)], None
+    dtypes = []
 
-    def __init__(self, *args, **kwargs):
-        pass
+    def __init__(self, *args, dtype="float32", **kwargs):
+        FakeWan.dtypes.append(dtype)
 
     def __enter__(self):
         return self
@@ -139,7 +140,7 @@ def test_run_config_gives_every_mode_and_petals_the_same_workload(wan_bench, mon
     monkeypatch.setattr(wan_bench, "generate", lambda model, prompt, n, **k: SimpleNamespace(tokens=[0] * n, seconds=0.01))
     args = SimpleNamespace(k_max=8, relaxed=0.5, temperature=0.7, model=str(TINY_MODEL), max_new_tokens=16, reps=1,
                            probe_every=1, no_petals=False, petals_venv=tmp_path / "no-venv", modes=None,
-                           verify_at_peer=None)
+                           verify_at_peer=None, dtype="bfloat16")
     prompts = [[1, 2], [3], [4, 5, 6]]
     bar = SimpleNamespace(update=lambda n=1: None, set_description=lambda d: None)
     rep = wan_bench.run_config(args, None, None, prompts, PROFILES["continental"].matrix(2), 2, "continental", bar)
@@ -154,6 +155,7 @@ def test_run_config_gives_every_mode_and_petals_the_same_workload(wan_bench, mon
     assert modes.index(petals[0]["mode"]) == modes.index("plain client-mediated") + 1
     assert rep["links"][0][1] == dict(delay_ms=25.0, jitter_ms=2.0, mbit_s=100.0)
     assert rep["links_trip_ms"]["push"] == pytest.approx(75.0, abs=0.01)  # the links' own, beside the probed trip
+    assert FakeWan.dtypes[-1] == "bfloat16"  # the peers run --dtype (the client's head follows them)
 
 
 def test_a_report_whose_modes_differ_in_workload_is_flagged(wan_bench, capsys):
@@ -210,6 +212,7 @@ def test_petals_gets_a_config_transformers_4_33_reads():
     cfg = petals_config(dict(ours, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"}))
     assert cfg["rope_theta"] == 500000.0 and cfg["rope_scaling"] is None and cfg["torch_dtype"] == "float32"
     assert "rope_parameters" not in cfg
+    assert petals_config(ours, "bfloat16")["torch_dtype"] == "bfloat16"  # wan_bench --dtype: Petals' rows alike
     with pytest.raises(ValueError, match="scaled"):
         petals_config(dict(ours, rope_parameters={"rope_theta": 1.0, "rope_type": "llama3", "factor": 8.0}))
 

@@ -15,8 +15,9 @@ near-tie between two logits could flip one (as a speculative verification step c
 overlap in time (`BatchedCalls`: threads of one client sharing a head, e.g. the API server's or the
 load benchmark's sessions): the LM head is the client's largest matmul (SmolLM2: 49152 x 576, ~7 ms a
 row on one CPU core, ~20 ms for 16 rows), so rows of calls that arrive while one runs are computed
-together by the next; a call alone runs at once, exactly as before. Neither knows where its weights came
-from or who is asking.
+together by the next; a call alone runs at once, exactly as before. A call of 2 or 3 rows (a short
+speculative round) runs padded to 4 rows where a timing on first use says that is faster (a CPU BLAS
+quirk: `ModelHead._pads`). Neither knows where its weights came from or who is asking.
 
 On a CUDA device a single session's step of up to 32 nodes runs as a CUDA graph at static shapes
 (`graphs.StaticSteps`; caches get spare slots for its padding), unless `static_steps("off")` or
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -40,6 +42,26 @@ from . import graphs
 from .config import ContextTooLong, ModelConfig
 from .layers import Block, RMSNorm, Segment, rope_inv_freq, rope_tables
 from .quant import check_quant, quantize_linears, state_bytes
+
+PAD_ROWS, PAD_TO = (2, 3), 4  # LM-head calls of this many rows may run padded to PAD_TO (ModelHead._pads)
+PAD_MIN_WEIGHTS = 1 << 22  # ... when the head has at least this many weights (smaller ones: not worth a timing)
+
+
+def pad_pays(linear: nn.Module, rows: int, like: torch.Tensor, reps: int = 5) -> bool:
+    """Whether `linear` on `rows` rows takes under 0.85x as long padded to PAD_TO rows (medians of `reps`)."""
+    x = torch.randn(rows, like.shape[-1], dtype=like.dtype, device=like.device)
+    padded = torch.cat([x, x.new_zeros(PAD_TO - rows, x.shape[1])])
+
+    def median(inp):
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            linear(inp)
+            times.append(time.perf_counter() - t0)
+        return sorted(times[1:])[reps // 2]
+
+    with torch.inference_mode():
+        return median(padded) < 0.85 * median(x)
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +320,7 @@ class ModelHead(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._batched = BatchedCalls(self._logits)
+        self._padding: dict[int, bool] = {}  # rows -> computed padded to PAD_TO rows (`_pads`)
 
     @property
     def quant(self) -> str:
@@ -315,4 +338,18 @@ class ModelHead(nn.Module):
 
     @torch.inference_mode()
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden)).float()
+        x = self.norm(hidden)
+        rows = x.shape[0] if x.dim() == 2 else 0
+        if rows in PAD_ROWS and self._pads(rows, x):
+            return self.lm_head(torch.cat([x, x.new_zeros(PAD_TO - rows, x.shape[1])]))[:rows].float()
+        return self.lm_head(x).float()
+
+    def _pads(self, rows: int, like: torch.Tensor) -> bool:
+        """Whether `rows` rows are computed faster as PAD_TO: timed once per head and row count on a CPU with
+        a large head (a CPU BLAS may run 2-3 rows as separate matrix-vector products and 4 as one blocked
+        matrix product: SmolLM2's float32 head on this project's CPU, 26 / 40 ms for 2 / 3 rows, 18 for 4;
+        `python scripts/bench_head_rows.py` prints it). The padding rows are zeros and are dropped."""
+        if rows not in self._padding:
+            big = like.device.type == "cpu" and self.cfg.vocab_size * self.cfg.hidden_size >= PAD_MIN_WEIGHTS
+            self._padding[rows] = big and pad_pays(self.lm_head, rows, like)
+        return self._padding[rows]

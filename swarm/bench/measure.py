@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from swarm.bench.probe import EmulatedLinks, merge_probes, probe, probe_units, timings_from
 from swarm.bench.report import ModeTotals, format_report, plot_report, report
 from swarm.bench.simulate import ChainTimings, RoundShape, plain_ms_per_token, speculative_timeline_ms
+from swarm.decode.drafter import load_draft
 from swarm.decode.generate import generate
 from swarm.decode.ngram import NgramMemory
 from swarm.decode.sampling import SamplingParams
@@ -241,7 +242,8 @@ def run_cli(args, config=None) -> int:
 
     set_threads(args.threads or 1)
     config = config or ClientConfig(timeout=args.timeout)
-    draft = LocalModel.load(args.draft) if args.draft and args.speculative else None
+    draft = load_draft(args.draft, getattr(args, "device", "cpu"), args.draft_dtype, args.draft_quant) \
+        if args.draft and args.speculative else None
     model, wan = _open(args, config)
     try:
         prompts = load_prompts(load_tokenizer(args.model), args.prompts, args.max_new_tokens,

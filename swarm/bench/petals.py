@@ -58,7 +58,8 @@ from transformers import GenerationConfig
 job = json.load(open(sys.argv[1]))
 torch.set_num_threads(1)
 model = AutoDistributedModelForCausalLM.from_pretrained(job["model"], initial_peers=job["initial_peers"],
-                                                        dht_prefix=job["dht_prefix"], torch_dtype=torch.float32)
+                                                        dht_prefix=job["dht_prefix"],
+                                                        torch_dtype=getattr(torch, job.get("dtype", "float32")))
 model.eval()
 model.config.eos_token_id, model.config.pad_token_id = None, 0  # run to max_new_tokens, as our modes do
 model.generation_config = GenerationConfig.from_model_config(model.config)  # (generate re-reads the config)
@@ -98,8 +99,8 @@ def not_run(why: str) -> dict:
     return dict(quantity="ms_per_token", mode=ROW, measured=None, predicted=None, error=None, note=why)
 
 
-def petals_config(config: dict) -> dict:
-    """Our config.json as transformers 4.33 (Petals 2.2) reads it: rope_theta at the top, float32,
+def petals_config(config: dict, dtype: str = "float32") -> dict:
+    """Our config.json as transformers 4.33 (Petals 2.2) reads it: rope_theta at the top, `dtype`,
     no rope_scaling (a scaled RoPE, e.g. Llama 3's, is refused: 4.33 cannot compute it)."""
     cfg = dict(config)
     rope = cfg.pop("rope_parameters", None) or {}
@@ -107,20 +108,20 @@ def petals_config(config: dict) -> dict:
         raise ValueError(f"the model's RoPE is scaled ({rope or cfg['rope_scaling']}); Petals 2.2 cannot serve it")
     cfg["rope_theta"] = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     cfg["rope_scaling"] = None
-    cfg["torch_dtype"] = "float32"
+    cfg["torch_dtype"] = dtype
     cfg.pop("dtype", None)
     return cfg
 
 
-def model_copy(model_dir: Path, out: Path) -> Path:
-    """`out`: links to the model's weights and a config.json Petals reads; no tokenizer."""
+def model_copy(model_dir: Path, out: Path, dtype: str = "float32") -> Path:
+    """`out`: links to the model's weights and a config.json Petals reads (in `dtype`); no tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     for f in model_dir.iterdir():
         if f.name != "config.json" and not f.name.startswith("tokenizer") and f.is_file():
             (out / f.name).unlink(missing_ok=True)
             (out / f.name).symlink_to(f.resolve())
     config = json.loads((model_dir / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(petals_config(config), indent=1))
+    (out / "config.json").write_text(json.dumps(petals_config(config, dtype), indent=1))
     return out
 
 
@@ -175,12 +176,12 @@ class PetalsSwarm:
     client's link to it (`links[0][j]` up, `links[j][0]` down). Use as a context manager."""
 
     def __init__(self, venv: Path, model_dir: Path, spans: list[tuple[int, int]], links: list[list[Link]],
-                 work: Path, timeout: float = 300.0):
-        self.python, self.work = str(venv / "bin" / "python"), work
+                 work: Path, timeout: float = 300.0, dtype: str = "float32"):
+        self.python, self.work, self.dtype = str(venv / "bin" / "python"), work, dtype
         self.env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | ENV
         self.procs: list[subprocess.Popen] = []
         self.proxies = None
-        self.model = model_copy(Path(model_dir), work / "model")
+        self.model = model_copy(Path(model_dir), work / "model", dtype)
         try:
             self._start(spans, links, timeout)
         except BaseException:
@@ -214,7 +215,7 @@ class PetalsSwarm:
         for j, ((a, b), port, announce) in enumerate(zip(spans, ports, self.proxies.ports)):
             servers.append(self._spawn(f"server{j + 1}", [
                 "-c", SERVER, str(self.model), "--dht_prefix", PREFIX, "--initial_peers", self.initial_peer,
-                "--block_indices", f"{a}:{b}", "--device", "cpu", "--torch_dtype", "float32", "--quant_type", "none",
+                "--block_indices", f"{a}:{b}", "--device", "cpu", "--torch_dtype", self.dtype, "--quant_type", "none",
                 "--throughput", "1.0", "--no_auto_relay", "--skip_reachability_check",
                 "--host_maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--announce_maddrs", f"/ip4/127.0.0.1/tcp/{announce}",
                 "--identity_path", str(self.work / f"server{j + 1}.id")]))
@@ -225,7 +226,7 @@ class PetalsSwarm:
         """[{seconds, tokens}] per prompt, from the Petals client (after one warm-up generation)."""
         job = self.work / "job.json"
         job.write_text(json.dumps(dict(model=str(self.model), initial_peers=[self.initial_peer], dht_prefix=PREFIX,
-                                       prompts=prompts, max_new_tokens=max_new_tokens,
+                                       prompts=prompts, max_new_tokens=max_new_tokens, dtype=self.dtype,
                                        warmup_tokens=min(8, max_new_tokens))))
         script = self.work / "petals_client.py"
         script.write_text(CLIENT)
@@ -260,7 +261,7 @@ class PetalsSwarm:
 
 def run_petals(venv: Path | None, model_dir: str | Path, spans: list[tuple[int, int]], links: list[list[Link]],
                prompts: list[list[int]], max_new_tokens: int, reference: list[list[int]] | None = None,
-               keep_logs: str | Path | None = None) -> dict:
+               keep_logs: str | Path | None = None, dtype: str = "float32") -> dict:
     """The Petals row of one configuration: measured (ms/token over the same prompts and tokens as
     ours, and how many greedy outputs differ from `reference`, our --local tokens), or `not_run`."""
     if not installed(venv):
@@ -271,7 +272,7 @@ def run_petals(venv: Path | None, model_dir: str | Path, spans: list[tuple[int, 
         work = Path(keep_logs) if keep_logs else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         try:
-            with PetalsSwarm(venv, Path(model_dir), spans, links, work) as swarm:
+            with PetalsSwarm(venv, Path(model_dir), spans, links, work, dtype=dtype) as swarm:
                 started = time.perf_counter() - t0
                 runs = swarm.generate(prompts, max_new_tokens, timeout=300 + 2.0 * len(prompts) * max_new_tokens)
         except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as e:

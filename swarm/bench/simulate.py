@@ -77,8 +77,9 @@ class CostTable:
 
     @classmethod
     def fitted(cls, points: dict[int, float], linear_upto: int = 33) -> "CostTable":
-        """Measured points smoothed: a least-squares line through those with n <= linear_upto (single
-        probes of small steps are noisy; their cost is close to linear), the larger ones kept as measured."""
+        """Measured points smoothed: a least-squares line through those with n <= linear_upto, the larger
+        ones kept as measured. Only for costs known to be linear in n: a CPU's are not at small n (one
+        token a matrix-vector product, 2-3 as many, 4+ a blocked product), so probes keep their medians."""
         small = {n: ms for n, ms in points.items() if n <= linear_upto}
         if len(small) < 2:
             return cls(dict(points))

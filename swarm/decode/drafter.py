@@ -1,6 +1,9 @@
 """The draft model's side of a round: `Drafter` (the draft with its own cache, kept in step with whatever
-sequence it is asked to extend: chains token by token, trees, greedy or sampled) and `DraftVocab` (its LM
-head over part of the vocabulary).
+sequence it is asked to extend: chains token by token, trees, greedy or sampled), `DraftVocab` (its LM
+head over part of the vocabulary) and `load_draft` (its weights: by default bfloat16, with int8 linear
+layers on a CPU, where torch's int8 kernel for bfloat16 is the fastest way to run a small model; the
+target verifies every draft, so the draft's precision changes how fast drafts come and how often they
+are accepted, never the output).
 
 Knows `LocalModel`, the model engine's steps and sampling; nothing of rounds, policies, peers or the network.
 """
@@ -15,6 +18,25 @@ import torch
 from peer.model import ModelHead, StepLayout
 from swarm.decode.sampling import SamplingParams, draw, draw_siblings, token_probs, top_k_probs
 from swarm.decode.target import LocalModel
+
+
+DRAFT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DRAFT_QUANTS = ("auto", "none", "int8", "nf4")
+
+
+def draft_weights(device: str = "cpu", dtype: str = "auto", quant: str = "auto") -> tuple[str, str]:
+    """(dtype, quant) of the draft's weights: "auto" is bfloat16, and int8 on a CPU (none on a GPU, where
+    bfloat16 matmuls are the fast path). `scripts/bench_draft_weights.py` measures the settings."""
+    if dtype not in DRAFT_DTYPES or quant not in DRAFT_QUANTS:
+        raise ValueError(f"draft weights: dtype one of {DRAFT_DTYPES}, quant one of {DRAFT_QUANTS}; got {dtype}, {quant}")
+    cpu = str(device).split(":")[0] == "cpu"
+    return ("bfloat16" if dtype == "auto" else dtype), (("int8" if cpu else "none") if quant == "auto" else quant)
+
+
+def load_draft(path, device: str = "cpu", dtype: str = "auto", quant: str = "auto") -> LocalModel:
+    """The draft model, its weights as `draft_weights` says."""
+    dtype, quant = draft_weights(device, dtype, quant)
+    return LocalModel.load(path, dtype, device, quant)
 
 
 class DraftVocab:

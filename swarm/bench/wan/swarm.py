@@ -25,7 +25,7 @@ class WanSwarm:
     crosses them. Use as a context manager."""
 
     def __init__(self, model_dir: str | Path, n_peers: int, links: list[list[Link]] | Profile | str,
-                 log_dir: str | Path | None = None, threads: int = 1):
+                 log_dir: str | Path | None = None, threads: int = 1, dtype: str = "float32"):
         from peer.model import Checkpoint
 
         from swarm.launch import even_spans, start_peers
@@ -33,7 +33,8 @@ class WanSwarm:
         links = as_matrix(links, n_peers)
         self.model_dir, self.links = str(model_dir), links
         self.spans = even_spans(Checkpoint(model_dir).config.num_hidden_layers, n_peers)
-        self.peers = start_peers(model_dir, self.spans, threads=threads, log_dir=log_dir)
+        self.dtype = dtype  # the peers' weights and activations, and by default the client's
+        self.peers = start_peers(model_dir, self.spans, "--dtype", dtype, threads=threads, log_dir=log_dir)
         self.proxies = None
         try:
             self.layout = WanLayout(links, direct=self._data_addrs(self.initial_peers))
@@ -66,11 +67,13 @@ class WanSwarm:
 
         return replace(base or ClientConfig(), discovery=False, addresses=self.layout, **changes)
 
-    def model(self, base=None, dtype: str = "float32", device: str = "cpu", **changes):
-        """A `SwarmModel` whose data plane crosses this WAN's links (`config(base, **changes)`)."""
+    def model(self, base=None, dtype: str | None = None, device: str = "cpu", **changes):
+        """A `SwarmModel` whose data plane crosses this WAN's links (`config(base, **changes)`), its head in
+        `dtype` (None: the peers')."""
         from swarm.client.swarm_model import SwarmModel
 
-        return SwarmModel(self.model_dir, self.initial_peers, self.config(base, **changes), dtype=dtype, device=device)
+        return SwarmModel(self.model_dir, self.initial_peers, self.config(base, **changes), dtype=dtype or self.dtype,
+                          device=device)
 
     def close(self) -> None:
         if self.proxies is not None:
