@@ -200,13 +200,6 @@ def test_speculative_prediction_formula():
     assert expected_tokens_per_round(1.0, 4) == pytest.approx(5.0, rel=1e-4)
 
 
-def test_fitted_cost_table_smooths_small_steps():
-    t = CostTable.fitted({1: 11.0, 3: 14.0, 5: 10.0, 9: 13.0, 128: 48.0}, linear_upto=33)
-    assert t.points[128] == 48.0
-    small = [t.points[n] for n in (1, 3, 5, 9)]
-    assert small == sorted(small) and max(small) - min(small) < 3.0  # one line, not the noise
-
-
 # --- the proxy's schedule: bandwidth cap and jitter per link -------------------------------------
 def test_bandwidth_cap_queues_chunks_behind_earlier_ones_on_the_same_link():
     link, wire = Link(10.0, mbit_s=8.0), Wire()  # 8 Mbit/s: 1 MB a second

@@ -75,20 +75,6 @@ class CostTable:
             raise ValueError("a cost table needs at least one measured point")
         self.points = {int(n): float(ms) for n, ms in sorted(self.points.items(), key=lambda kv: int(kv[0]))}
 
-    @classmethod
-    def fitted(cls, points: dict[int, float], linear_upto: int = 33) -> "CostTable":
-        """Measured points smoothed: a least-squares line through those with n <= linear_upto, the larger
-        ones kept as measured. Only for costs known to be linear in n: a CPU's are not at small n (one
-        token a matrix-vector product, 2-3 as many, 4+ a blocked product), so probes keep their medians."""
-        small = {n: ms for n, ms in points.items() if n <= linear_upto}
-        if len(small) < 2:
-            return cls(dict(points))
-        mx, my = sum(small) / len(small), sum(small.values()) / len(small)
-        var = sum((n - mx) ** 2 for n in small)
-        slope = max(0.0, sum((n - mx) * (ms - my) for n, ms in small.items()) / var)
-        line = {n: max(0.0, my + slope * (n - mx)) for n in small}
-        return cls({**line, **{n: ms for n, ms in points.items() if n > linear_upto}})
-
     def __call__(self, n: float) -> float:
         xs, ys = list(self.points), list(self.points.values())
         if len(xs) == 1:
