@@ -133,7 +133,7 @@ class Upstream(CircuitV2Protocol):
 
 
 @pytest.mark.parametrize("protocol", ["fixed", pytest.param("upstream", marks=pytest.mark.xfail(
-    strict=True, reason="bug 2: upstream's relay keys circuits by peer id"))])
+    strict=False, reason="bug 2: upstream's relay keys circuits by peer id (a race: now and then the older circuit closes late enough to pass)"))])
 def test_closing_one_circuit_leaves_the_other(protocol, monkeypatch):
     """Two clients reach P through R; the OLDER circuit closes; the newer one still carries frames."""
     if protocol == "upstream":
