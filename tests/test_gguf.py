@@ -431,6 +431,7 @@ def smollm2_gguf() -> Path:
     return file
 
 
+@pytest.mark.slow  # ~1 min: fetches, converts and runs the real model (the demo does the same)
 @pytest.mark.timeout(600)
 def test_smollm2_end_to_end():
     from tokenizers import Tokenizer

@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from swarm.bench import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~35 s: every part of the GPU check, on the CPU
 def test_quick_check_on_cpu_runs_every_part(tmp_path):
     report = tmp_path / "gpu.json"
     out = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--quick", "--json", str(report)],
