@@ -35,6 +35,7 @@ from peer import set_threads
 from peer.dht import SwarmDHT
 from peer.memory import MemoryPlan, describe, free_memory, plan_memory
 from peer.model import BlockRange, Checkpoint, KVCache, check_quant, parse_dtype
+from peer.model import argmax
 from peer.addrs import check_announce
 from peer.batching import BatchSettings
 from peer.p2p import DEFAULT_LISTEN, ListenError, P2PNode
@@ -149,9 +150,12 @@ async def choose_span(dht: SwarmDHT, ckpt: Checkpoint, n: int, throughput: float
 
 
 def head_bytes(cfg, dtype: torch.dtype) -> int:
-    """Bytes of the head a last peer loads: the embedding table (the LM head too when tied), an untied LM head, the norm."""
+    """Bytes of the head a last peer loads: the embedding table (the LM head too when tied), an untied LM head, the norm;
+    and a large float32 LM head's bfloat16 copy, which greedy verdicts may use (`peer.model.argmax`)."""
     tables = 1 if cfg.tie_word_embeddings else 2
-    return (tables * cfg.vocab_size + 1) * cfg.hidden_size * dtype.itemsize
+    weights = cfg.vocab_size * cfg.hidden_size
+    copy = 2 * weights if dtype == torch.float32 and argmax.MIN_WEIGHTS <= weights and 2 * weights <= argmax.MAX_COPY_BYTES else 0
+    return (tables * cfg.vocab_size + 1) * cfg.hidden_size * dtype.itemsize + copy
 
 
 def load_head(ckpt: Checkpoint, span: tuple[int, int], opts: PeerOptions):

@@ -75,7 +75,7 @@ def judge(head: ModelHead, out: torch.Tensor, params: SamplingParams, check: Rou
     if check is not None and not params.greedy:
         return check_round(head.logits(out), params, check, parents, m.MAX_ARGMAX)
     rows = out[-m.MAX_ARGMAX:]
-    return RoundVerdict(tuple(i for chunk in rows.split(ARGMAX_CHUNK) for i in head.logits(chunk).argmax(-1).tolist()))
+    return RoundVerdict(tuple(i for chunk in rows.split(ARGMAX_CHUNK) for i in head.argmax(chunk).tolist()))
 
 
 async def verdict(head: ModelHead, session: str, step: m.Step, out: torch.Tensor, params: SamplingParams,

@@ -6,7 +6,8 @@
 Both loaders take `quant="int8"`: weight-only int8 linear layers (`Int8Linear`), half the bytes of bf16; or
 `quant="nf4"`: 4-bit NormalFloat codes with a scale per 64 inputs (`Nf4Linear`), ~0.27 of the bytes of bf16.
 `peer.model.sampling`: sampling distributions and the lossless verifiers, shared by the client's decoder and a
-last peer that verifies rounds itself.
+last peer that verifies rounds itself. `peer.model.argmax`: greedy tokens from a float32 LM head at about a
+bfloat16 head's cost (a bfloat16 copy, a bound on its error, float32 for the few candidates; `ModelHead.argmax`).
 """
 
 from .blocks import BlockRange, ModelHead

@@ -17,7 +17,8 @@ load benchmark's sessions): the LM head is the client's largest matmul (SmolLM2:
 row on one CPU core, ~20 ms for 16 rows), so rows of calls that arrive while one runs are computed
 together by the next; a call alone runs at once, exactly as before. A call of 2 or 3 rows (a short
 speculative round) runs padded to 4 rows where a timing on first use says that is faster (a CPU BLAS
-quirk: `ModelHead._pads`). Neither knows where its weights came from or who is asking.
+quirk: `ModelHead._pads`). Greedy tokens need no logits: `ModelHead.argmax` finds them from a bfloat16 copy of a
+float32 head and a bound on its error where that is faster (`argmax.CertifiedArgmax`). Neither knows where its weights came from or who is asking.
 
 On a CUDA device a single session's step of up to 32 nodes runs as a CUDA graph at static shapes
 (`graphs.StaticSteps`; caches get spare slots for its padding), unless `static_steps("off")` or
@@ -37,6 +38,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .argmax import CertifiedArgmax, worth_it
 from .cache import CacheError, KVCache, StepLayout
 from . import graphs
 from .config import ContextTooLong, ModelConfig
@@ -321,6 +323,7 @@ class ModelHead(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self._batched = BatchedCalls(self._logits)
         self._padding: dict[int, bool] = {}  # rows -> computed padded to PAD_TO rows (`_pads`)
+        self.certified: CertifiedArgmax | bool | None = None  # `argmax`'s fast path; None: not decided yet
 
     @property
     def quant(self) -> str:
@@ -335,6 +338,17 @@ class ModelHead(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head, returned in fp32 (calls from several threads at once share one matmul)."""
         return self._batched(hidden.to(self.norm.weight.dtype))
+
+    @torch.inference_mode()
+    def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The greedy tokens [rows] after hidden states [rows, d]: `logits(hidden).argmax(-1)`, from a bfloat16 copy
+        of a float32 LM head and a bound where that pays (`argmax.CertifiedArgmax`, decided on first use)."""
+        if self.certified is None:
+            weight = self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else None
+            self.certified = CertifiedArgmax(weight) if weight is not None and worth_it(weight) else False
+        if self.certified is False:
+            return self.logits(hidden).argmax(-1)
+        return self.certified(self.norm(hidden.to(self.norm.weight.dtype)).float())
 
     @torch.inference_mode()
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

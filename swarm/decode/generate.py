@@ -1,7 +1,7 @@
 """Generation, top to bottom: `generate` decodes plainly or speculatively through any `Model`.
 
-Plain decoding is gpt-fast's vocabulary: `prefill`, `decode_one_token`, `generate_tokens` (one step
-per token). With a draft model and a `SpecConfig`, `generate` runs `speculative_decode` instead.
+Plain decoding is `generate_tokens` (a prefill, then one step per token; greedy tokens come from
+`ModelHead.argmax`, which needs no float32 logits where a bfloat16 copy of the head is faster). With a draft model and a `SpecConfig`, `generate` runs `speculative_decode` instead.
 Either way the session is opened and closed here, and the output is the target's own.
 
 The model's context (`max_position_embeddings`) bounds the whole sequence, prompt plus reply, as
@@ -36,33 +36,32 @@ from swarm.decode.target import GenerationResult, LocalModel, Model, RunBlocks, 
 DRAFT_TOP_K = 16  # sampling, verified at the last peer: drafts come from the draft's top 16, renormalised
 
 
-def prefill(head: ModelHead, run: RunBlocks, prompt: list[int]) -> torch.Tensor:
-    """Run the prompt through the blocks; return the logits [vocab] of its last position."""
-    hidden = run.submit(embed_step(head, prompt), StepLayout(start=0, n=len(prompt))).result()
-    return head.logits(hidden[-1:])[0]
-
-
-def decode_one_token(head: ModelHead, run: RunBlocks, token: int, position: int) -> torch.Tensor:
-    hidden = run.submit(embed_step(head, [token]), StepLayout(start=position, n=1)).result()
-    return head.logits(hidden)[0]
+def step_hidden(head: ModelHead, run: RunBlocks, ids: list[int], start: int) -> torch.Tensor:
+    """One chain step of `ids` from position `start` through the blocks: their final hidden states [n, d]."""
+    return run.submit(embed_step(head, ids), StepLayout(start=start, n=len(ids))).result()
 
 
 def generate_tokens(head: ModelHead, run: RunBlocks, prompt: list[int], max_new_tokens: int,
                     params: SamplingParams = SamplingParams(), seed: int = 0,
                     eos_ids: tuple = ()) -> Iterator[int]:
-    """Yield new token ids one by one: plain autoregressive decoding, one step per token."""
+    """Yield new token ids one by one: plain autoregressive decoding, one step per token. Greedy takes the
+    argmax without float32 logits where that pays (`ModelHead.argmax`)."""
     if not prompt:
         raise ValueError("the prompt must contain at least one token")
     generator = torch.Generator(device=head.embed_tokens.weight.device).manual_seed(seed)
-    logits = prefill(head, run, prompt)
-    position = len(prompt)
+
+    def next_token(hidden: torch.Tensor) -> int:
+        if params.greedy:
+            return int(head.argmax(hidden[-1:])[0])
+        return sample(head.logits(hidden[-1:])[0], params, generator)
+
+    hidden = step_hidden(head, run, prompt, 0)
     for i in range(max_new_tokens):
-        token = sample(logits, params, generator)
+        token = next_token(hidden)
         yield token
         if token in eos_ids or i == max_new_tokens - 1:
             return
-        logits = decode_one_token(head, run, token, position)
-        position += 1
+        hidden = step_hidden(head, run, [token], len(prompt) + i)
 
 
 def fit_context(model: Model, prompt: list[int], max_new_tokens: int) -> int:

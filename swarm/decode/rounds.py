@@ -158,6 +158,8 @@ def judge(head: ModelHead, rnd: Round, out: torch.Tensor | RoundVerdict, spec: S
     hidden states, or the verdict of a last peer that verified the round (`judge_verdict`)."""
     if isinstance(out, RoundVerdict):
         return judge_verdict(rnd, out, spec)
+    if spec.params.greedy and spec.relaxed is None:  # the target's argmax is all greedy verification needs
+        return judge_verdict(rnd, RoundVerdict(tuple(head.argmax(out).tolist())), spec)
     logits = head.logits(out)
     if rnd.parents is not None:
         if spec.params.greedy:
