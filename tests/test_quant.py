@@ -291,9 +291,13 @@ def test_nf4_checkpoint_is_what_quantizing_each_linear_gives(tiny64):
     ids = torch.arange(40) % cfg.vocab_size
     ref, got = run_model(ckpt, "float32", "none", ids), run_model(ckpt, "float32", "nf4", ids)
     head, blocks = ckpt.load_head(), ckpt.load_blocks(0, n)
-    for name in blocks.linear_names():
-        lin = blocks.get_submodule(name)
-        lin.weight.data = dequantize_nf4(*quantize_nf4(lin.weight, torch.float32))
+    for name in blocks.linear_names():  # (a packed float32 layer, peer.model.packed, is replaced by a plain one)
+        lin, (parent, _, child) = blocks.get_submodule(name), name.rpartition(".")
+        plain = torch.nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        plain.weight.data = dequantize_nf4(*quantize_nf4(lin.weight, torch.float32))
+        if lin.bias is not None:
+            plain.bias.data = lin.bias.detach().clone()
+        setattr(blocks.get_submodule(parent), child, plain)
     head.lm_head.weight.data = dequantize_nf4(*quantize_nf4(head.lm_head.weight, torch.float32))
     rounded = head.logits(blocks(head.embed(ids), blocks.new_cache(64), StepLayout(0, len(ids))))
     assert torch.allclose(got, rounded, rtol=1e-4, atol=1e-4 * float(rounded.abs().max()))

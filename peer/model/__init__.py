@@ -8,6 +8,7 @@ Both loaders take `quant="int8"`: weight-only int8 linear layers (`Int8Linear`),
 `peer.model.sampling`: sampling distributions and the lossless verifiers, shared by the client's decoder and a
 last peer that verifies rounds itself. `peer.model.argmax`: greedy tokens from a float32 LM head at about a
 bfloat16 head's cost (a bfloat16 copy, a bound on its error, float32 for the few candidates; `ModelHead.argmax`).
+`peer.model.packed`: float32 blocks on a CPU keep their linear weights in oneDNN's packed layout (`load_blocks`).
 """
 
 from .blocks import BlockRange, ModelHead

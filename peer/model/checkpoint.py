@@ -23,6 +23,7 @@ from .blocks import LINEARS, BlockRange, ModelHead
 from .config import ConfigError, ModelConfig
 from .gguf import GGUFError, convert_gguf
 from .layers import rope_inv_freq
+from .packed import pack_linears
 from .quant import QUANTIZERS, check_quant, quantize_linears
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -104,6 +105,8 @@ class Checkpoint:
         _check_shapes(blocks, state, self.path)
         blocks.load_state_dict(state, strict=True, assign=True)
         blocks.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
+        if quant == "none":  # float32 on a CPU: oneDNN's packed layout (`packed`), 2x faster on verification steps
+            pack_linears(blocks, blocks.linear_names())
         return blocks.eval()
 
     def _block_state(self, i: int, dst: str, dtype: torch.dtype, device, quant: str) -> dict[str, torch.Tensor]:

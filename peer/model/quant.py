@@ -300,8 +300,9 @@ def announced_dtype(dtype: torch.dtype, quant: str) -> str:
 
 
 def state_bytes(module: nn.Module) -> int:
-    """Bytes of a module's weights (its state dict, shared tensors once): what it holds in memory."""
-    seen, total = set(), 0
+    """Bytes of a module's weights (its state dict, shared tensors once, and what packed layers hold beside it,
+    `held_bytes`): what it holds in memory."""
+    seen, total = set(), sum(getattr(m, "held_bytes", 0) for m in module.modules())
     for t in module.state_dict(keep_vars=True).values():
         key = (t.device.type, t.data_ptr()) if t.device.type != "meta" else id(t)
         if key not in seen:

@@ -1,0 +1,58 @@
+"""peer.model.packed: float32 linear layers in oneDNN's packed layout compute what `F.linear` does (to float32
+rounding), hold the same bytes, and blocks loaded packed give the unpacked blocks' outputs and greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peer.model import Checkpoint, StepLayout
+from peer.model import packed
+from peer.model.packed import PackedLinear, pack_linears, packing_works
+
+pytestmark = pytest.mark.skipif(not packing_works(), reason="this torch has no oneDNN packing (or SPECSWARM_PACKED=0)")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_is_f_linear(bias):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 200, bias=bias)
+    p = PackedLinear(lin)
+    for shape in ((1, 96), (7, 96), (1, 5, 96)):
+        x = torch.randn(*shape)
+        want = F.linear(x, lin.weight, lin.bias)
+        assert p(x).shape == want.shape
+        assert torch.allclose(p(x), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(p.weight, lin.weight.detach()) and p.held_bytes == 96 * 200 * 4
+
+
+def test_bf16_and_quantized_layers_stay_as_they_are():
+    mod = torch.nn.Sequential(torch.nn.Linear(8, 8).bfloat16(), torch.nn.Linear(8, 8))
+    assert pack_linears(mod, ["0", "1"]) == 1
+    assert type(mod[0]) is torch.nn.Linear and type(mod[1]) is PackedLinear
+
+
+def test_packed_blocks_equal_unpacked_ones(tiny, monkeypatch):
+    ckpt = Checkpoint(tiny("llama2").path)
+    n = ckpt.config.num_hidden_layers
+    blocks = ckpt.load_blocks(0, n)
+    assert {type(blocks.get_submodule(name)) for name in blocks.linear_names()} == {PackedLinear}
+    monkeypatch.setenv("SPECSWARM_PACKED", "0")
+    packed.packing_works.cache_clear()
+    try:
+        plain = ckpt.load_blocks(0, n)
+    finally:
+        packed.packing_works.cache_clear()
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    assert blocks.weight_bytes() == plain.weight_bytes()
+    head = ckpt.load_head()
+    ids = torch.arange(30) % ckpt.config.vocab_size
+    outs = []
+    for b in (blocks, plain):
+        cache = b.new_cache(64)
+        prefill = b(head.embed(ids[:20]), cache, StepLayout(0, 20))
+        step = b(head.embed(ids[20:]), cache, StepLayout(20, 10))  # a verification-sized step
+        outs.append(torch.cat([prefill, step]))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4 * float(outs[1].abs().max()))
+    assert torch.equal(head.logits(outs[0]).argmax(-1), head.logits(outs[1]).argmax(-1))
