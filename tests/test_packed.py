@@ -56,3 +56,20 @@ def test_packed_blocks_equal_unpacked_ones(tiny, monkeypatch):
         outs.append(torch.cat([prefill, step]))
     assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4 * float(outs[1].abs().max()))
     assert torch.equal(head.logits(outs[0]).argmax(-1), head.logits(outs[1]).argmax(-1))
+
+
+def test_the_benchmark_runs_on_the_tiny_model():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "scripts/bench_packed.py", "--model", "tiny", "--blocks", "0", "2",
+                          "--rows", "1", "3", "--reps", "2", "--prompt", "8"], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.strip().startswith(("1 |", "3 |"))]
+    assert len(lines) == 2 and all("x |" in line for line in lines)
+    bad = subprocess.run([sys.executable, "scripts/bench_packed.py", "--model", "tiny", "--blocks", "0", "99"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--blocks must lie in" in bad.stderr and "Traceback" not in bad.stderr
