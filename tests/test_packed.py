@@ -27,10 +27,24 @@ def test_packed_linear_is_f_linear(bias):
     assert torch.equal(p.weight, lin.weight.detach()) and p.held_bytes == 96 * 200 * 4
 
 
-def test_bf16_and_quantized_layers_stay_as_they_are():
-    mod = torch.nn.Sequential(torch.nn.Linear(8, 8).bfloat16(), torch.nn.Linear(8, 8))
-    assert pack_linears(mod, ["0", "1"]) == 1
-    assert type(mod[0]) is torch.nn.Linear and type(mod[1]) is PackedLinear
+def test_float16_and_quantized_layers_stay_as_they_are():
+    from peer.model.quant import Int8Linear
+
+    q = Int8Linear(8, 8)
+    mod = torch.nn.Sequential(torch.nn.Linear(8, 8).half(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).bfloat16(), q)
+    assert pack_linears(mod, ["0", "1", "2", "3"]) == (2 if packing_works(torch.bfloat16) else 1)
+    assert type(mod[0]) is torch.nn.Linear and type(mod[1]) is PackedLinear and mod[3] is q
+
+
+@pytest.mark.skipif(not packing_works(torch.bfloat16), reason="no oneDNN bfloat16 packing here")
+def test_packed_bfloat16_is_f_linear_to_its_rounding():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(128, 300).bfloat16()
+    p = PackedLinear(lin)
+    x = torch.randn(9, 128).bfloat16()
+    want = F.linear(x, lin.weight, lin.bias).float()
+    assert p(x).dtype == torch.bfloat16
+    assert (p(x).float() - want).abs().max() <= 2 ** -7 * want.abs().max()
 
 
 def test_packed_blocks_equal_unpacked_ones(tiny, monkeypatch):

@@ -1,7 +1,8 @@
 """The draft model's side of a round: `Drafter` (the draft with its own cache, kept in step with whatever
 sequence it is asked to extend: chains token by token, trees, greedy or sampled), `DraftVocab` (its LM
 head over part of the vocabulary) and `load_draft` (its weights: by default bfloat16, with int8 linear
-layers on a CPU, where torch's int8 kernel for bfloat16 is the fastest way to run a small model; the
+layers on a CPU, where torch's int8 kernel for bfloat16 is the fastest way to run a small model with the
+fewest bytes); the
 target verifies every draft, so the draft's precision changes how fast drafts come and how often they
 are accepted, never the output).
 
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 
 from peer.model import ModelHead, StepLayout
+from peer.model.packed import packed_product
 from swarm.decode.sampling import SamplingParams, draw, draw_siblings, token_probs, top_k_probs
 from swarm.decode.target import LocalModel
 
@@ -26,7 +28,8 @@ DRAFT_QUANTS = ("auto", "none", "int8", "nf4")
 
 def draft_weights(device: str = "cpu", dtype: str = "auto", quant: str = "auto") -> tuple[str, str]:
     """(dtype, quant) of the draft's weights: "auto" is bfloat16, and int8 on a CPU (none on a GPU, where
-    bfloat16 matmuls are the fast path). `scripts/bench_draft_weights.py` measures the settings."""
+    bfloat16 matmuls are the fast path). `scripts/bench_draft_weights.py` measures the settings (on this
+    project's CPU bfloat16 packed for oneDNN, `peer.model.packed`, is as fast as int8 and twice the bytes)."""
     if dtype not in DRAFT_DTYPES or quant not in DRAFT_QUANTS:
         raise ValueError(f"draft weights: dtype one of {DRAFT_DTYPES}, quant one of {DRAFT_QUANTS}; got {dtype}, {quant}")
     cpu = str(device).split(":")[0] == "cpu"
@@ -54,6 +57,8 @@ class DraftVocab:
         self.head, self.size = head, (size if size is not None and size < vocab and linear else None)
         self.extra: set[int] = set()  # context ids >= size
         self._extra_t = None
+        # the first `size` rows of the head, packed for oneDNN where that works (a copy: size x d)
+        self._first = packed_product(head.lm_head.weight.detach()[:self.size]) if self.size is not None else None
 
     def see(self, context: list[int]) -> None:
         """Add the context's ids beyond the first `size` to the subset (they stay for the draft's lifetime)."""
@@ -73,7 +78,7 @@ class DraftVocab:
         weight = head.lm_head.weight
         x = head.norm(hidden.to(head.norm.weight.dtype))
         out = torch.full((head.cfg.vocab_size,), float("-inf"), device=weight.device)
-        out[:self.size] = torch.nn.functional.linear(x, weight[:self.size]).float()
+        out[:self.size] = self._first(x[None])[0].float()
         if self._extra_t is not None:
             out[self._extra_t] = torch.nn.functional.linear(x, weight[self._extra_t]).float()
         return out
