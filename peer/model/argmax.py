@@ -2,7 +2,7 @@
 
 Greedy decoding and greedy verification need only the argmax of each row's logits, not the logits. On a CPU
 with fast bfloat16 matmuls (SmolLM2's 49152 x 576 head on this project's CPU: float32 11 ms for one row and
-24 ms for nine, bfloat16 7.5-9 ms for either), `CertifiedArgmax` computes every logit in bfloat16 and bounds
+24 ms for nine, bfloat16 7.5-9 ms for either, 3-4.5 packed for oneDNN: `packed`), `CertifiedArgmax` computes every logit in bfloat16 and bounds
 how far each can be from the float32 logit: the inputs and weights are rounded to bfloat16 (relative error
 u = 2^-8 each), the bfloat16 result too (u of itself), and both sides accumulate in float32 (about d * 2^-24
 of the sum of |x_i w_i|); by Cauchy-Schwarz that sum is at most |x| |w_j|, so logit j lies within
@@ -95,19 +95,20 @@ def worth_it(weight: torch.Tensor, reps: int = 5) -> bool:
         return False
     low = weight.detach()[: min(len(weight), 8192)].to(torch.bfloat16)  # a slice is enough to compare kernels
     high = weight.detach()[: len(low)]
-
-    def median(fn, x):
-        times = []
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-        return sorted(times[1:])[reps // 2]
-
     with torch.inference_mode():
         for rows in (1, 8):
             x = torch.randn(rows, weight.shape[1])
-            if median(lambda v: F.linear(v.to(torch.bfloat16), low).float(), x) > PAYS_BELOW * median(
-                    lambda v: F.linear(v, high), x):
+            if median_seconds(lambda v: F.linear(v.to(torch.bfloat16), low).float(), x, reps) > PAYS_BELOW * \
+                    median_seconds(lambda v: F.linear(v, high), x, reps):
                 return False
     return True
+
+
+def median_seconds(fn, x: torch.Tensor, reps: int = 5) -> float:
+    """The median time of `reps` calls fn(x), after one call to warm up (one-off timings that pick a kernel)."""
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[reps // 2]

@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .argmax import CertifiedArgmax, worth_it
+from .argmax import CertifiedArgmax, median_seconds, worth_it
 from .cache import CacheError, KVCache, StepLayout
 from . import graphs
 from .config import ContextTooLong, ModelConfig
@@ -55,17 +54,8 @@ def pad_pays(linear: nn.Module, rows: int, like: torch.Tensor, reps: int = 5) ->
     """Whether `linear` on `rows` rows takes under 0.85x as long padded to PAD_TO rows (medians of `reps`)."""
     x = torch.randn(rows, like.shape[-1], dtype=like.dtype, device=like.device)
     padded = torch.cat([x, x.new_zeros(PAD_TO - rows, x.shape[1])])
-
-    def median(inp):
-        times = []
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            linear(inp)
-            times.append(time.perf_counter() - t0)
-        return sorted(times[1:])[reps // 2]
-
     with torch.inference_mode():
-        return median(padded) < 0.85 * median(x)
+        return median_seconds(linear, padded, reps) < 0.85 * median_seconds(linear, x, reps)
 
 log = logging.getLogger(__name__)
 
