@@ -153,8 +153,7 @@ def head_bytes(cfg, dtype: torch.dtype) -> int:
     """Bytes of the head a last peer loads: the embedding table (the LM head too when tied), an untied LM head, the norm;
     and a large float32 LM head's bfloat16 copy, which greedy verdicts may use (`peer.model.argmax`)."""
     tables = 1 if cfg.tie_word_embeddings else 2
-    weights = cfg.vocab_size * cfg.hidden_size
-    copy = 2 * weights if dtype == torch.float32 and argmax.MIN_WEIGHTS <= weights and 2 * weights <= argmax.MAX_COPY_BYTES else 0
+    copy = argmax.copy_bytes(cfg.vocab_size, cfg.hidden_size, dtype)
     return (tables * cfg.vocab_size + 1) * cfg.hidden_size * dtype.itemsize + copy
 
 

@@ -86,12 +86,17 @@ class CertifiedArgmax:
         return out
 
 
+def copy_bytes(vocab: int, hidden: int, dtype: torch.dtype) -> int:
+    """Bytes of the bfloat16 copy a certified argmax keeps of a [vocab, hidden] head in `dtype` (0: it keeps none:
+    not float32, smaller than MIN_WEIGHTS, or a copy larger than MAX_COPY_BYTES)."""
+    weights = vocab * hidden
+    return 2 * weights if dtype == torch.float32 and MIN_WEIGHTS <= weights and 2 * weights <= MAX_COPY_BYTES else 0
+
+
 def worth_it(weight: torch.Tensor, reps: int = 5) -> bool:
     """Whether a certified argmax pays for `weight` here: float32 on a CPU, at least MIN_WEIGHTS weights, a copy
     of at most MAX_COPY_BYTES, and bfloat16 at most PAYS_BELOW of float32's time on 1 and on 8 rows (medians)."""
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
-        return False
-    if weight.numel() < MIN_WEIGHTS or 2 * weight.numel() > MAX_COPY_BYTES:
+    if weight.device.type != "cpu" or weight.dim() != 2 or not copy_bytes(*weight.shape, weight.dtype):
         return False
     low = weight.detach()[: min(len(weight), 8192)].to(torch.bfloat16)  # a slice is enough to compare kernels
     high = weight.detach()[: len(low)]

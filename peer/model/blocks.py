@@ -25,8 +25,8 @@ On a CUDA device a single session's step of up to 32 nodes runs as a CUDA graph 
 `--no-cuda-graphs`; everything else (prefill, batches of sessions, the CPU) runs eagerly as above.
 
 Under `--quant int8` the linear layers of a block (`LINEARS`) are `quant.Int8Linear`s, and a head's
-untied LM head too: `dtype` is then still the activations' (the norms' weights), never int8. float32 blocks on
-a CPU are loaded with `packed.PackedLinear`s (oneDNN's packed weight layout: ~2x faster on a verification
+untied LM head too: `dtype` is then still the activations' (the norms' weights), never int8. Unquantized
+(float32, bfloat16) blocks on a CPU are loaded with `packed.PackedLinear`s (oneDNN's packed weight layout: ~2x faster on a verification
 step's few rows); the forward does not care which it gets.
 """
 
