@@ -188,7 +188,7 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
     p.add_argument("--tree", type=positive(), default=SPEC.tree_width, metavar="WIDTH",
                    help="allow draft trees up to WIDTH candidates for the next token (greedy: the draft's likeliest; "
                         "sampling: drawn without replacement, verified losslessly); with adaptive k the cost model "
-                        "picks chain or tree, width and depth (under sampling it keeps to chains unless --k is fixed) "
+                        "picks chain or tree, width and depth (under sampling it tries a tree now and then to measure it) "
                         "[default: 1, chains]")
     p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=SPEC.pipeline,
                    help="send the next round before this one's verdict, assuming full acceptance [default: the cost "

@@ -36,6 +36,7 @@ def noise(out: subprocess.CompletedProcess) -> list[str]:
     return [line for line in (out.stdout + out.stderr).splitlines() if any(n in line for n in NOISE)]
 
 
+@pytest.mark.slow  # ten CLI runs against a 2-peer swarm: ~45 s
 def test_later_clients_see_no_trace_of_earlier_ones(tiny, tmp_path):
     path = str(tiny("llama2").path)
     peers = start_peers(path, [(0, 4), (4, 8)], log_dir=tmp_path)

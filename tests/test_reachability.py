@@ -335,6 +335,7 @@ def test_records_carry_reachability_and_old_ones_still_verify():
 
 # --- two peer processes on loopback ---------------------------------------------------------------------
 
+@pytest.mark.slow  # a 2-peer swarm with reachability checks: ~30 s
 @pytest.mark.timeout(180)
 def test_loopback_swarm(tiny, tmp_path):
     """The first peer cannot be checked (UNKNOWN); the second is dialled back by it on loopback (PUBLIC, its

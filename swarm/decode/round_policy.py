@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+from swarm.decode.rescue import Rescue, best_tree, sampled_tree_rescue
 from swarm.decode.sources import NgramCalibration, choose_source, graft_length, model_verdict, observe_ngram
 
 
@@ -93,11 +94,11 @@ class CostModel:
     trips make long rounds; a hesitant draft ends the round early (dynamic draft length).
     `choose(a)` is the same rule before drafting: argmax_k E(k) / T(k) over 1..k_max.
 
-    Trees (greedy, `tree_width` > 1): a tree of width w and depth d commits
-    1 + a_w * (1 - a^d) / (1 - a), where a_w = a + (1 - a) * r_w and r_w is how often the target's
-    token was among the draft's top w where the draft's first choice was rejected (measured on every
-    rejection); it costs c_d * (1 + w (d - 1)) + c_0 + c_1 * (w d + 1). Chosen when its rate beats
-    the best chain's.
+    Trees (`tree_width` > 1): a tree of width w and depth d commits 1 + a_w * (1 - a^d) / (1 - a),
+    where a_w = a + (1 - a) * r_w and r_w is how often a candidate among the draft's first w rescued a
+    round whose first draft was rejected (`rescue.Rescue`: greedy, from the draft's top list at every
+    chain's rejection; sampling, from sampled tree rounds, which are tried now and then to measure it);
+    it costs c_d * (1 + w (d - 1)) + c_0 + c_1 * (w d + 1). Chosen when its rate beats the best chain's.
 
     Pipelining (`pipeline_pays`): sending the next round before this one's verdict hides the trip
     and the next draft when every draft is accepted (probability P_k), and costs the peers' compute
@@ -119,8 +120,9 @@ class CostModel:
         self.accepted, self.rejections = 2.0, 1.0  # a weak prior: a = 2/3
         self.hits = [2.0 * (b + 0.5) / self.BINS for b in range(self.BINS)]  # calibration: accepted per bin
         self.tries = [2.0] * self.BINS
-        self.rescue: dict[int, float] = {}  # w -> how often the target's token was in the draft's top w after a miss
-        self.rescue_n = 0.0
+        self.rescue = Rescue(memory)  # greedy: how often the target's token was in the draft's top w after a miss
+        self.sampled_rescue = Rescue(memory)  # sampling: how often a sampled tree's later candidates rescued a round
+        self.sampled, self.since_tree = False, 0  # this generation samples; rounds since its last tree
         self.points: list[tuple[int, float]] = []  # (tokens sent, seconds) of recent unpipelined rounds
         self._fit: tuple[list, tuple[float, float]] = ([], (0.0, 0.0))  # verify_cost's last line, and its points
         self.draft_steps: list[float] = []  # recent seconds per draft step after a round's first
@@ -156,10 +158,8 @@ class CostModel:
             b = min(int(c * self.BINS), self.BINS - 1)
             self.hits[b] = m * self.hits[b] + (i < accepted) + (1 - m) * 2.0 * (b + 0.5) / self.BINS
             self.tries[b] = m * self.tries[b] + 1 + (1 - m) * 2.0
-        if accepted < drafted and confidences is not None:
-            self.rescue_n = m * self.rescue_n + 1
-            for w in range(2, 9):
-                self.rescue[w] = m * self.rescue.get(w, 0.0) + (rescue_rank is not None and rescue_rank < w)
+        if accepted < drafted and confidences is not None and not self.sampled:  # (sampling has no top list)
+            self.rescue.observe(rescue_rank, 8)
         if seconds is not None:
             self.points = (self.points + [(sent, seconds)])[-24:]
         if drafted:  # medians of recent samples: one slow round on a busy machine must not set the policy
@@ -270,20 +270,11 @@ class CostModel:
         return True, False
 
     def tree_plan(self, width: int, room: int) -> tuple[int, int, float]:
-        """The best (width, depth) for a greedy tree, width >= 2, and its expected tokens per second."""
-        a = min(self.acceptance, 0.999)
+        """The best (width, depth) for a tree, width >= 2, and its expected tokens per second (its rescues as
+        measured for this generation's decoding, greedy or sampled)."""
         c0, c1 = self.verify_cost()
-        cd = self.draft_cost
-        best = (2, 1, 0.0)
-        for w in range(2, width + 1):
-            r_w = (self.rescue.get(w, 0.0) + 0.3) / (self.rescue_n + 1.0)  # prior: 30 % rescued
-            a_w = a + (1 - a) * min(r_w, 1.0)
-            for d in range(1, max(1, min(self.k_max, room)) + 1):
-                seconds = self.draft_time(1) + cd * w * (d - 1) + c0 + c1 * (w * d + 1)
-                rate = (1 + a_w * (1 - a ** d) / (1 - a)) / seconds
-                if rate > best[2]:
-                    best = (w, d, rate)
-        return best
+        return best_tree(self.sampled_rescue if self.sampled else self.rescue, min(self.acceptance, 0.999), width,
+                         max(1, min(self.k_max, room)), self.draft_time(1), self.draft_cost, c0, c1)
 
     def pipeline_pays(self, p_all: float, k_next: int) -> bool:
         """Send the next round now, assuming this one is fully accepted (probability p_all)?"""
@@ -301,9 +292,10 @@ class CostModel:
         return p_all * (saved - per_token) > (1 - p_all) * lost
 
     # --- the round policy --------------------------------------------------------------------------
-    def begin(self) -> None:
-        """A new generation starts: forget the previous generation's last round."""
-        self._after_miss, self._prev_delay = False, 0.0
+    def begin(self, sampled: bool = False) -> None:
+        """A new generation starts (`sampled`: it samples, rather than decoding greedily): forget the previous
+        generation's last round."""
+        self._after_miss, self._prev_delay, self.sampled = False, 0.0, sampled
 
     def plan(self, room: int, tree_width: int = 1, cells: list[int] = (), ngram_room: int = 0,
              fuse: bool = False) -> RoundPlan:
@@ -314,7 +306,10 @@ class CostModel:
         shape = RoundPlan(min(self.k_max, room), explore=self.explore()) if room > 0 else RoundPlan(0)
         if room > 0 and tree_width > 1:
             w, d, tree_rate = self.tree_plan(tree_width, min(self.k_max, room))
-            shape = RoundPlan(d, w) if tree_rate > self.rate(self.choose(room=room)) else shape
+            if tree_rate > self.rate(self.choose(room=room)):
+                shape = RoundPlan(d, w)
+            elif self.sampled and self.sampled_rescue.due(self.since_tree):  # sampled trees are measured by trying them
+                shape = RoundPlan(min(room, max(2, self.choose(room=room))), 2)
         return choose_source(self, shape, list(cells), ngram_room, fuse)
 
     def keep_drafting(self, confidences: list[float], plan: RoundPlan) -> tuple[bool, bool]:
@@ -352,6 +347,11 @@ class CostModel:
         clean = not t.hit and not self._after_miss
         seconds = (t.arrived - t.sent) + (t.done - max(t.arrived, t.ahead_sent or 0.0)) if clean else None
         ok, rank = model_verdict(rnd, extra)
+        if self.sampled and not chain:
+            seen = sampled_tree_rescue(rnd.parents, rnd.sources, rnd.path)
+            if seen is not None:
+                self.sampled_rescue.observe(*seen)
+        self.since_tree = 0 if not chain else self.since_tree + 1
         self.observe(rnd.model_depth, ok, len(rnd.ids), seconds, rnd.draft_seconds, rnd.confidences or None, rank,
                      rnd.draft_first)
         observe_ngram(self, rnd)

@@ -32,8 +32,8 @@ One round, top to bottom (`speculative_decode`; the round's own pieces in `round
 Sampling (temperature > 0) drafts trees too (`--tree W`): the model's first tokens drawn without
 replacement, each with the conditional law it was drawn from, each continued by draws from the
 draft, n-gram nodes as deterministic siblings; `verify_tree` keeps the target's law exactly (recursive
-rejection sampling over siblings). The adaptive policy learns trees' worth from greedy rank statistics,
-so under sampling it keeps to chains unless the shape is fixed (`--k K --tree W`). `relaxed` acceptance
+rejection sampling over siblings). The adaptive policy learns trees' worth from the draft's top lists when
+greedy and, under sampling, from sampled tree rounds it tries now and then (`rescue`). `relaxed` acceptance
 (opt-in, LOSSY) also accepts a draft whose target probability is close to the best one, judged on
 the target's softmax (also when decoding greedily).
 
@@ -245,7 +245,7 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
         run.submit(embed_step(head, prompt[:-1]), StepLayout(0, len(prompt) - 1)).result()
     seq, compact, queue = list(prompt), None, []  # queue: rounds sent before the verdicts on the ones before them
     ngram = NgramIndex(seq, spec.ngram_max, memory=memory) if spec.ngram_on else None
-    policy.begin()
+    policy.begin(sampled=not spec.params.greedy)
     try:
         while len(result.tokens) < max_new_tokens and result.stopped_by != "eos":
             left, began = max_new_tokens - len(result.tokens) - 1, time.perf_counter()
