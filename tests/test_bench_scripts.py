@@ -118,3 +118,18 @@ def test_chat_without_a_chat_template_fails_in_one_line(name):
     assert "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "no chat template" in lines[0], run.stderr
+
+
+@tiny
+def test_bench_rounds_breaks_a_run_down_by_kind_of_round():
+    """scripts/bench_rounds.py on the tiny pair over an emulated loopback WAN: one table row per kind of round
+    and one for all, the share of fully accepted model rounds, plain push for scale; bad flags in one line."""
+    run = script("bench_rounds.py", "--model", "tiny", "--profile", "loopback", "--prompts", "2",
+                 "--max-new-tokens", "12", timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.count("|") == 9]
+    assert rows[0].split("|")[0].strip() == "round" and rows[-1].split("|")[0].strip() == "all" and len(rows) >= 3
+    assert sum(int(r.split("|")[1]) for r in rows[1:-1]) == int(rows[-1].split("|")[1])  # every round in one kind
+    assert "plain push on the last prompt" in run.stdout and "(cold policy: left out)" in run.stderr
+    bad = script("bench_rounds.py", "--model", "tiny", "--prompts", "1")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "--prompts >= 2" in bad.stderr

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import make_checkpoint
 from swarm.decode.generate import LocalModel
-from swarm.decode.rescue import EXPLORE_EVERY, EXPLORE_FIRST, PRIOR, Rescue, sampled_tree_rescue
+from swarm.decode.rescue import EXPLORE_EVERY, EXPLORE_FIRST, PRIOR, SAMPLED_PRIOR, Rescue, sampled_tree_rescue
 from swarm.decode.round_policy import CostModel, RoundTiming
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.speculative import Drafter, SpecConfig, speculative_decode
@@ -76,7 +76,7 @@ def test_sampled_trees_are_tried_then_chosen_when_they_rescue_rounds():
     assert all(not p.tree for p in plans)  # at the prior, chains pay more
     chains(policy, EXPLORE_FIRST)  # no tree for a while
     tried = policy.plan(8, tree_width=3)
-    assert tried.tree and tried.width == 2  # tried, only to measure it
+    assert tried.tree and (tried.width, tried.k) == (2, 2)  # tried, only to measure it, at a chain of 3's draft cost
     policy.observe_round(TreeRound(3, [0, 2]), 1, 5, timing(), False, False)  # the second candidate rescued it
     assert policy.sampled_rescue.tries[3] == 1 and policy.sampled_rescue.rate(2) > PRIOR and policy.since_tree == 0
     for _ in range(30):  # and so every time
@@ -106,7 +106,7 @@ def test_greedy_rescues_come_from_chains_and_sampling_leaves_them_alone():
     assert greedy.rescue.rate(2) > 0.9 and greedy.plan(8, tree_width=3).tree
     assert sampled.rescue.tries == {}  # under sampling a chain round has no top list: nothing learnt
     assert sampled.tree_plan(3, 8)[2] < greedy.tree_plan(3, 8)[2]  # its trees are judged at the prior alone
-    assert sampled.sampled_rescue.rate(2) == pytest.approx(PRIOR)
+    assert sampled.sampled_rescue.rate(2) == pytest.approx(SAMPLED_PRIOR)
 
 
 def test_an_adaptive_sampled_generation_drafts_trees(tmp_path):

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from swarm.decode.rescue import Rescue, best_tree, sampled_tree_rescue
+from swarm.decode.rescue import SAMPLED_PRIOR, Rescue, best_tree, sampled_tree_rescue
 from swarm.decode.sources import NgramCalibration, choose_source, graft_length, model_verdict, observe_ngram
 
 
@@ -121,7 +121,7 @@ class CostModel:
         self.hits = [2.0 * (b + 0.5) / self.BINS for b in range(self.BINS)]  # calibration: accepted per bin
         self.tries = [2.0] * self.BINS
         self.rescue = Rescue(memory)  # greedy: how often the target's token was in the draft's top w after a miss
-        self.sampled_rescue = Rescue(memory)  # sampling: how often a sampled tree's later candidates rescued a round
+        self.sampled_rescue = Rescue(memory, SAMPLED_PRIOR)  # sampling: how often a sampled tree's later candidates rescued a round
         self.sampled, self.since_tree = False, 0  # this generation samples; rounds since its last tree
         self.points: list[tuple[int, float]] = []  # (tokens sent, seconds) of recent unpipelined rounds
         self._fit: tuple[list, tuple[float, float]] = ([], (0.0, 0.0))  # verify_cost's last line, and its points
@@ -309,7 +309,7 @@ class CostModel:
             if tree_rate > self.rate(self.choose(room=room)):
                 shape = RoundPlan(d, w)
             elif self.sampled and self.sampled_rescue.due(self.since_tree):  # sampled trees are measured by trying them
-                shape = RoundPlan(min(room, max(2, self.choose(room=room))), 2)
+                shape = RoundPlan(min(room, 2), 2)
         return choose_source(self, shape, list(cells), ngram_room, fuse)
 
     def keep_drafting(self, confidences: list[float], plan: RoundPlan) -> tuple[bool, bool]:
