@@ -121,6 +121,7 @@ def test_chat_without_a_chat_template_fails_in_one_line(name):
 
 
 @tiny
+@pytest.mark.slow  # an emulated WAN and three generations: ~25 s
 def test_bench_rounds_breaks_a_run_down_by_kind_of_round():
     """scripts/bench_rounds.py on the tiny pair over an emulated loopback WAN: one table row per kind of round
     and one for all, the share of fully accepted model rounds, plain push for scale; bad flags in one line."""
