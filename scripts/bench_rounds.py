@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from swarm.bench.measure import RoundLog  # noqa: E402
 from swarm.bench.prompts import load_prompts  # noqa: E402
 from swarm.bench.wan.links import PROFILES  # noqa: E402
 from swarm.bench.wan.swarm import WanSwarm  # noqa: E402
@@ -39,28 +40,23 @@ from swarm.decode.sampling import SamplingParams  # noqa: E402
 from swarm.decode.speculative import SpecConfig  # noqa: E402
 
 
-class Recorder:
-    """A round policy, unchanged in every decision, that also keeps each round's kind and timing."""
+class Recorder(RoundLog):
+    """`wan_bench`'s round log (a round policy, unchanged in every decision), that also keeps each round's kind and
+    timing (`timed`)."""
 
-    def __init__(self, policy, rounds: list):
-        object.__setattr__(self, "policy", policy)
-        object.__setattr__(self, "rounds", rounds)
+    def __init__(self, policy):
+        super().__init__(policy)
+        object.__setattr__(self, "timed", [])
 
-    def __getattr__(self, name):
-        return getattr(self.policy, name)
-
-    def __setattr__(self, name, value):
-        setattr(self.policy, name, value)
-
-    def observe_round(self, rnd, accepted, extra, t, ahead_kept, eos):
-        self.rounds.append(dict(
+    def observe_round(self, rnd, accepted, extra, t, ahead_kept, *args, **kwargs):
+        self.timed.append(dict(
             kind=f"{rnd.choice}{' tree' if rnd.parents is not None else ''}", sent=len(rnd.ids),
             model=rnd.model_depth, accepted=accepted, hit=t.hit,
             committed=accepted + (not (ahead_kept and accepted == len(rnd.drafts))),  # a hit ahead re-verifies the last
             full=bool(rnd.drafts) and accepted == len(rnd.drafts),
             draft=0.0 if t.hit else 1e3 * (t.sent - t.began), flight=1e3 * (t.arrived - t.sent),
             total=1e3 * (t.done - t.began)))
-        return self.policy.observe_round(rnd, accepted, extra, t, ahead_kept, eos)
+        return super().observe_round(rnd, accepted, extra, t, ahead_kept, *args, **kwargs)
 
 
 def table(rounds: list[dict]) -> list[str]:
@@ -102,12 +98,12 @@ def main() -> None:
     prompts = load_prompts(work.tokenizer, args.prompts, args.max_new_tokens,
                            draft.head.cfg.max_position_embeddings, work.template)
     spec = SpecConfig(tree_width=args.tree, params=SamplingParams(args.temperature))
-    rounds, warm, policy, memory = [], [], None, NgramMemory()
+    warm, policy, memory = [], None, NgramMemory()
     with WanSwarm(str(work.model_dir), args.peers, PROFILES[args.profile]) as wan:
         model = wan.model(timeout=120.0)
         try:
             for i, prompt in enumerate(prompts):
-                recorder = Recorder(policy or spec.policy(), [])
+                recorder = Recorder(policy or spec.policy())
                 t0 = time.perf_counter()
                 res = generate(model, prompt, args.max_new_tokens, draft=draft, spec=spec, stop_at_eos=False,
                                policy=recorder, memory=memory)
@@ -115,7 +111,8 @@ def main() -> None:
                 policy = recorder.policy
                 print(f"prompt {i}: {len(prompt)} tokens, {ms:.1f} ms/token, {res.tokens_per_round:.2f} tokens/round"
                       f"{' (cold policy: left out)' if i == 0 else ''}", file=sys.stderr)
-                (warm if i else rounds).extend(recorder.rounds)
+                if i:
+                    warm.extend(recorder.timed)
             t0 = time.perf_counter()
             plain = generate(model, prompts[-1], args.max_new_tokens, stop_at_eos=False)
             plain_ms = 1e3 * (time.perf_counter() - t0) / len(plain.tokens)
