@@ -72,6 +72,7 @@ class BlockRange(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
         self._windows = tuple(cfg.sliding_windows[start:end])
         self._static_mode, self._static = None, None
+        self.cache_dtype: torch.dtype | None = None  # the KV cache's, when not the activations' (`new_cache`)
 
     def view(self, start: int, end: int) -> "BlockRange":
         """Blocks [start, end) of this range, sharing its weights (a peer serving part of its span)."""
@@ -86,6 +87,7 @@ class BlockRange(nn.Module):
         view.register_buffer("inv_freq", self.inv_freq, persistent=False)
         view._windows = self._windows[start - self.start:end - self.start]
         view._static_mode, view._static = None, None
+        view.cache_dtype = self.cache_dtype
         return view
 
     def static_steps(self, mode: str) -> "graphs.StaticSteps | None":
@@ -131,17 +133,21 @@ class BlockRange(nn.Module):
         return state_bytes(block)
 
     def new_cache(self, max_length: int) -> KVCache:
-        """A session's cache of `max_length` positions: at most the model's context (`ContextTooLong`)."""
+        """A session's cache of `max_length` positions: at most the model's context (`ContextTooLong`). It holds
+        `cache_dtype` when set (float32 under half-precision activations: attention then runs in float32, the
+        fast way for one query row on a CPU; a draft's choice, `swarm.decode.drafter.load_draft`), else the
+        activations' dtype."""
         cfg = self.cfg
         if max_length > cfg.max_position_embeddings:
             raise ContextTooLong(max_length, cfg.max_position_embeddings, "session")
         spare = graphs.spare_slots(max_length) if self._static_engine() is not None else 0
         return KVCache(len(self.layers), cfg.num_key_value_heads, cfg.head_dim, max_length,
-                       dtype=self.dtype, device=self.device, spare=spare)
+                       dtype=self.cache_dtype or self.dtype, device=self.device, spare=spare)
 
     def bytes_per_token(self) -> int:
         cfg = self.cfg
-        return KVCache.bytes_per_token(len(self.layers), cfg.num_key_value_heads, cfg.head_dim, self.dtype)
+        return KVCache.bytes_per_token(len(self.layers), cfg.num_key_value_heads, cfg.head_dim,
+                                       self.cache_dtype or self.dtype)
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, cache: KVCache, layout: StepLayout) -> torch.Tensor:
