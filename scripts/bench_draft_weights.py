@@ -2,7 +2,8 @@
 
 For the default model's draft (or --model/--draft), each weight setting (float32, bfloat16, int8 linear
 layers over float32 and over bfloat16; `--draft-dtype/--draft-quant` pick one, "auto" is int8/bfloat16
-on a CPU): ms per drafted token of `Drafter.propose` (8 drafts a round, the default draft vocabulary),
+on a CPU; every half-precision setting keeps its KV cache in float32 as `load_draft` does on a CPU, and the
+last row is auto with a bfloat16 cache): ms per drafted token of `Drafter.propose` (8 drafts a round, the default draft vocabulary),
 the settings taking turns round by round so that background load hits them alike; and the draft's
 agreement with the target (float32): over the target's greedy continuation (--new-tokens) of the first
 --prompts HumanEval prompts, the share of positions where the draft's argmax (teacher-forced, the whole
@@ -37,7 +38,8 @@ from swarm.registry import DEFAULT_MODEL, resolve_draft, resolve_model  # noqa: 
 from swarm.text import load_tokenizer  # noqa: E402
 
 SETTINGS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8/float32": ("float32", "int8"),
-            "int8/bfloat16": ("bfloat16", "int8")}
+            "int8/bfloat16": ("bfloat16", "int8"), "int8/bf16, bf16 cache": ("bfloat16", "int8")}
+HALF_CACHE = "int8/bf16, bf16 cache"  # the default weights with the KV cache in their dtype (not float32's)
 
 
 def main() -> None:
@@ -56,6 +58,7 @@ def main() -> None:
         sys.exit(f"bench_draft_weights: {args.model} has no draft; give --draft")
     auto = "/".join(draft_weights("cpu")[::-1])
     drafts = {name: load_draft(draft_dir, "cpu", dtype, quant) for name, (dtype, quant) in SETTINGS.items()}
+    drafts[HALF_CACHE].blocks.cache_dtype = None
     print(f"draft {draft_dir.name}: {drafts['float32'].head.cfg.num_hidden_layers} layers; auto on a CPU: {auto}")
     vocab = SpecConfig().draft_vocab
     tokenizer = load_tokenizer(str(resolve_model(args.model)))

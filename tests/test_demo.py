@@ -283,6 +283,7 @@ def test_chat_waits_for_a_missing_span_then_answers(tiny, tmp_path):
         stop_peers([p for p in (first, second) if p is not None])
 
 
+@pytest.mark.slow  # ~22 s: a peer leaves mid-reply and another comes (the chat's waiting is also tested fast)
 def test_a_reply_waits_when_a_peer_leaves_and_goes_on_when_one_returns(tiny, tmp_path):
     path = tiny("llama2").path
     peers = start_peers(path, [(0, 4), (4, 8)], log_dir=tmp_path)

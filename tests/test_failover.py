@@ -79,6 +79,7 @@ def test_kill_middle_peer_during_speculative_decoding(tiny, tmp_path):
             p.stop()
 
 
+@pytest.mark.slow  # ~30 s (a single kill during decoding stays in the fast suite)
 def test_failover_from_a_stale_route_whose_dead_peer_is_no_longer_known(tiny, tmp_path):
     """Two views of one client (as a chat has: push and client-mediated), over the direct TCP transport
     (the default). A routed peer is SIGKILLed; the first view fails over, and its fresh look at the swarm

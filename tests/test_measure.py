@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(not (TINY_MODEL / "config.json").exists() or not
                                 reason="the bundled models are missing")
 
 
+@pytest.mark.slow  # ~25 s: a whole measurement run against live peers
 def test_measure_json_has_one_entry_per_quantity(tmp_path):
     peers = start_peers(TINY_MODEL, even_spans(4, 2), log_dir=tmp_path)
     try:

@@ -260,6 +260,7 @@ def peer_id(addrs: list[str]) -> str:
     return addrs[0].rsplit("/p2p/", 1)[1]
 
 
+@pytest.mark.slow  # ~35 s: reachability probes through the lab's NATs (the fast suite keeps a NATted client)
 @pytest.mark.timeout(180)
 def test_reachability_public_and_natted(lab, tmp_path):
     """A second peer on the public segment is dialled back: PUBLIC, at the address the first one saw it at
@@ -292,6 +293,7 @@ def test_reachability_public_and_natted(lab, tmp_path):
     assert peer_id(vol) not in closest.stdout
 
 
+@pytest.mark.slow  # ~25 s
 @pytest.mark.timeout(180)
 def test_reachability_with_forwarded_ports(lab, tmp_path):
     """The same volunteer with ports 31330-31331 forwarded on its router (and still no flags): dialled back

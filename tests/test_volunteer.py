@@ -151,6 +151,7 @@ def test_loopback_warning_refusals_and_summary(tiny, tmp_path):
     assert "refused: 8 requests (bad_request 8)" in summaries[-1]
 
 
+@pytest.mark.slow  # ~30 s: a volunteer's peer restarted with its flags and identity
 def test_public_ip_port_and_identity(tiny, tmp_path):
     """--port P --public-ip 127.0.0.2: announced and printed on 127.0.0.2 (never 0.0.0.0), in the DHT record
     with the data port P+1; a client that knows only the announced address generates through it; a restart
