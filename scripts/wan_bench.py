@@ -76,6 +76,7 @@ MODE_KEYS = {  # --modes: short names for the modes (the default mode is "auto")
     "auto2": "spec adaptive (auto pipeline, 1 ahead)",  # only when named: the default's pipeline, one round shallower
     "fullvocab": "spec adaptive (auto pipeline, whole draft vocabulary)",  # only when named: --draft-vocab 0
     "nomemory": "spec adaptive (auto pipeline, no n-gram memory)",  # only when named: --no-ngram-memory
+    "noprefeed": "spec adaptive (auto pipeline, no prefeed)",  # only when named: drafts in flight not prefed
     "tree-hot": "spec adaptive tree(3) T=",  # only when named: sampling, trees allowed (--tree 3), adaptive k
 }
 
@@ -102,6 +103,7 @@ def bench_modes(k_max: int, relaxed: float, temperature: float, keys: list[str] 
         modes.insert(8, Mode(MODE_KEYS["auto2"], spec=SpecConfig(k_max=k_max, pipeline_depth=2)))
         modes.insert(9, Mode(MODE_KEYS["fullvocab"], spec=SpecConfig(k_max=k_max, draft_vocab=None)))
         modes.insert(10, Mode(MODE_KEYS["nomemory"], spec=SpecConfig(k_max=k_max, ngram_memory=False)))
+        modes.insert(11, Mode(MODE_KEYS["noprefeed"], spec=SpecConfig(k_max=k_max, prefeed=False)))
     modes.append(Mode(f"spec adaptive tree(3) T={temperature:g}", temperature=temperature,
                       spec=SpecConfig(k_max=k_max, tree_width=3, params=hot, pipeline=False)))
     wanted = [MODE_KEYS[k] for k in keys]

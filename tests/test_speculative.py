@@ -391,3 +391,57 @@ def test_a_draft_vocabulary_subset_drafts_only_its_ids_and_keeps_the_output(pair
     full = Drafter(draft, length, None)
     assert full.vocab.size is None and torch.equal(full.vocab.logits(torch.ones(draft.head.cfg.hidden_size)),
                                                    draft.head.logits(torch.ones(1, draft.head.cfg.hidden_size))[0])
+
+
+class CatchUps(Drafter):
+    """A drafter that records how many tokens each proposal's catch-up step fed (the first proposal's: the prompt)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.catchups, self._catching = [], False
+
+    def _logits_after(self, context):
+        self._catching = True
+        try:
+            return super()._logits_after(context)
+        finally:
+            self._catching = False
+
+    def _step(self, tokens, start):
+        if self._catching:
+            self.catchups.append(len(tokens))
+        return super()._step(tokens, start)
+
+
+def test_prefeed_makes_the_next_proposal_feed_one_token_and_draft_the_same(pair):
+    target, draft = pair
+    context, drafts = PROMPT + [7, 8], [11, 12, 13]
+    fresh, fed = Drafter(draft, 64), CatchUps(draft, 64)
+    fed.propose(PROMPT, 1, SamplingParams())  # the prompt is in
+    assert fed.prefeed(context + drafts) == len(context + drafts) - len(PROMPT)
+    assert fed.prefeed(context + drafts) == 0  # nothing new
+    for accepted in (3, 1, 0):  # all drafts accepted, some, none: the next context ends in a token not drafted
+        following = context + drafts[:accepted] + [99]
+        want = fresh.propose(following, 4, SamplingParams())[0]
+        fed.catchups.clear()
+        assert fed.propose(following, 4, SamplingParams())[0] == want
+        assert fed.catchups == [1]
+        fed.prefeed(context + drafts)
+
+
+@pytest.mark.parametrize("drafter", ["random", "perfect"])
+def test_rounds_in_flight_prefeed_the_draft_and_keep_the_output(pair, drafter):
+    target, draft = pair
+    draft = draft if drafter == "random" else target
+    plain = generate(target, PROMPT, 40, stop_at_eos=False).tokens
+    length = len(PROMPT) + 40 + 20
+    sizes = {}
+    for prefeed in (True, False):
+        counted = CatchUps(draft, length)
+        res = speculative_decode(target.head, Watched(target.session(length)), counted, PROMPT, 40,
+                                 SpecConfig(k=3, pipeline=False, prefeed=prefeed))
+        assert res.tokens == plain
+        sizes[prefeed] = counted.catchups[1:]  # after the prompt's
+    assert sizes[True] and set(sizes[True]) == {1}  # every round's drafts went in during its flight
+    if drafter == "perfect":  # without: a fully accepted chain's last draft waits for the next catch-up
+        assert max(sizes[False]) == 2

@@ -119,6 +119,22 @@ class Drafter:
         self.tokens += 1
         return self.vocab.logits(hidden[-1])
 
+    def prefeed(self, tokens: list[int]) -> int:
+        """Put `tokens` (a context and drafts in flight) through the cache now, without logits, so that a later
+        proposal after a prefix of them feeds only what differs: run while a round is on the wire, on the guess that
+        its drafts are accepted (where they are not, the next step overwrites them). Returns the tokens fed."""
+        tokens = tokens[:self.max_length]
+        keep, limit = 0, min(len(self.fed), len(tokens))
+        while keep < limit and self.fed[keep] == tokens[keep]:
+            keep += 1
+        if keep == len(tokens):
+            return 0
+        head = self.model.head
+        ids = torch.tensor(tokens[keep:], dtype=torch.long, device=head.embed_tokens.weight.device)
+        self.session.submit(head.embed(ids), StepLayout(keep, len(ids))).result()
+        self.fed[keep:] = tokens[keep:]
+        return len(ids)
+
     def _logits_after(self, context: list[int]) -> torch.Tensor:
         self.vocab.see(context)
         keep, limit = 0, min(len(self.fed), len(context) - 1)  # re-run at least the last token

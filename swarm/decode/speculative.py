@@ -17,7 +17,10 @@ One round, top to bottom (`speculative_decode`; the round's own pieces in `round
      wire the next one is drafted and sent assuming this one is fully accepted, and the one after it
      assuming both are, up to `pipeline_depth` rounds in flight (the policy judges each further round
      by the chance that every round before it is fully accepted); on the first rejection every round
-     sent ahead is thrown away (`wasted_rounds`; the next step overwrites their cache entries);
+     sent ahead is thrown away (`wasted_rounds`; the next step overwrites their cache entries); and
+     while chain rounds are in flight the draft takes their drafts into its cache (`Drafter.prefeed`,
+     `SpecConfig.prefeed`), so that its next catch-up is one token wherever they are accepted (n-gram
+     rounds' drafts otherwise wait, several rows at once, for the next round the model drafts);
   5. verify: `sampling.verify` accepts drafts by rejection sampling (greedy is the one-hot case:
      accept while the draft equals the target's argmax; an n-gram draft has a one-hot q) and adds one
      token of the target's own, so every round commits at least one token and the output
@@ -80,6 +83,7 @@ class SpecConfig:
     ngram_drafts: int = 16  # the most n-gram drafts on one path of a round (free to draft: the policy cuts them)
     pipeline_depth: int = 3  # rounds in flight at most when pipelining (the one awaited and those sent ahead of it)
     draft_vocab: int | None = 8192  # the draft drafts from the first N token ids and the context's (DraftVocab)
+    prefeed: bool = True  # while chain rounds are in flight, the draft takes their drafts in (step 4)
     draft_top_k: int | None = None  # sampling: drafts come from the draft's top K, renormalised (verification at the
     # last peer sends those K (id, prob) pairs per draft); None: from the draft's whole distribution
 
@@ -256,6 +260,8 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
             cur = queue.pop(0) if hit else send(run, head, draft_round(drafter, ngram, policy, seq, left, spec, generator,
                                                                        tree_nodes), spec, generator, compact)
             sent_ahead = send_ahead(run, head, drafter, ngram, policy, spec, generator, seq, left, cur, queue)
+            if run.overlaps and spec.prefeed and all(r.parents is None for r in [cur] + queue):
+                drafter.prefeed(seq + [t for r in [cur] + queue for t in r.drafts])  # during the flight
             out = cur.future.result()  # final hidden states, or a verdict from where the blocks end
             accepted, new, extra, compact = judge(head, cur, out, spec, generator)
             if queue and accepted == len(cur.drafts):
