@@ -7,7 +7,8 @@ into one matmul each.
 A block runs the new rows of one or several sessions at once (`Segment`: where each session's rows
 sit in the batch, and its cache): norms, rotary and every linear layer on all rows together (the
 weights are read once per batch), attention per session against its own cache (SDPA; one query row in
-half precision on a CPU: `one_query_attention`, SDPA being slow there). `forward_static` runs
+half precision on a CPU: `one_query_attention`, SDPA being slow there; a float32 cache under half-precision
+activations, a CPU draft's: float32 SDPA, faster still). `forward_static` runs
 one session's rows at static shapes (a step padded to a size bucket, attention over the whole allocated
 cache under a mask): what `graphs.StaticSteps` captures as a CUDA graph. Knows nothing about
 checkpoints files, sessions' owners or the network.

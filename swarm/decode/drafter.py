@@ -1,5 +1,6 @@
 """The draft model's side of a round: `Drafter` (the draft with its own cache, kept in step with whatever
-sequence it is asked to extend: chains token by token, trees, greedy or sampled), `DraftVocab` (its LM
+sequence it is asked to extend: chains token by token, trees, greedy or sampled; `prefeed` takes drafts in flight
+in ahead of the verdict), `DraftVocab` (its LM
 head over part of the vocabulary) and `load_draft` (its weights: by default bfloat16, with int8 linear
 layers on a CPU, where torch's int8 kernel for bfloat16 is the fastest way to run a small model with the
 fewest bytes); the
