@@ -132,15 +132,12 @@ class Attention(nn.Module):
         """One session's queries against its cache (after writing its new keys and values there)."""
         keys, values = seg.cache.write(layer, seg.start, k, v)
         mask = seg.masks[self.window]
-        if keys.dtype != q.dtype:  # a float32 cache under half-precision activations (`BlockRange.cache_dtype`)
-            causal = mask is None and seg.n > 1 and seg.start == 0
-            return F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=None if causal else mask,
-                                                  is_causal=causal, enable_gqa=self.n_kv != self.n_heads).to(q.dtype)
-        if q.shape[2] == 1 and q.dtype in HALF and q.device.type == "cpu":
+        if q.shape[2] == 1 and q.dtype in HALF and keys.dtype == q.dtype and q.device.type == "cpu":
             return one_query_attention(q, keys, values, mask)
         causal = mask is None and seg.n > 1 and seg.start == 0  # a plain prefill
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else mask,
-                                              is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
+        # (a float32 cache under half-precision activations, `BlockRange.cache_dtype`: the queries are widened too)
+        return F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=None if causal else mask,
+                                              is_causal=causal, enable_gqa=self.n_kv != self.n_heads).to(q.dtype)
 
     def forward_static(self, x, cos, sin, cache: KVCache, layer: int, slots, mask) -> torch.Tensor:
         """One session's step at static shapes (what a CUDA graph captures): the rows' keys and values go to

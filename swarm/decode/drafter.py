@@ -112,35 +112,38 @@ class Drafter:
         """Drafts it can propose after a sequence of `length` tokens: all but the last one go through its cache."""
         return max(0, self.max_length + 1 - length)
 
-    def _step(self, tokens: list[int], start: int) -> torch.Tensor:
+    def _feed(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Hidden states of `tokens` put through the cache from position `start`."""
         head = self.model.head
         ids = torch.tensor(tokens, dtype=torch.long, device=head.embed_tokens.weight.device)
         hidden = self.session.submit(head.embed(ids), StepLayout(start, len(tokens))).result()
         self.fed[start:] = tokens
+        return hidden
+
+    def _step(self, tokens: list[int], start: int) -> torch.Tensor:
         self.tokens += 1
-        return self.vocab.logits(hidden[-1])
+        return self.vocab.logits(self._feed(tokens, start)[-1])
+
+    def _cached(self, tokens: list[int], most: int) -> int:
+        """How many of the first `most` of `tokens` the cache already holds."""
+        keep, limit = 0, min(len(self.fed), most)
+        while keep < limit and self.fed[keep] == tokens[keep]:
+            keep += 1
+        return keep
 
     def prefeed(self, tokens: list[int]) -> int:
         """Put `tokens` (a context and drafts in flight) through the cache now, without logits, so that a later
         proposal after a prefix of them feeds only what differs: run while a round is on the wire, on the guess that
         its drafts are accepted (where they are not, the next step overwrites them). Returns the tokens fed."""
         tokens = tokens[:self.max_length]
-        keep, limit = 0, min(len(self.fed), len(tokens))
-        while keep < limit and self.fed[keep] == tokens[keep]:
-            keep += 1
-        if keep == len(tokens):
-            return 0
-        head = self.model.head
-        ids = torch.tensor(tokens[keep:], dtype=torch.long, device=head.embed_tokens.weight.device)
-        self.session.submit(head.embed(ids), StepLayout(keep, len(ids))).result()
-        self.fed[keep:] = tokens[keep:]
-        return len(ids)
+        keep = self._cached(tokens, len(tokens))
+        if keep < len(tokens):
+            self._feed(tokens[keep:], keep)
+        return len(tokens) - keep
 
     def _logits_after(self, context: list[int]) -> torch.Tensor:
         self.vocab.see(context)
-        keep, limit = 0, min(len(self.fed), len(context) - 1)  # re-run at least the last token
-        while keep < limit and self.fed[keep] == context[keep]:
-            keep += 1
+        keep = self._cached(context, len(context) - 1)  # re-run at least the last token
         return self._step(context[keep:], keep)
 
     def propose(self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator | None = None,
