@@ -15,7 +15,9 @@ us at); load the blocks, and with the model's last block the head too (final nor
 clients may verify rounds here: peer/verify.py; not with --no-head; the memory plan reserves its bytes); serve inference streams (libp2p and the direct port); print the addresses
 ('listening on ...'; a warning if only loopback); announce "online" and keep the record fresh (free
 cache, RTTs to the peers that serve the next blocks; the verdict, checked again every 10 minutes and
-when peers see us at a new address); log a summary line (sessions, tokens, refusals) every
+when peers see us at a new address); at each refresh, a peer that chose its own blocks moves to blocks no live
+peer serves when the others still serve all of its own (peer/rebalance.py; not with --no-rebalance: `move` ends the
+sessions on the old blocks, loads the new ones and announces them); log a summary line (sessions, tokens, refusals) every
 --summary-every seconds; on Ctrl-C or SIGTERM announce "offline", log a last summary and leave.
 """
 
@@ -46,6 +48,7 @@ from peer.nat import NatOptions, NatSupport
 from peer.paths import Paths, PathSettings
 from peer.relay import RelayLimits
 from peer.server import BlockServer
+from peer.rebalance import rebalance
 from peer.throughput import block_throughput, choose_blocks
 from peer.transport import INFERENCE_PROTOCOL, addr_of, dial, fetch_info, listen_tcp, parse_tcp_addr
 
@@ -82,6 +85,7 @@ class PeerOptions:
     auto_cache_tokens: bool = False  # size limits.cache_tokens from the memory left after the blocks (peer/memory.py)
     batching: BatchSettings = field(default_factory=BatchSettings)  # steps of different sessions run together
     head: bool = True  # holding the last block: also load the final norm and LM head, to verify rounds (peer/verify.py)
+    rebalance: bool = True  # blocks chosen here (no `blocks`): move where no live peer serves (`move_to`)
 
     def __post_init__(self):
         if self.port is not None:
@@ -177,6 +181,21 @@ def load_span(ckpt: Checkpoint, span: tuple[int, int], opts: PeerOptions, limits
     return blocks
 
 
+async def move(server: BlockServer, record: PeerRecord, dht: SwarmDHT, ckpt: Checkpoint, span: tuple[int, int],
+               opts: PeerOptions, limits: Limits) -> None:
+    """Serve `span` instead: announce it ("joining"), end the sessions on the old blocks (their clients fail over at
+    once), load it (with the model's last block, the head too) and announce it online."""
+    log.warning("moving to blocks [%d, %d): no live peer serves them, and other peers serve all of [%d, %d)",
+                *span, record.start, record.end)
+    record.start, record.end, record.state = *span, "joining"
+    await dht.announce(record)
+    await server.end_sessions(f"ended: this peer moves to blocks [{span[0]}, {span[1]})")
+    server.blocks = server.head = None  # (the old weights freed before the new ones load; nothing runs between)
+    server.blocks, server.head = load_span(ckpt, span, opts, limits), load_head(ckpt, span, opts)
+    record.state, record.head = "online", server.head is not None
+    await dht.announce(record)
+
+
 async def measure_next_hops(node: P2PNode, dht: SwarmDHT, model_id: str, end: int) -> dict[str, float]:
     """RTT (ms) to the peers that serve block `end`: where our pushes would go."""
     rtts = {}
@@ -266,6 +285,10 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
             try:
                 await asyncio.wait_for(stop.wait(), opts.record_ttl / 3)
             except asyncio.TimeoutError:
+                if opts.blocks is None and opts.rebalance and \
+                        (new := await rebalance(dht, node, ckpt.model_id, ckpt.config.num_hidden_layers, span)):
+                    await move(server, record, dht, ckpt, new, opts, limits)
+                    span = new
                 record.cache_tokens = server.free_tokens
                 record.rtts = await measure_next_hops(node, dht, ckpt.model_id, span[1])
                 await behind_nat(verdict)  # (re-)reserve relay slots that were lost

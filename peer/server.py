@@ -370,6 +370,12 @@ class BlockServer:
         if self.sessions.pop(session_id, None) is not None:
             log.info("session %s… %s; %d sessions open", session_id[:8], why, len(self.sessions))
 
+    async def end_sessions(self, why: str) -> None:
+        """Drop every session and hang up on its owner, whose client fails over at once (a peer that moves)."""
+        for s in list(self.sessions.values()):
+            self._drop(s.id, why)
+            await s.owner.close()
+
     async def expire_idle(self, every: float = 5.0) -> None:
         while True:
             await asyncio.sleep(every)

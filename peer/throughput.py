@@ -9,6 +9,7 @@ and thread count, so a restarted peer joins at once.
 Block choice (as Petals does): every block's swarm throughput is the sum over online peers serving
 it; a new peer takes the `n` consecutive blocks whose throughputs, sorted ascending, are smallest
 in lexicographic order: the weakest block first, then the next weakest. Ties go to the lowest start.
+(Moving a serving peer's blocks later: peer/rebalance.py.)
 """
 
 from __future__ import annotations
@@ -72,3 +73,4 @@ def choose_blocks(num_blocks: int, spans: list[tuple[tuple[int, int], float]], n
             per_block[i] += throughput
     best = min(range(num_blocks - n + 1), key=lambda s: (sorted(per_block[s:s + n]), s))
     return best, best + n
+

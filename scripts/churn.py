@@ -67,9 +67,12 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(rep, indent=1))
     ev = rep["events"]
     print(f"{rep['duration_s']:.0f} s of churn (seed {rep['seed']}): {ev['kill']} kills, {ev['leave']} leaves, "
-          f"{ev['restart']} restarts, {ev['join']} joins; {rep['clients']} clients")
+          f"{ev['restart']} restarts, {ev['join']} joins; {ev['move']} peers moved to blocks nobody served; "
+          f"{rep['clients']} clients")
     print(f"generations: {rep['generations']} started, {rep['completed']} completed ({rep['completed_pct']} %), "
-          f"{rep['identical']} identical to --local ({rep['identical_pct']} % of completed)")
+          f"{rep['identical']} identical to --local ({rep['identical_pct']} % of completed); "
+          f"{rep['failed_uncovered']} failed while no peer served some blocks ({rep['completed_pct_covered']} % of "
+          f"the others completed)")
     print(f"failovers: {rep['failovers']}, each costing {rep['extra_s_per_failover']} s extra "
           f"(a generation without one: {rep['median_s_without_failover']} s); longest wait for a token "
           f"{rep['max_stall_s']} s (timeout {rep['timeout_s']} s); clients hung: {rep['hung_clients']}")
@@ -77,7 +80,8 @@ def main() -> int:
           f"covered again after {rep['time_to_full_coverage_s']} s")
     for e in rep["errors"]:
         print(f"  error: {e}")
-    ok = rep["completed_pct"] is not None and rep["completed_pct"] >= 99 and rep["identical"] == rep["completed"] \
+    ok = rep["completed_pct_covered"] is not None and rep["completed_pct_covered"] >= 99 \
+        and rep["identical"] == rep["completed"] \
         and not rep["hung_clients"]
     return 0 if ok else 1
 

@@ -53,6 +53,9 @@ def add_peer_parser(sub) -> None:
     p.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR",
                    help="any peers of the swarm (their 'listening on' lines) [default: none, start a new swarm]")
     p.add_argument("--record-ttl", type=float, default=60.0, help="seconds a DHT announcement lives (refreshed at 1/3)")
+    p.add_argument("--no-rebalance", dest="rebalance", action="store_false",
+                   help="without --blocks: keep the blocks chosen at the start (by default, at each refresh the peer "
+                        "moves to blocks that no live peer serves when other peers still serve all of its own)")
     p.add_argument("--no-direct", dest="direct", action="store_false",
                    help="serve inference only over libp2p streams (no direct TCP port)")
     p.add_argument("--data-port", type=int, help="direct TCP port for inference [default: PORT+1 with --port; any]")
@@ -100,7 +103,8 @@ def cmd_peer(args) -> int:
                        relay_limits=dataclass_from_args(RelayLimits, args, prefix="relay"),
                        nat=NatOptions(args.max_relays, args.stun_server, args.stun_port), paths=path_settings(args),
                        quant=args.quant, auto_cache_tokens=args.cache_tokens is None,
-                       batching=dataclass_from_args(BatchSettings, args), head=args.head)
+                       batching=dataclass_from_args(BatchSettings, args), head=args.head,
+                       rebalance=args.rebalance)
     opts.model = resolve_model_flag(args)  # once every flag is checked: a named model is fetched on first use
     try:
         asyncio.run(serve(opts))

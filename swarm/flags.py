@@ -125,6 +125,10 @@ def add_client_args(p) -> None:
                    help="how long a peer that failed a step is left out of routes")
     p.add_argument("--max-failovers", type=non_negative(int), default=CLIENT.max_failovers,
                    help="re-routes one step may try before giving up")
+    p.add_argument("--route-wait", type=non_negative(), default=CLIENT.route_wait, metavar="SECONDS",
+                   help="how long a failover waits (looking again every second) for a peer to serve blocks that no "
+                        "peer serves any more, before the step fails [default: %(default)s; the chat and the API "
+                        "server then wait with a countdown of their own]")
     p.add_argument("--verify-rate", type=fraction(open_low=False), default=CLIENT.verify_rate, metavar="R",
                    help="spot-checks: the fraction of steps an independent replica of a span recomputes, compared "
                         "within the dtypes' honest error (besides every step of a new or suspect peer); a peer caught "
@@ -144,8 +148,8 @@ def add_client_args(p) -> None:
 def client_config(args) -> ClientConfig:
     return ClientConfig(push=args.push, wire_dtype=args.wire_dtype, transport=args.transport, sealed=not args.insecure,
                         timeout=args.timeout, ban_seconds=args.ban_seconds, max_failovers=args.max_failovers,
-                        discovery=args.discovery, route=args.route, paths=path_settings(args),
-                        verify_rate=args.verify_rate, verify_at_peer=args.verify_at_peer)
+                        route_wait=args.route_wait, discovery=args.discovery, route=args.route,
+                        paths=path_settings(args), verify_rate=args.verify_rate, verify_at_peer=args.verify_at_peer)
 
 
 def add_nat_args(p) -> None:

@@ -94,3 +94,54 @@ def test_failover_to_a_replica_found_in_the_dht(swarm5):
         model.close()
     code, st = status(path, peers[0].addr)  # the dead peer is unreachable, not routed to
     assert [p["reachable"] for p in st["peers"] if p["peer_id"] == victim] in ([False], [])
+
+
+# --- rebalancing: a peer that chose its own blocks moves to blocks nobody serves ----------------------------
+def test_move_to_closes_a_gap_and_opens_none():
+    from peer.rebalance import move_to
+
+    tp = 10.0
+    assert move_to(8, (0, 4), [((0, 4), tp), ((4, 8), tp)]) is None  # every block has a peer: stay
+    assert move_to(8, (0, 4), [((0, 4), tp)]) == (4, 8)  # a replica of ours; nobody serves [4, 8)
+    assert move_to(8, (0, 4), [((4, 6), tp)]) is None  # leaving would uncover [0, 4)
+    assert move_to(8, (0, 4), [((0, 2), tp), ((2, 4), tp), ((4, 6), tp)]) == (4, 8)  # covered by two others
+    assert move_to(8, (0, 2), [((0, 2), tp), ((2, 4), tp), ((6, 8), tp)]) == (4, 6)  # the gap, as many blocks
+    assert move_to(8, (2, 5), [((0, 5), tp), ((6, 8), tp)]) == (3, 6)  # the gap [5, 6) inside the weakest span
+    assert move_to(8, (0, 4), []) is None  # alone: stay
+
+
+@pytest.mark.slow  # ~30 s: three peers start, one is SIGKILLed, a replica moves, a client generates
+def test_a_replica_moves_to_the_blocks_of_a_peer_that_died(tiny, tmp_path):
+    import re
+
+    from swarm.client.config import ClientConfig
+
+    path = tiny("llama2").path
+    reference = generate(LocalModel.load(path), [7, 8, 9, 10], 30, stop_at_eos=False).tokens
+    common = ("--num-blocks", "4", "--record-ttl", "6", "--summary-every", "0")
+    peers = [PeerProcess(path, None, *common, log_file=tmp_path / "peer0.log")]
+    model = None
+    try:
+        for i in (1, 2):
+            peers.append(PeerProcess(path, None, *common, "--initial-peers", peers[0].addr,
+                                     log_file=tmp_path / f"peer{i}.log"))
+        logs = [tmp_path / f"peer{i}.log" for i in range(3)]
+        spans = [re.search(r"loaded blocks \[(\d+), (\d+)\)", f.read_text()).groups() for f in logs]
+        alone = next(i for i, s in enumerate(spans) if spans.count(s) == 1)  # the span one peer serves
+        assert len(set(spans)) == 2, spans  # [0, 4) and [4, 8), one of them twice
+        peers[alone].kill()
+        gap = "moving to blocks [{}, {})".format(*spans[alone])
+        deadline = time.monotonic() + 60
+        while not any(gap in f.read_text() for i, f in enumerate(logs) if i != alone):
+            assert time.monotonic() < deadline, "no replica moved to the dead peer's blocks"
+            time.sleep(0.5)
+        mover = next(i for i, f in enumerate(logs) if i != alone and gap in f.read_text())
+        model = SwarmModel(path, [p.addr for i, p in enumerate(peers) if i != alone], ClientConfig(route_wait=30))
+        assert generate(model, [7, 8, 9, 10], 30, stop_at_eos=False).tokens == reference
+        assert peers[mover].peer_id in [h.peer_id for h in model.route]
+        assert "moving to blocks" not in "".join(f.read_text() for i, f in enumerate(logs) if i not in (alone, mover))
+    finally:
+        if model is not None:
+            model.close()
+        for p in peers:
+            p.stop()

@@ -119,6 +119,48 @@ def test_failover_from_a_stale_route_whose_dead_peer_is_no_longer_known(tiny, tm
             p.stop()
 
 
+@pytest.mark.slow  # ~25 s (peers starting); scripts/churn.py's clients wait the same way
+def test_a_failover_waits_for_blocks_nobody_serves_until_a_peer_returns(tiny, tmp_path, caplog):
+    """The only peer of blocks [4, 8) is SIGKILLed mid-generation: with `route_wait` the failover looks again every
+    second instead of failing with NoRoute, a new peer for [4, 8) joins a few seconds later, and the generation goes
+    on through it, token-identical to LocalModel. Without `route_wait` (the default) the same gap fails at once."""
+    import time
+
+    from swarm.client.route import NoRoute
+
+    path = tiny("llama2").path
+    reference = generate(LocalModel.load(path), PROMPT, 40, stop_at_eos=False).tokens
+    peers = start_peers(path, [(0, 4), (4, 8)], log_dir=tmp_path)
+    model = None
+    try:
+        model = SwarmModel(path, [peers[0].addr], ClientConfig(timeout=20, route_wait=60))
+
+        def kill_at_10(tokens, count=[0]):  # (spawned from this thread: a peer dies with the thread that started it)
+            count[0] += len(tokens)
+            if count[0] == 10:
+                peers[1].kill()
+                peers.append(PeerProcess(path, (4, 8), "--initial-peers", peers[0].addr, wait=False,
+                                         log_file=tmp_path / "back.log"))  # it takes seconds to start
+
+        with caplog.at_level("WARNING", logger="specswarm.client"):
+            out = generate(model, PROMPT, 40, stop_at_eos=False, on_tokens=kill_at_10).tokens
+        assert len(peers) == 3 and out == reference, "output changed after waiting for the swarm"
+        assert model.failovers >= 1 and "looking again for up to" in caplog.text
+        peers[2].wait_ready(5)
+        assert model.route[-1].peer_id == peers[2].peer_id
+        peers[-1].kill()
+        impatient = model.with_config(route_wait=0.0)
+        t0 = time.monotonic()
+        with pytest.raises(NoRoute, match="do not cover blocks"):
+            generate(impatient, PROMPT, 10, stop_at_eos=False)
+        assert time.monotonic() - t0 < 20
+    finally:
+        if model is not None:
+            model.close()
+        for p in peers:
+            p.stop()
+
+
 def test_addresses_of_the_wrong_kind_fail_like_unreachable_peers():
     """dial and fetch_info take a direct tcp://HOST:PORT or a libp2p multiaddr ending in /p2p/<peer id>
     and parse neither as the other; anything else, and a reply that is not a message, fails with an

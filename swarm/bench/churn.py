@@ -5,9 +5,12 @@ one, each choosing its blocks where the swarm is thinnest (`swarm peer` without 
 for `duration` seconds, a seeded schedule of events (exponential gaps of mean `mean_interval`):
 `kill` (SIGKILL: no goodbye, its record lingers until it expires), `leave` (SIGTERM: it announces
 that it goes), `join` (a new peer), `restart` (a killed or departed peer's blocks come back with a new
-process), keeping between `min_peers` and `max_peers` alive. Meanwhile `clients` threads generate
-without pause (half plain, half speculative; greedy), each through its own `SwarmModel`, each output
-compared with `--local`. The report: generations started / completed / identical, failovers, the
+process), keeping between `min_peers` and `max_peers` alive; peers that chose their own blocks may also
+`move` by themselves to blocks nobody serves any more (peer/rebalance.py; seen in their logs). Meanwhile
+`clients` threads generate without pause (half plain, half speculative; greedy), each through its own `SwarmModel`, each output
+compared with `--local`; a failover waits up to the client's timeout for a peer to serve blocks that nobody
+serves. The report: generations started / completed / identical (and those that failed while some block had
+no live peer at all, apart: the rest's completion is the client's own), failovers, the
 extra time a failover cost (generations with failovers against those without), the longest wait for
 a token against the client's timeout, how long a joining peer took to serve, and how long blocks
 stayed uncovered before a join covered them again.
@@ -95,15 +98,24 @@ class Swarm:
     def wait_ready(self, peer: Peer, timeout: float = 120.0) -> None:
         peer.proc.wait_ready(timeout)
         peer.ready = time.monotonic()
-        found = SPAN_LINE.search(peer.log.read_text()) if peer.log.exists() else None
-        peer.span = (int(found[1]), int(found[2])) if found else None
-        self._coverage_changed()
+        peer.span = self._span_now(peer)
+        self.look()
 
-    def _coverage_changed(self) -> None:
+    @staticmethod
+    def _span_now(peer: Peer) -> tuple[int, int] | None:
+        """The blocks its log says it loaded last (a peer that chose its own blocks may move: peer/rebalance.py)."""
+        found = SPAN_LINE.findall(peer.log.read_text()) if peer.log.exists() else []
+        return (int(found[-1][0]), int(found[-1][1])) if found else peer.span
+
+    def look(self, t: float | None = None) -> None:
+        """Note peers that moved (a "move" event at time `t`) and whether every block is served."""
         covered = set()
         with self.lock:
             for p in self.alive():
                 if p.ready is not None and p.span is not None:
+                    if t is not None and (span := self._span_now(p)) != p.span:
+                        self.events.append(dict(t=round(t, 2), kind="move", span=span, before=p.span))
+                        p.span = span
                     covered.update(range(*p.span))
         now = time.monotonic()
         if len(covered) < self.num_blocks and self.uncovered_since is None:
@@ -118,7 +130,7 @@ class Swarm:
         else:
             peer.proc.stop()
         peer.gone = True
-        self._coverage_changed()
+        self.look()
 
     def event(self, rng: random.Random, t: float) -> None:
         """One churn event, chosen so that between min_peers and max_peers stay up."""
@@ -159,8 +171,10 @@ class ClientStats:
 
 
 def client_loop(cfg: ChurnConfig, addr: str, speculative: bool, references: list[list[int]], stop: threading.Event,
-                stats: ClientStats, seed: int) -> None:
-    """Generate without pause until `stop`; every generation is recorded, failed or not."""
+                stats: ClientStats, seed: int, covered=lambda: True) -> None:
+    """Generate without pause until `stop`; every generation is recorded, failed or not (and whether the swarm's
+    peers covered every block when it failed: `covered()`). A failover waits up to `timeout` for a peer to serve
+    blocks nobody serves (`route_wait`), as a volunteer's restart or a join takes seconds."""
     from swarm.client.config import ClientConfig
     from swarm.client.swarm_model import SwarmModel
     from swarm.decode.generate import generate
@@ -170,7 +184,7 @@ def client_loop(cfg: ChurnConfig, addr: str, speculative: bool, references: list
     rng = random.Random(seed)
     draft = LocalModel.load(cfg.draft) if speculative else None
     model = SwarmModel(cfg.model, [addr], ClientConfig(timeout=cfg.timeout, ban_seconds=cfg.record_ttl * 2,
-                                                       max_failovers=10))
+                                                       max_failovers=10, route_wait=cfg.timeout))
     try:
         while not stop.is_set():
             i = rng.randrange(len(cfg.prompts))
@@ -187,7 +201,8 @@ def client_loop(cfg: ChurnConfig, addr: str, speculative: bool, references: list
                                stop_at_eos=False, on_tokens=tick)
                 run.update(completed=True, identical=res.tokens == references[i])
             except Exception as e:  # noqa: BLE001 - a failed generation is a result
-                run.update(completed=False, identical=False, error=f"{type(e).__name__}: {e}"[:300])
+                run.update(completed=False, identical=False, error=f"{type(e).__name__}: {e}"[:300],
+                           uncovered=not covered())
             run.update(seconds=round(time.monotonic() - t0, 3), failovers=model.failovers - before,
                        max_stall_s=round(max(stall[0], time.monotonic() - last[0]), 3))
             stats.runs.append(run)
@@ -214,12 +229,15 @@ def run_churn(cfg: ChurnConfig, progress=None) -> dict:
             for c in range(cfg.clients):
                 t = threading.Thread(target=client_loop, daemon=True,
                                      args=(cfg, swarm.bootstrap.proc.addr, c % 2 == 1, references, stop, stats,
-                                           cfg.seed * 100 + c))
+                                           cfg.seed * 100 + c, lambda: swarm.uncovered_since is None))
                 t.start()
                 threads.append(t)
             t0 = time.monotonic()
             while (t := time.monotonic() - t0) < cfg.duration:
-                time.sleep(min(rng.expovariate(1 / cfg.mean_interval), max(0.0, cfg.duration - t)))
+                until = t0 + t + min(rng.expovariate(1 / cfg.mean_interval), max(0.0, cfg.duration - t))
+                while (now := time.monotonic()) < until:  # looking at the swarm twice a second meanwhile
+                    time.sleep(min(0.5, until - now))
+                    swarm.look(time.monotonic() - t0)
                 if time.monotonic() - t0 < cfg.duration:
                     swarm.event(rng, time.monotonic() - t0)
                 if progress:
@@ -238,6 +256,7 @@ def run_churn(cfg: ChurnConfig, progress=None) -> dict:
 def report(cfg: ChurnConfig, swarm: Swarm, stats: ClientStats, hung: int) -> dict:
     runs = stats.runs
     done = [r for r in runs if r["completed"]]
+    gapped = [r for r in runs if r.get("uncovered")]
     clean = [r["seconds"] for r in done if r["failovers"] == 0]
     rough = [r for r in done if r["failovers"] > 0]
     extra = None
@@ -245,11 +264,13 @@ def report(cfg: ChurnConfig, swarm: Swarm, stats: ClientStats, hung: int) -> dic
         extra = statistics.mean(r["seconds"] - statistics.median(clean) for r in rough) / \
             statistics.mean(r["failovers"] for r in rough)
     ready = [e["after_s"] for e in swarm.events if e["kind"] == "ready"]
-    kinds = {k: sum(e["kind"] == k for e in swarm.events) for k in ("kill", "leave", "join", "restart")}
+    kinds = {k: sum(e["kind"] == k for e in swarm.events) for k in ("kill", "leave", "join", "restart", "move")}
     return dict(
         duration_s=cfg.duration, seed=cfg.seed, clients=cfg.clients, tokens=cfg.tokens, timeout_s=cfg.timeout,
         events=kinds, generations=len(runs), completed=len(done),
         completed_pct=round(100 * len(done) / len(runs), 2) if runs else None,
+        failed_uncovered=len(gapped),  # failed while no live peer served some block (after waiting for one)
+        completed_pct_covered=round(100 * len(done) / (len(runs) - len(gapped)), 2) if len(runs) > len(gapped) else None,
         identical=sum(r["identical"] for r in done),
         identical_pct=round(100 * sum(r["identical"] for r in done) / len(done), 2) if done else None,
         failovers=sum(r["failovers"] for r in runs),

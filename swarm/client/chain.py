@@ -116,6 +116,7 @@ class ChainSession:
         fut = asyncio.get_running_loop().create_future()
         if self._failed is not None:
             fut.set_exception(self._failed)
+            fut.exception()  # (marked retrieved, as in `_fail`: a send that fails first leaves it unawaited)
         else:
             self._waiters[(hop, key)] = fut
         return fut

@@ -35,6 +35,8 @@ class ClientConfig:
     timeout: float = 60.0  # seconds to wait for a peer's answer
     ban_seconds: float = 60.0  # how long a peer that failed a step is left out of routes
     max_failovers: int = 5  # re-routes one step may try before giving up
+    route_wait: float = 0.0  # seconds a failover looks again (every second) for a peer to cover blocks that nobody
+    # serves (one joining or returning) before it gives up with NoRoute; the chat and the API wait at their own level
     discovery: bool = True  # look for peers in the DHT, not only the initial peers
     route: str | None = None  # an explicit chain "PEER:A:B,PEER:B:C"; None: plan the fastest
     addresses: AddressMap | None = None  # an emulated WAN's link map; None: reach peers directly
@@ -56,8 +58,8 @@ class ClientConfig:
             raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
-        if self.max_failovers < 0 or self.ban_seconds < 0:
-            raise ValueError("max_failovers and ban_seconds must be >= 0")
+        if self.max_failovers < 0 or self.ban_seconds < 0 or self.route_wait < 0:
+            raise ValueError("max_failovers, ban_seconds and route_wait must be >= 0")
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ValueError(f"verify rate must lie in [0, 1], got {self.verify_rate}")
         if self.verify_tolerance is not None and not self.verify_tolerance > 0:

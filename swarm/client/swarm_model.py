@@ -42,7 +42,7 @@ from swarm.client.chain import ChainSession, RemoteError
 from protocol import messages as m
 from swarm.client.config import ClientConfig, auto_verify_at_peer
 from swarm.client.integrity import FAILURES, Auditor
-from swarm.client.route import Hop, PeerInfo, choose_chain, parse_route, peer_id_of, to_hops
+from swarm.client.route import Hop, NoRoute, PeerInfo, choose_chain, parse_route, peer_id_of, to_hops
 from swarm.client.spotcheck import SessionAudit
 from swarm.client.verdicts import checked, computed, wire_check
 
@@ -136,24 +136,31 @@ class SwarmModel:
                                        top_k=info.top_k)
 
     def _usable(self) -> dict[str, PeerInfo]:
-        now = time.monotonic()
-        return {pid: p for pid, p in self.peers.items() if self.banned.get(pid, 0) <= now}
+        return {pid: p for pid, p in self.peers.items() if self.banned.get(pid, 0) <= time.monotonic()}
 
-    async def _plan(self) -> list[Hop]:
-        await self._refresh()
-        usable = self._usable()
-        cfg = self.config
-        forced = None if self.auto_push else cfg.push
-        plan = choose_chain(usable, self.num_blocks, forced, parse_route(cfg.route, usable) if cfg.route else None,
-                            self._headless_ms())
+    async def _plan(self, wait: float = 0.0) -> list[Hop]:
+        """The fastest route over the peers found now; while none covers every block (NoRoute), look again every
+        second for up to `wait` seconds (a failover waits `config.route_wait` for a peer to join or return)."""
+        deadline = time.monotonic() + wait
+        while True:
+            await self._refresh()
+            usable, cfg = self._usable(), self.config
+            try:
+                plan = choose_chain(usable, self.num_blocks, None if self.auto_push else cfg.push,
+                                    parse_route(cfg.route, usable) if cfg.route else None, self._headless_ms())
+                break
+            except NoRoute as e:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("%s; looking again for up to %.0f s", e, deadline - time.monotonic())
+                await asyncio.sleep(1.0)
         if self.auto_push:
             self.config = cfg = replace(cfg, push=plan.push)
             log.info("chain shape: %s (predicted step %.1f ms pushed, %.1f ms client-mediated)",
                      cfg.where, plan.push_ms, plan.mediated_ms)
         hops = to_hops(plan.route, usable, cfg.transport, self.num_blocks)
-        if cfg.addresses is not None:  # e.g. an emulated WAN: the hop before each peer reaches it through its link
-            hops = [replace(h, addr=cfg.addresses.route_addr(h.addr)) for h in hops]
-        return hops
+        # an emulated WAN (an address map): the hop before each peer reaches it through its link
+        return hops if cfg.addresses is None else [replace(h, addr=cfg.addresses.route_addr(h.addr)) for h in hops]
 
     def _headless_ms(self) -> float:
         """What a round costs this client when the route's last peer cannot verify it: the LM head over a round's
@@ -198,9 +205,7 @@ class SwarmModel:
     # --- sessions ---------------------------------------------------------------------------------
     async def dial(self, addr: str):
         """Open an inference stream to a route address (through the address map, where there is one)."""
-        if self.config.addresses is not None:
-            addr = self.config.addresses.dial_addr(addr)
-        return await dial(self.node, addr)
+        return await dial(self.node, addr if self.config.addresses is None else self.config.addresses.dial_addr(addr))
 
     def verifies_at_peer(self, sampling: SamplingParams | None) -> bool:
         """Whether a session with these sampling parameters (None: plain decoding, no rounds) verifies at the last
@@ -237,7 +242,7 @@ class SwarmModel:
         for _ in range(max(1, self.config.max_failovers)):
             await self._ban_failed(failed, error)
             self.failovers += 1
-            self.route = await self._plan()  # NoRoute when nothing is left
+            self.route = await self._plan(self.config.route_wait)  # NoRoute when nothing is left
             log.warning("failover %d: new route %s; replaying %d steps", self.failovers,
                         " -> ".join(map(str, self.route)), len(history))
             new = None
