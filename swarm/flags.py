@@ -126,9 +126,9 @@ def add_client_args(p) -> None:
     p.add_argument("--max-failovers", type=non_negative(int), default=CLIENT.max_failovers,
                    help="re-routes one step may try before giving up")
     p.add_argument("--route-wait", type=non_negative(), default=CLIENT.route_wait, metavar="SECONDS",
-                   help="how long a failover waits (looking again every second) for a peer to serve blocks that no "
-                        "peer serves any more, before the step fails [default: %(default)s; the chat and the API "
-                        "server then wait with a countdown of their own]")
+                   help="how long the client waits, at the start and on a failover (looking again every second), "
+                        "for a peer to serve blocks that no peer serves, before it gives up [default: %(default)s; "
+                        "the chat then waits with a countdown of its own]")
     p.add_argument("--verify-rate", type=fraction(open_low=False), default=CLIENT.verify_rate, metavar="R",
                    help="spot-checks: the fraction of steps an independent replica of a span recomputes, compared "
                         "within the dtypes' honest error (besides every step of a new or suspect peer); a peer caught "

@@ -173,8 +173,8 @@ class ClientStats:
 def client_loop(cfg: ChurnConfig, addr: str, speculative: bool, references: list[list[int]], stop: threading.Event,
                 stats: ClientStats, seed: int, covered=lambda: True) -> None:
     """Generate without pause until `stop`; every generation is recorded, failed or not (and whether the swarm's
-    peers covered every block when it failed: `covered()`). A failover waits up to `timeout` for a peer to serve
-    blocks nobody serves (`route_wait`), as a volunteer's restart or a join takes seconds."""
+    peers covered every block when it failed: `covered()`). The client's start and its failovers wait up to `timeout`
+    for a peer to serve blocks nobody serves (`route_wait`): a volunteer's restart or a join takes seconds."""
     from swarm.client.config import ClientConfig
     from swarm.client.swarm_model import SwarmModel
     from swarm.decode.generate import generate
@@ -183,10 +183,18 @@ def client_loop(cfg: ChurnConfig, addr: str, speculative: bool, references: list
 
     rng = random.Random(seed)
     draft = LocalModel.load(cfg.draft) if speculative else None
-    model = SwarmModel(cfg.model, [addr], ClientConfig(timeout=cfg.timeout, ban_seconds=cfg.record_ttl * 2,
-                                                       max_failovers=10, route_wait=cfg.timeout))
+    model = None
     try:
         while not stop.is_set():
+            if model is None:  # (again after a start that found no route: a failed generation)
+                try:
+                    model = SwarmModel(cfg.model, [addr], ClientConfig(
+                        timeout=cfg.timeout, ban_seconds=cfg.record_ttl * 2, max_failovers=10, route_wait=cfg.timeout))
+                except Exception as e:  # noqa: BLE001 - a client that cannot start is a failed generation
+                    stats.runs.append(dict(speculative=speculative, completed=False, identical=False, seconds=0.0,
+                                           error=f"{type(e).__name__}: {e}"[:300], uncovered=not covered(),
+                                           failovers=0, max_stall_s=0.0))
+                    continue
             i = rng.randrange(len(cfg.prompts))
             last, stall = [time.monotonic()], [0.0]
 
@@ -207,7 +215,8 @@ def client_loop(cfg: ChurnConfig, addr: str, speculative: bool, references: list
                        max_stall_s=round(max(stall[0], time.monotonic() - last[0]), 3))
             stats.runs.append(run)
     finally:
-        model.close()
+        if model is not None:
+            model.close()
 
 
 def run_churn(cfg: ChurnConfig, progress=None) -> dict:

@@ -35,8 +35,8 @@ class ClientConfig:
     timeout: float = 60.0  # seconds to wait for a peer's answer
     ban_seconds: float = 60.0  # how long a peer that failed a step is left out of routes
     max_failovers: int = 5  # re-routes one step may try before giving up
-    route_wait: float = 0.0  # seconds a failover looks again (every second) for a peer to cover blocks that nobody
-    # serves (one joining or returning) before it gives up with NoRoute; the chat and the API wait at their own level
+    route_wait: float = 0.0  # seconds the first plan and a failover look again (every second) for a peer to cover
+    # blocks that nobody serves (one joining, returning or moving) before giving up with NoRoute; the chat waits itself
     discovery: bool = True  # look for peers in the DHT, not only the initial peers
     route: str | None = None  # an explicit chain "PEER:A:B,PEER:B:C"; None: plan the fastest
     addresses: AddressMap | None = None  # an emulated WAN's link map; None: reach peers directly

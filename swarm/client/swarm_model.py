@@ -74,7 +74,7 @@ class SwarmModel:
             self.node.paths = self.paths = Paths(self.node, config.paths)  # peers behind NATs: WebRTC, relays
             if config.discovery:
                 self.dht = self.bg.run(SwarmDHT.start(self.node, self.initial_peers, server=False))
-            self.route = self.bg.run(self._plan())
+            self.route = self.bg.run(self._plan(config.route_wait))
         except BaseException:
             self.close()
             raise
