@@ -73,4 +73,3 @@ def choose_blocks(num_blocks: int, spans: list[tuple[tuple[int, int], float]], n
             per_block[i] += throughput
     best = min(range(num_blocks - n + 1), key=lambda s: (sorted(per_block[s:s + n]), s))
     return best, best + n
-

@@ -5,9 +5,9 @@ It finds the model's peers (DHT records, looked up as a DHT client that leaves n
 peers' routing tables, and the initial peers), plans the fastest route and, unless told, whether
 peers push to each other or the client carries every hop (`choose_chain`), and keeps sessions alive when
 peers die: `RemoteBlocks` keeps every step it sent; when a step fails it bans the peers that no longer
-answer, plans a new route, replays the steps (identical shapes, so identical caches) and retries;
-steps sent behind a failing one wait for it and go again, in order, by themselves. Outputs stay
-token-identical to an undisturbed run. Every failure of a dead, unknown or unreachable hop (whatever
+answer, plans a new route (waiting up to `route_wait` while some blocks have no live peer), replays the
+steps (identical shapes, so identical caches) and retries; steps sent behind a failing one wait for it and go
+again, in order, by themselves. Outputs stay token-identical to an undisturbed run. Every failure of a dead, unknown or unreachable hop (whatever
 its address says) is a failover failure (`FAILURES`), never a parser's error. Peers that answer but
 compute wrong hidden states are caught by spot-checks (`swarm.client.integrity`, `swarm.client.spotcheck`):
 with checks on, `RemoteBlocks` keeps every step's output beside its input, settles each step through its
