@@ -17,6 +17,7 @@ import time
 from peer.dht import SwarmDHT
 from peer.p2p import P2PNode
 from peer.paths import Paths, PathSettings
+from peer.rebalance import served_by
 from peer.transport import addr_of, fetch_info
 
 
@@ -58,8 +59,7 @@ async def collect_status(node: P2PNode, dht: SwarmDHT, model_id: str, num_blocks
                           addrs=r.addrs, data_addr=r.data_addr, reachability=r.reachability, observed=r.observed,
                           path=paths.path_of(r.peer_id) if rtts.get(r.peer_id) is not None else None, stun=r.stun,
                           expires_in_s=round(r.expires - time.time(), 1)))
-    coverage = [sum(1 for p in peers if p["state"] == "online" and p["reachable"] and p["blocks"][0] <= b < p["blocks"][1])
-                for b in range(num_blocks)]
+    coverage = served_by(num_blocks, [p["blocks"] for p in peers if p["state"] == "online" and p["reachable"]])
     gaps = _runs([b for b, n in enumerate(coverage) if n == 0])
     return dict(model=model_id, num_blocks=num_blocks, peers=peers, coverage=coverage, gaps=gaps,
                 complete=not gaps)
