@@ -33,7 +33,6 @@ from swarm.bench.prompts import load_prompts  # noqa: E402
 from swarm.bench.wan.links import PROFILES  # noqa: E402
 from swarm.bench.wan.swarm import WanSwarm  # noqa: E402
 from swarm.bench.workload import WorkloadError, open_workload  # noqa: E402
-from swarm.registry import memory_seed  # noqa: E402
 from swarm.decode.drafter import load_draft  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
 from swarm.decode.ngram import NgramMemory  # noqa: E402
@@ -84,8 +83,6 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--tree", type=int, default=1, help="allow trees up to this width [1: chains]")
-    ap.add_argument("--memory-seed", action=argparse.BooleanOptionalAction, default=True,
-                    help="the n-gram memory starts with the model's shipped seed, as `swarm generate` [default: on]")
     args = ap.parse_args()
     if args.prompts < 2 or args.max_new_tokens < 1 or args.peers < 1 or args.tree < 1 or args.temperature < 0:
         sys.exit("bench_rounds: --prompts >= 2 (the first is left out), --max-new-tokens, --peers, --tree >= 1, "
@@ -101,7 +98,7 @@ def main() -> None:
     prompts = load_prompts(work.tokenizer, args.prompts, args.max_new_tokens,
                            draft.head.cfg.max_position_embeddings, work.template)
     spec = SpecConfig(tree_width=args.tree, params=SamplingParams(args.temperature))
-    warm, policy, memory = [], None, NgramMemory(seed=memory_seed(work.model_spec) if args.memory_seed else ())
+    warm, policy, memory = [], None, NgramMemory()
     with WanSwarm(str(work.model_dir), args.peers, PROFILES[args.profile]) as wan:
         model = wan.model(timeout=120.0)
         try:

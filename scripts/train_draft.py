@@ -263,10 +263,10 @@ def near_duplicate(prompt: str, bench: list[dict], entry_points: set) -> str | N
     return None
 
 
-def bench_index(humaneval: str | None) -> tuple[list[dict], set, str]:
-    """What `near_duplicate` compares with: each benchmark text's words, 4-grams and docstring, the entry
-    points that are identifiers, and where the texts came from."""
-    texts, entry_points, source = benchmark_texts(humaneval)
+def build_prompts(args, p: Preset) -> dict:
+    items = [(t, tmpl.format(t=t), "code") for t in CODE_TASKS for tmpl in CODE_TEMPLATES]
+    items += [(t, tmpl.format(t=t), "general") for t in GENERAL_TOPICS for tmpl in GENERAL_TEMPLATES]
+    texts, entry_points, source = benchmark_texts(args.humaneval)
     bench = []
     for t in texts:
         doc = re.findall(r'"""(.*?)(?:"""|$)', t, flags=re.DOTALL)
@@ -274,13 +274,6 @@ def bench_index(humaneval: str | None) -> tuple[list[dict], set, str]:
                           doc=" ".join(_words(doc[0] if doc else t))[:400]))
     # Identifiers only (has_close_elements, digitSum): 'search', 'add', 'common' are ordinary words.
     eps = {e.lower() for e in entry_points if "_" in e or re.search(r"[a-z][A-Z]", e)}
-    return bench, eps, source
-
-
-def build_prompts(args, p: Preset) -> dict:
-    items = [(t, tmpl.format(t=t), "code") for t in CODE_TASKS for tmpl in CODE_TEMPLATES]
-    items += [(t, tmpl.format(t=t), "general") for t in GENERAL_TOPICS for tmpl in GENERAL_TEMPLATES]
-    bench, eps, source = bench_index(args.humaneval)
     excluded, train, heldout = [], [], []
     for topic, text, kind in tqdm(items, desc="checking prompts against HumanEval", unit="prompt", mininterval=2):
         why = near_duplicate(text, bench, eps)

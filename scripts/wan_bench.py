@@ -56,7 +56,6 @@ from swarm.bench.simulate import ChainTimings  # noqa: E402
 from swarm.bench.wan.links import PROFILES, load_matrix  # noqa: E402
 from swarm.bench.wan.swarm import WanSwarm  # noqa: E402
 from swarm.bench.workload import WorkloadError, open_workload  # noqa: E402
-from swarm.registry import memory_seed  # noqa: E402
 from swarm.decode.drafter import draft_weights, load_draft  # noqa: E402
 from swarm.decode.generate import generate  # noqa: E402
 from swarm.decode.sampling import SamplingParams  # noqa: E402
@@ -78,7 +77,6 @@ MODE_KEYS = {  # --modes: short names for the modes (the default mode is "auto")
     "fullvocab": "spec adaptive (auto pipeline, whole draft vocabulary)",  # only when named: --draft-vocab 0
     "nomemory": "spec adaptive (auto pipeline, no n-gram memory)",  # only when named: --no-ngram-memory
     "noprefeed": "spec adaptive (auto pipeline, no prefeed)",  # only when named: drafts in flight not prefed
-    "noseed": "spec adaptive (auto pipeline, no memory seed)",  # only when named: the n-gram memory starts empty
     "tree-hot": "spec adaptive tree(3) T=",  # only when named: sampling, trees allowed (--tree 3), adaptive k
 }
 
@@ -106,7 +104,6 @@ def bench_modes(k_max: int, relaxed: float, temperature: float, keys: list[str] 
         modes.insert(9, Mode(MODE_KEYS["fullvocab"], spec=SpecConfig(k_max=k_max, draft_vocab=None)))
         modes.insert(10, Mode(MODE_KEYS["nomemory"], spec=SpecConfig(k_max=k_max, ngram_memory=False)))
         modes.insert(11, Mode(MODE_KEYS["noprefeed"], spec=SpecConfig(k_max=k_max, prefeed=False)))
-        modes.insert(12, Mode(MODE_KEYS["noseed"], spec=SpecConfig(k_max=k_max), seeded=False))
     modes.append(Mode(f"spec adaptive tree(3) T={temperature:g}", temperature=temperature,
                       spec=SpecConfig(k_max=k_max, tree_width=3, params=hot, pipeline=False)))
     wanted = [MODE_KEYS[k] for k in keys]
@@ -147,7 +144,7 @@ def run_config(args, local: LocalModel, draft: LocalModel, prompts, links, n_pee
         model = wan.model(timeout=120.0, verify_at_peer=args.verify_at_peer)
         try:  # every mode on every prompt, with the same token budget: no per-mode limits
             rep = measure(model, draft, prompts, args.max_new_tokens, modes, args.reps, progress=bar,
-                          probe_every=args.probe_every, links=wan.layout, memory_seed=args.seed_docs)
+                          probe_every=args.probe_every, links=wan.layout)
         finally:
             model.close()
     delays = {links[i][j].delay_ms for i in range(len(links)) for j in range(len(links)) if i != j}
@@ -293,9 +290,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-petals", action="store_true", help="no Petals row, even with its venv here")
     ap.add_argument("--out", default="wan_bench", help="JSON file stem and plot folder [default: ./wan_bench]")
     ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--memory-seed", action=argparse.BooleanOptionalAction, default=True,
-                    help="speculative modes' n-gram memory starts with the model's shipped seed, as `swarm generate` "
-                    "(mode noseed: without, side by side) [default: on]")
     ap.add_argument("--verify-at-peer", action=argparse.BooleanOptionalAction, default=None,
                     help="the last peer verifies speculative rounds and returns verdicts, not hidden states (README, "
                     "'Verification at the last peer') [default: auto, as `swarm generate`]")
@@ -341,7 +335,6 @@ def main() -> None:
     except (WorkloadError, PromptFileError) as e:
         raise SystemExit(f"error: {e}") from None
     args.model, args.draft = str(work.model_dir), str(work.draft_dir)
-    args.seed_docs = memory_seed(work.model_spec) if args.memory_seed else []
     local = LocalModel.load(args.model, args.dtype)
     draft = load_draft(args.draft, "cpu", args.draft_dtype, args.draft_quant)
     n_blocks = local.head.cfg.num_hidden_layers
@@ -369,7 +362,6 @@ def main() -> None:
                dtype=args.dtype, draft_weights="/".join(draft_weights("cpu", args.draft_dtype, args.draft_quant)[::-1]),
                draft_spec=work.draft_spec, prompt_mode=work.prompt_mode, prompt_source=args.prompt_file or "HumanEval",
                prompts=len(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-               memory_seed_tokens=sum(map(len, args.seed_docs)),
                cpu_count=os.cpu_count(), petals=dict(venv=str(args.petals_venv), installed=installed(args.petals_venv),
                                                      run=not args.no_petals), results=results)
     Path(f"{args.out}.json").write_text(json.dumps(out, indent=1))

@@ -20,10 +20,9 @@ from swarm.argtypes import positive
 from swarm.client.integrity import with_rollback
 from swarm.decode.drafter import load_draft
 from swarm.decode.generate import generate
-from swarm.decode.ngram import NgramMemory
 from swarm.decode.target import LocalModel
 from swarm.flags import (add_client_args, add_decode_args, add_model_args, apply_device_args, client_config,
-                         ngram_memory, resolve_draft_flag, resolve_model_flag, sampling_params, spec_config)
+                         resolve_draft_flag, resolve_model_flag, sampling_params, spec_config)
 from swarm.text import ChatTemplate, TextStream, load_tokenizer
 
 DEMO_PROMPTS = {True: "Write a Python function that reverses a string.", False: "def fibonacci(n):"}  # chat model?
@@ -97,14 +96,13 @@ def _generate(args, model, load_seconds: float) -> int:
         raise ValueError("the prompt is empty after tokenization")
     draft = open_draft(args, "generate")
     spec = spec_config(args) if draft is not None else None
-    memory = ngram_memory(args) if spec else None
     if not args.json:
         sys.stdout.write(args.prompt)
     stream = TextStream(tokenizer, None if args.json else lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
 
     def run(on_tokens):
         return generate(model, prompt, args.max_new_tokens, sampling_params(args), draft=draft, spec=spec,
-                        seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens, memory=memory)
+                        seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens)
 
     result = run(stream.add) if args.local else with_rollback(model, run, stream.add, lambda i: _rewind(args, stream, i))
     integrity = None if args.local else model.audit.last
@@ -158,7 +156,7 @@ def _chat(args, model) -> int:
     tokenizer = load_tokenizer(args.model)
     template = ChatTemplate.load(args.model, tokenizer)
     chat = Chat(model, tokenizer, draft, spec_config(args), sampling_params(args), args.max_new_tokens,
-                memory=ngram_memory(args) if draft is not None else NgramMemory(), seed=args.seed, console=Console(), template=template, system=args.system)
+                seed=args.seed, console=Console(), template=template, system=args.system)
     if args.prompt or not sys.stdin.isatty():  # prompts given, or piped in (a demo with no input answers one)
         prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
         run_scripted(chat, prompts or ([DEMO_PROMPTS[template is not None]] if args.command == "demo" else []))

@@ -21,10 +21,9 @@ from peer.model.quant import QUANTS
 from swarm.argtypes import fraction, non_negative, number, positive
 from swarm.client.config import TRANSPORTS, WIRE_DTYPES, ClientConfig
 from swarm.decode.drafter import DRAFT_DTYPES, DRAFT_QUANTS
-from swarm.decode.ngram import NgramMemory
 from swarm.decode.sampling import SamplingParams
 from swarm.decode.speculative import SpecConfig
-from swarm.registry import DEFAULT_MODEL, MODELS, memory_seed, resolve_draft, resolve_model
+from swarm.registry import DEFAULT_MODEL, MODELS, resolve_draft, resolve_model
 
 CLIENT = ClientConfig()
 SPEC = SpecConfig()
@@ -219,9 +218,6 @@ def add_decode_args(p, max_new_tokens: int, max_new_help: str = "") -> None:
     p.add_argument("--ngram-memory", action=argparse.BooleanOptionalAction, default=SPEC.ngram_memory,
                    help="the n-gram draft also recalls earlier replies of this process (a chat's, an API server's "
                         "requests'): similar requests repeat each other's phrases [default: on]")
-    p.add_argument("--memory-seed", action=argparse.BooleanOptionalAction, default=True,
-                   help="the n-gram memory starts with the model's shipped seed (the target's own continuations of "
-                        "standard-library code headers: scripts/seed_memory.py), not empty [default: on]")
 
 
 def sampling_params(args) -> SamplingParams:
@@ -233,13 +229,6 @@ def spec_config(args) -> SpecConfig:
                       params=sampling_params(args), ngram=args.ngram, ngram_max=args.ngram_max,
                       ngram_memory=args.ngram_memory, ngram_drafts=args.ngram_drafts,
                       pipeline_depth=args.pipeline_depth, draft_vocab=args.draft_vocab or None)
-
-
-def ngram_memory(args) -> NgramMemory:
-    """The n-gram memory a command's generations share: from the model's shipped seed unless --no-memory-seed
-    (a model with no seed, e.g. a DIR: empty)."""
-    seeded = getattr(args, "memory_seed", True) and getattr(args, "ngram_memory", True)
-    return NgramMemory(seed=memory_seed(getattr(args, "model_spec", None) or args.model) if seeded else ())
 
 
 # --- peer limits, generated from the dataclass ----------------------------------------------------

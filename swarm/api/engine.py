@@ -164,7 +164,7 @@ class Engine:
 
     def __init__(self, open_model: Callable[[], Model], tokenizer, template: ChatTemplate | None,
                  draft: LocalModel | None, spec: SpecConfig | None, *, seed: int = 0, workers: int = 8,
-                 timeout: float | None = None, retry_seconds: float = 5.0, memory: NgramMemory | None = None):
+                 timeout: float | None = None, retry_seconds: float = 5.0):
         self.open_model, self.tokenizer, self.template = open_model, tokenizer, template
         self.draft, self.spec = draft, spec if draft is not None else None
         self.seed, self.timeout, self.retry_seconds = seed, timeout, retry_seconds
@@ -173,7 +173,7 @@ class Engine:
         self.active = self.served = 0
         self._lock = threading.Lock()
         self._policy = None  # the round policy the last finished speculative generation left
-        self._memory = memory or NgramMemory()  # every request's output, drafted from in later ones (thread-safe)
+        self._memory = NgramMemory()  # every request's output, drafted from in later ones (thread-safe)
         self._count = 0  # requests given a seed of their own
         self._closed = threading.Event()
         self.on_ready: Callable[[Model], None] | None = None

@@ -50,7 +50,7 @@ def run(args, open_model: Callable[[], Model], draft: LocalModel | None, initial
     from swarm.api.schemas import Defaults
     from swarm.api.server import Server, serve
     from swarm.api.swarm_map import SwarmMap
-    from swarm.flags import ngram_memory, path_settings, spec_config
+    from swarm.flags import path_settings, spec_config
     from swarm.text import ChatTemplate, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
@@ -63,7 +63,7 @@ def run(args, open_model: Callable[[], Model], draft: LocalModel | None, initial
             "context": ckpt.config.max_position_embeddings, "chat_template": template is not None,
             "mode": spec.mode if spec else "plain", "draft": str(args.draft) if draft is not None else None}
     engine = Engine(open_model, tokenizer, template, draft, spec, seed=args.seed, workers=args.max_concurrent,
-                    timeout=args.request_timeout, memory=ngram_memory(args) if spec else None)
+                    timeout=args.request_timeout)
     local = getattr(args, "local", False)
     swarm_map = SwarmMap(engine, ckpt.model_id, ckpt.config.num_hidden_layers, initial_peers, path_settings(args),
                          local=local)

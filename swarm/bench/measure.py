@@ -43,7 +43,6 @@ class Mode:
     push: bool = True
     spec: SpecConfig | None = None
     temperature: float = 0.0
-    seeded: bool = True  # a speculative mode's n-gram memory starts from `measure`'s memory seed
 
 
 def default_modes(ks=(2, 4, 8), adaptive=True, pipeline=False, tree=0, relaxed=None, temperature=0.0,
@@ -154,11 +153,10 @@ def predict_seconds(mode: Mode, result, prompt_tokens: int, timings: ChainTiming
     return speculative_timeline_ms(timings, rounds, prompt_tokens, mode.push) / 1000
 
 
-def _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, links, memory_seed=()):
+def _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, links):
     """Probes and runs, interleaved: ([probe, ...], [(mode, result, prompt tokens, rounds or None), ...])."""
-    policies = {}  # per speculative setting (and seed): the round policy as the last run left it
+    policies = {}  # per speculative setting: the round policy as the last run left it
     memories = {}  # ... and the n-grams of its earlier runs (each prompt runs once per mode: never its own)
-    seed = {True: memory_seed, False: ()}
     probes, done = [], []
     for i, prompt in enumerate(prompts):
         if i % probe_every == 0:
@@ -166,14 +164,12 @@ def _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, link
         for mode in modes:  # interleaved, so background load hits every mode alike
             if mode.spec is not None and draft is None:
                 continue
-            key = (mode.spec, mode.seeded)
-            if mode.spec is not None and key not in memories:
-                memories[key] = NgramMemory(seed=seed[mode.seeded])
             result = run_mode(model.with_config(push=mode.push), draft, mode, prompt, new_tokens,
-                              policy=policies.get(key), memory=memories.get(key))
+                              policy=policies.get(mode.spec),
+                              memory=memories.setdefault(mode.spec, NgramMemory()) if mode.spec else None)
             rounds = None
             if mode.spec is not None:
-                policies[key] = result.policy
+                policies[mode.spec] = result.policy
                 rounds = list(getattr(result.policy, "rounds", None) or []) or None
             done.append((mode, result, len(prompt), rounds))
             bar.update(1)
@@ -183,14 +179,13 @@ def _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, link
 
 def measure(model, draft: LocalModel | None, prompts: list[list[int]], new_tokens: int, modes: list[Mode],
             reps: int = 5, progress=None, label: str = "", probe_every: int = 1,
-            links: EmulatedLinks | None = None, memory_seed: list[list[int]] = ()) -> dict:
+            links: EmulatedLinks | None = None) -> dict:
     """Everything `swarm measure` reports, as a dict with `entries` (one per measured quantity).
 
     The route is probed before every `probe_every`-th prompt and after the last, between the runs, and
     the simulator predicts every run from the medians of all probes. Every mode runs on every prompt with the same
     `new_tokens` (a mode on fewer prompts is not comparable: prompts differ in how well they draft);
-    to save time, give fewer prompts or tokens. `links`: an emulated WAN's links, pinged between peers.
-    `memory_seed`: the documents every speculative mode's n-gram memory starts from (a mode `seeded=False`: none)."""
+    to save time, give fewer prompts or tokens. `links`: an emulated WAN's links, pinged between peers."""
     from tqdm import tqdm
 
     runs = len(prompts) * len(modes)
@@ -198,7 +193,7 @@ def measure(model, draft: LocalModel | None, prompts: list[list[int]], new_token
     bar = progress or tqdm(total=n_probes * probe_units(len(model.route)) + runs, desc=label or "measuring",
                            file=sys.stderr, leave=False)
     try:
-        probes, done = _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, links, memory_seed)
+        probes, done = _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, links)
     finally:
         if progress is None:
             bar.close()

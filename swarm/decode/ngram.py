@@ -16,9 +16,6 @@ its own), shared by a client's generations (SuffixDecoding's global tree): answe
 repeat each other's phrases. An index given a memory takes, token by token, the longer of its own match
 and the memory's (its own on a tie), and marks the memory's as `recalled`. The memory keeps the newest
 `max_tokens` tokens of documents; a lock makes it safe to share between generations running at once.
-A memory may start with a `seed`: documents it never forgets (the target's own outputs on prompts like a
-workload's, generated beforehand: `scripts/seed_memory.py`), matched beside the remembered ones (these
-win a tie: they are this process's own).
 
 Knows token ids only: nothing of models, tensors, peers or tokenizers.
 """
@@ -42,7 +39,6 @@ class Score:
     count: int
     total: int
     recalled: bool = False  # from earlier generations (`NgramMemory`), not from this text
-    seeded: bool = False  # ... from the memory's seed (recalled too), not this process's own generations
 
     @property
     def share(self) -> float:
@@ -139,21 +135,14 @@ class NgramIndex:
 class NgramMemory:
     """An n-gram index over earlier generations: each `remember`ed text (a prompt and its output) is a
     document of its own, and the newest documents up to `max_tokens` tokens are kept (older ones are
-    dropped and the index rebuilt from the rest, down to three quarters of the cap). `seed`: documents
-    indexed once, kept for good and not counted against the cap. Thread-safe."""
+    dropped and the index rebuilt from the rest, down to three quarters of the cap). Thread-safe."""
 
-    def __init__(self, n_max: int = 8, max_tokens: int = 32768, seed: list[list[int]] = ()):
+    def __init__(self, n_max: int = 8, max_tokens: int = 32768):
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
         self.n_max, self.max_tokens = n_max, max_tokens
         self._docs: deque[list[int]] = deque()
         self._index = NgramIndex((), n_max)
-        self._seed: NgramIndex | None = None  # never written after this: read without the lock
-        if seed:
-            self._seed = NgramIndex((), n_max)
-            for doc in seed:
-                if doc:
-                    _add(self._seed, list(doc))
         self._lock = threading.Lock()  # the live index: held by readers and for an append or a swap
         self._writing = threading.Lock()  # one writer at a time
 
@@ -164,11 +153,6 @@ class NgramMemory:
     @property
     def documents(self) -> int:
         return len(self._docs)
-
-    @property
-    def seeded(self) -> int:
-        """Tokens of the seed (documents and their separators)."""
-        return len(self._seed) if self._seed is not None else 0
 
     def remember(self, tokens: list[int]) -> None:
         """Index one more document (a generation's prompt and output); drop the oldest beyond the cap.
@@ -198,10 +182,6 @@ class NgramMemory:
         """The token that continued the longest suffix of `tail` in earlier generations (`recalled`)."""
         with self._lock:
             found = self._index._next(tail)
-        if self._seed is not None and (seeded := self._seed._next(tail)) is not None:
-            if found is None or seeded[1].order > found[1].order:
-                token, score = seeded
-                return token, Score(score.order, score.count, score.total, recalled=True, seeded=True)
         if found is None:
             return None
         token, score = found

@@ -12,8 +12,7 @@ the most tokens per second E / T wins (`choose_source`), before the model drafts
     the estimate), for c_1 per n-gram node more.
 b_i, the chance that an n-gram draft is accepted, is calibrated online (`NgramCalibration`) by the
 draft's score: the n-gram order matched, whether that continuation always followed it, and whether it
-was found in this text, recalled from earlier generations (`NgramMemory`) or from the memory's seed
-(another process's generations on other prompts: calibrated apart, a lower prior). A draft
+was recalled from earlier generations (`NgramMemory`) rather than found in this text. A draft
 at the point where the proposal parts from the model's draft is calibrated apart ("against": there
 at most one of the two is right). The model is made to draft when it sat out 1, 2, 4, ... and then
 every `EXPLORE_EVERY` rounds in a row, so that its acceptance and costs stay measured.
@@ -42,37 +41,31 @@ PRIOR = (0.25, 0.45, 0.65, 0.8, 0.85, 0.9)  # acceptance of a proposal whose con
 SPLIT = 0.6  # ... and the share of that when others followed too
 AGAINST = 0.75  # ... and the share of that where the proposal contradicts the model's draft
 RECALLED = 0.8  # ... and the share of that for a continuation recalled from earlier generations
-SEEDED = 0.6  # ... or recalled from the memory's seed
-ORIGINS = 3  # where a proposal's continuation was found: this text, earlier generations, the memory's seed
 
 
 class NgramCalibration:
-    """The chance that an n-gram draft is accepted, by cell: order bucket x origin (this text, recalled,
-    or recalled from the seed) x (alone, or against the model's draft) x (continuation always followed,
-    or not). Each cell an exponential moving count with a prior of two tries."""
+    """The chance that an n-gram draft is accepted, by cell: order bucket x (this text, or recalled)
+    x (alone, or against the model's draft) x (continuation always followed, or not). Each cell an
+    exponential moving count with a prior of two tries."""
 
-    PER_ORDER = 4 * ORIGINS
-    CELLS = len(ORDERS) * PER_ORDER
+    CELLS = len(ORDERS) * 8
 
     def __init__(self, memory: float = 0.97):
         self.memory = memory
-        origin_prior = (1.0, RECALLED, SEEDED)
-        self.prior = [PRIOR[c // self.PER_ORDER] * (1 if c % 2 == 0 else SPLIT) * (AGAINST if c % 4 >= 2 else 1)
-                      * origin_prior[c % self.PER_ORDER // 4] for c in range(self.CELLS)]
+        self.prior = [PRIOR[c // 8] * (1 if c % 2 == 0 else SPLIT) * (AGAINST if c % 4 >= 2 else 1)
+                      * (RECALLED if c % 8 >= 4 else 1) for c in range(self.CELLS)]
         self.hits = [2.0 * p for p in self.prior]
         self.tries = [2.0] * self.CELLS
 
     @staticmethod
     def cell(score: Score, against: bool = False) -> int:
         bucket = max(i for i, low in enumerate(ORDERS) if score.order >= low)
-        origin = 2 if score.seeded else int(score.recalled)
-        return (NgramCalibration.PER_ORDER * bucket + 4 * origin + 2 * against
-                + (score.count < score.total))
+        return 8 * bucket + 4 * score.recalled + 2 * against + (score.count < score.total)
 
     @staticmethod
     def recalled(cell: int) -> bool:
-        """Whether the cell's drafts were recalled from earlier generations (or the memory's seed)."""
-        return cell % NgramCalibration.PER_ORDER >= 4
+        """Whether the cell's drafts were recalled from earlier generations."""
+        return cell % 8 >= 4
 
     @staticmethod
     def alone(cell: int) -> int:
