@@ -737,13 +737,13 @@ encoding never adds a special token. {r['bytes_per_token']:.2f} bytes per token 
 | context (max_position_embeddings) | {p['context']} | {p['context']} |
 | training | next-token CE, {t['steps']} steps x {p['batch_size']} x {p['context']} tokens = {t['tokens'] / 1e6:.2f} M tokens | distillation, {d['steps']} steps x {p['batch_size']} x {p['context']} tokens = {d['tokens'] / 1e6:.2f} M tokens |
 | optimiser | AdamW (0.9, 0.95), wd {p['weight_decay']}, peak LR {p['target_lr']}, {p['warmup_frac'] * 100:.0f} % warmup, cosine to {p['min_lr_frac']} x peak, clip 1.0 | same, peak LR {p['draft_lr']} |
-| train loss (nats/token)\* | {ev['target_train_loss']:.3f} | {ev['draft_train_loss']:.3f} |
+| train loss (nats/token)\\* | {ev['target_train_loss']:.3f} | {ev['draft_train_loss']:.3f} |
 | final training objective (EMA of the last ~50 steps) | CE {t['final_train_loss_ema']:.3f} | KL to target {d['final_train_loss_ema']:.3f}{' (+ %.2f CE)' % p['ce_weight'] if p['ce_weight'] else ''} |
 | **held-out loss (nats/token)** | **{ev['target_loss']:.3f}** | **{ev['draft_loss']:.3f}** |
 | held-out top-1 accuracy | {100 * ev['target_top1']:.1f} % | {100 * ev['draft_top1']:.1f} % |
 | file size | {r['target_bytes'] / 1e6:.1f} MB | {r['draft_bytes'] / 1e6:.1f} MB |
 
-\* Cross-entropy on the real next token, measured after training in float32 on a fixed random sample of
+\\* Cross-entropy on the real next token, measured after training in float32 on a fixed random sample of
 {ev['train_eval_tokens']} training tokens (held-out: {ev['eval_tokens']} tokens from the start of the
 held-out stream).
 
