@@ -51,6 +51,8 @@ class ChurnConfig:
     mean_interval: float = 8.0  # seconds between churn events, on average
     timeout: float = 20.0  # the clients' per-step timeout
     record_ttl: float = 20.0  # peers' DHT records: a crashed peer is forgotten this long after its last refresh
+    verify_rate: float | None = None  # the clients' spot-check rate (None: ClientConfig's default)
+    peer_args: tuple[str, ...] = ()  # more `swarm peer` flags for every peer (e.g. --no-batching)
 
 
 @dataclass
@@ -86,7 +88,7 @@ class Swarm:
     def spawn(self, span: tuple[int, int] | None = None) -> Peer:
         n = self.cfg.blocks_per_peer or max(1, self.num_blocks // 2)
         log = self.logs / f"peer{len(self.peers)}.log"
-        extra = ["--record-ttl", str(self.cfg.record_ttl), "--no-webrtc", "--summary-every", "0"]
+        extra = ["--record-ttl", str(self.cfg.record_ttl), "--no-webrtc", "--summary-every", "0", *self.cfg.peer_args]
         extra += ["--num-blocks", str(n)] if span is None else []
         if self.peers:
             extra += ["--initial-peers", self.bootstrap.proc.addr]
@@ -188,8 +190,10 @@ def client_loop(cfg: ChurnConfig, addr: str, speculative: bool, references: list
         while not stop.is_set():
             if model is None:  # (again after a start that found no route: a failed generation)
                 try:
+                    checks = {} if cfg.verify_rate is None else {"verify_rate": cfg.verify_rate}
                     model = SwarmModel(cfg.model, [addr], ClientConfig(
-                        timeout=cfg.timeout, ban_seconds=cfg.record_ttl * 2, max_failovers=10, route_wait=cfg.timeout))
+                        timeout=cfg.timeout, ban_seconds=cfg.record_ttl * 2, max_failovers=10, route_wait=cfg.timeout,
+                        **checks))
                 except Exception as e:  # noqa: BLE001 - a client that cannot start is a failed generation
                     stats.runs.append(dict(speculative=speculative, completed=False, identical=False, seconds=0.0,
                                            error=f"{type(e).__name__}: {e}"[:300], uncovered=not covered(),
@@ -285,6 +289,9 @@ def report(cfg: ChurnConfig, swarm: Swarm, stats: ClientStats, hung: int) -> dic
         failovers=sum(r["failovers"] for r in runs),
         extra_s_per_failover=round(extra, 3) if extra is not None else None,
         median_s_without_failover=round(statistics.median(clean), 3) if clean else None,
+        median_s_by_mode={mode: round(statistics.median(s), 3) if s else None for mode, s in (
+            ("plain", [r["seconds"] for r in done if r["failovers"] == 0 and not r["speculative"]]),
+            ("speculative", [r["seconds"] for r in done if r["failovers"] == 0 and r["speculative"]]))},
         max_stall_s=max((r["max_stall_s"] for r in runs), default=None), hung_clients=hung,
         join_ready_s=dict(median=round(statistics.median(ready), 2), max=round(max(ready), 2)) if ready else None,
         coverage_gaps=len(swarm.coverage_gaps), time_to_full_coverage_s=[round(g, 2) for g in swarm.coverage_gaps],
