@@ -9,9 +9,10 @@ process), keeping between `min_peers` and `max_peers` alive; peers that chose th
 `move` by themselves to blocks nobody serves any more (peer/rebalance.py; seen in their logs). Meanwhile
 `clients` threads generate without pause (half plain, half speculative; greedy), each through its own `SwarmModel`, each output
 compared with `--local`; a failover waits up to the client's timeout for a peer to serve blocks that nobody
-serves. The report: generations started / completed / identical (and those that failed while some block had
+serves. `verify_rate` and `peer_args` take spot-checks or batching out of a run, to see what they cost. The report: generations started / completed / identical (and those that failed while some block had
 no live peer at all, apart: the rest's completion is the client's own), failovers, the
-extra time a failover cost (generations with failovers against those without), the longest wait for
+extra time a failover cost (generations with failovers against those without; the median generation
+without one, also per mode), the longest wait for
 a token against the client's timeout, how long a joining peer took to serve, and how long blocks
 stayed uncovered before a join covered them again.
 
