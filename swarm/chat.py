@@ -13,8 +13,8 @@ reply where it stopped once a route exists. Ctrl-C stops the reply (or the wait)
 the swarm stay. `Console` (swarm.console) is where a chat writes: on a terminal a dim status line at
 the bottom row (tokens/s, tokens/round, route) while a reply streams and countdowns redrawn in place;
 anything else (a pipe, a file) gets plain text. `run_interactive` is the REPL behind `swarm chat` and
-`swarm demo` (/system TEXT /reset /stats /quit); `run_scripted` answers a list of prompts (piped in,
-or --prompt).
+`swarm demo` (/system TEXT /reset /stats /quit: `command`); `run_scripted` answers a list of prompts (piped
+in, or --prompt), carrying out the same commands among them.
 
 Knows decoding (`swarm.decode`), tokenizers and chat templates (`swarm.text`) and which client errors
 mean "the swarm lacks peers right now" (`NoRoute`, failures a failover gave up on); nothing of
@@ -294,17 +294,10 @@ def run_interactive(chat: Chat, out=None) -> None:
             console.line("(Ctrl-C again, Ctrl-D or /quit to leave)")
             continue
         leaving, console.at_line_start = False, True
-        if line.strip() in ("/quit", "/exit"):
-            return
-        if line.strip() == "/reset":
-            chat.reset()
-            console.line("(conversation forgotten)")
-            continue
-        if line.strip() == "/stats":
-            console.line(chat.stats.line())
-            continue
-        if line.strip().split(" ", 1)[0] == "/system":
-            _system(chat, line.strip()[len("/system"):].strip(), console)
+        done = command(chat, line, console)
+        if done is not None:
+            if done == "quit":
+                return
             continue
         before = chat.stats.tokens, chat.stats.seconds, chat.stats.rounds
         chat.reply(line.replace("\\n", "\n") + "\n", on_text=console.write)
@@ -313,6 +306,24 @@ def run_interactive(chat: Chat, out=None) -> None:
         rounds = chat.stats.rounds - before[2]
         per_round = f", {tokens / rounds:.2f} tokens/round" if rounds else ""
         console.line(f"[{tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tokens/s{per_round}, route {chat.where}]")
+
+
+def command(chat: Chat, line: str, console: Console) -> str | None:
+    """Carry out `line` if it is one of the chat's commands (/system TEXT, /reset, /stats, /quit or /exit):
+    "quit" to leave, "done" for the others, None for a prompt (anything else)."""
+    words = line.strip().split(" ", 1)
+    if line.strip() in ("/quit", "/exit"):
+        return "quit"
+    if line.strip() == "/reset":
+        chat.reset()
+        console.line("(conversation forgotten)")
+    elif line.strip() == "/stats":
+        console.line(chat.stats.line())
+    elif words[0] == "/system":
+        _system(chat, line.strip()[len("/system"):].strip(), console)
+    else:
+        return None
+    return "done"
 
 
 def _system(chat: Chat, text: str, console: Console) -> None:
@@ -324,8 +335,15 @@ def _system(chat: Chat, text: str, console: Console) -> None:
 
 
 def run_scripted(chat: Chat, prompts: list[str], out=None) -> None:
+    """Answer `prompts` one after the other, as if typed: the chat's commands among them are carried out
+    (/quit ends the run there)."""
     console = chat.console = Console(out) if out is not None or chat.console is None else chat.console
     for prompt in prompts:
         console.write(f">>> {prompt}\n")
+        done = command(chat, prompt, console)
+        if done == "quit":
+            return
+        if done is not None:
+            continue
         chat.reply(prompt.replace("\\n", "\n") + "\n", on_text=console.write)  # as if typed, Enter included
         console.line(f"[{chat.stats.line()}, route {chat.where}]")

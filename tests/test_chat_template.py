@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.chat import Chat, Console, run_interactive
+from swarm.chat import Chat, Console, run_interactive, run_scripted
 from swarm.decode.target import LocalModel
 from swarm.text import ChatTemplate, TemplateError, end_of_turn_ids, load_tokenizer
 
@@ -183,3 +183,18 @@ def test_the_default_model_keeps_a_two_turn_conversation():
     first, second = out.stdout.split(">>> And of Italy?", 1)
     assert "Paris" in first, out.stdout
     assert "Rome" in second, out.stdout
+
+
+def test_piped_prompts_carry_out_the_chat_commands_and_quit_where_told(tmp_path):
+    """A script (prompts piped in, or --prompt) is read as if typed: /system, /stats and /reset are commands,
+    /quit ends the run there, and only the real prompts get replies."""
+    path = templated(tmp_path, {"chat_template": CODE}, code=True)
+    tok = load_tokenizer(path)
+    chat = Chat(LocalModel.load(path), tok, max_new_tokens=4, template=ChatTemplate.load(path, tok))
+    out = io.StringIO()
+    run_scripted(chat, ["/system Answer in Python.", "def f(x):", "/stats", "/reset", "def g(y):", "/quit",
+                        "never answered"], out)
+    text = out.getvalue()
+    assert "(system prompt set; conversation forgotten)" in text and "(conversation forgotten)" in text
+    assert chat.stats.replies == 2 and "1 replies, " in text and ">>> never answered" not in text
+    assert chat.system == "Answer in Python." and len(chat.turns) == 2  # the turns after /reset: one exchange
