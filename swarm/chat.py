@@ -295,9 +295,9 @@ def run_interactive(chat: Chat, out=None) -> None:
             continue
         leaving, console.at_line_start = False, True
         done = command(chat, line, console)
-        if done is not None:
-            if done == "quit":
-                return
+        if done == "quit":
+            return
+        if done:
             continue
         before = chat.stats.tokens, chat.stats.seconds, chat.stats.rounds
         chat.reply(line.replace("\\n", "\n") + "\n", on_text=console.write)
@@ -311,16 +311,17 @@ def run_interactive(chat: Chat, out=None) -> None:
 def command(chat: Chat, line: str, console: Console) -> str | None:
     """Carry out `line` if it is one of the chat's commands (/system TEXT, /reset, /stats, /quit or /exit):
     "quit" to leave, "done" for the others, None for a prompt (anything else)."""
-    words = line.strip().split(" ", 1)
-    if line.strip() in ("/quit", "/exit"):
+    text = line.strip()
+    head, _, rest = text.partition(" ")
+    if text in ("/quit", "/exit"):
         return "quit"
-    if line.strip() == "/reset":
+    if text == "/reset":
         chat.reset()
         console.line("(conversation forgotten)")
-    elif line.strip() == "/stats":
+    elif text == "/stats":
         console.line(chat.stats.line())
-    elif words[0] == "/system":
-        _system(chat, line.strip()[len("/system"):].strip(), console)
+    elif head == "/system":
+        _system(chat, rest.strip(), console)
     else:
         return None
     return "done"
@@ -343,7 +344,7 @@ def run_scripted(chat: Chat, prompts: list[str], out=None) -> None:
         done = command(chat, prompt, console)
         if done == "quit":
             return
-        if done is not None:
+        if done:
             continue
         chat.reply(prompt.replace("\\n", "\n") + "\n", on_text=console.write)  # as if typed, Enter included
         console.line(f"[{chat.stats.line()}, route {chat.where}]")

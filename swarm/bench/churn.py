@@ -9,7 +9,8 @@ process), keeping between `min_peers` and `max_peers` alive; peers that chose th
 `move` by themselves to blocks nobody serves any more (peer/rebalance.py; seen in their logs). Meanwhile
 `clients` threads generate without pause (half plain, half speculative; greedy), each through its own `SwarmModel`, each output
 compared with `--local`; a failover waits up to the client's timeout for a peer to serve blocks that nobody
-serves. `verify_rate` and `peer_args` take spot-checks or batching out of a run, to see what they cost. The report: generations started / completed / identical (and those that failed while some block had
+serves. `verify_rate` and `peer_args` take spot-checks or batching out of a run, to see what they cost.
+The report: generations started / completed / identical (and those that failed while some block had
 no live peer at all, apart: the rest's completion is the client's own), failovers, the
 extra time a failover cost (generations with failovers against those without; the median generation
 without one, also per mode), the longest wait for
@@ -271,7 +272,8 @@ def report(cfg: ChurnConfig, swarm: Swarm, stats: ClientStats, hung: int) -> dic
     runs = stats.runs
     done = [r for r in runs if r["completed"]]
     gapped = [r for r in runs if r.get("uncovered")]
-    clean = [r["seconds"] for r in done if r["failovers"] == 0]
+    clean_runs = [r for r in done if r["failovers"] == 0]
+    clean = [r["seconds"] for r in clean_runs]
     rough = [r for r in done if r["failovers"] > 0]
     extra = None
     if clean and rough:
@@ -291,8 +293,8 @@ def report(cfg: ChurnConfig, swarm: Swarm, stats: ClientStats, hung: int) -> dic
         extra_s_per_failover=round(extra, 3) if extra is not None else None,
         median_s_without_failover=round(statistics.median(clean), 3) if clean else None,
         median_s_by_mode={mode: round(statistics.median(s), 3) if s else None for mode, s in (
-            ("plain", [r["seconds"] for r in done if r["failovers"] == 0 and not r["speculative"]]),
-            ("speculative", [r["seconds"] for r in done if r["failovers"] == 0 and r["speculative"]]))},
+            (mode, [r["seconds"] for r in clean_runs if r["speculative"] == spec])
+            for mode, spec in (("plain", False), ("speculative", True)))},
         max_stall_s=max((r["max_stall_s"] for r in runs), default=None), hung_clients=hung,
         join_ready_s=dict(median=round(statistics.median(ready), 2), max=round(max(ready), 2)) if ready else None,
         coverage_gaps=len(swarm.coverage_gaps), time_to_full_coverage_s=[round(g, 2) for g in swarm.coverage_gaps],

@@ -7,8 +7,8 @@ peers push to each other or the client carries every hop (`choose_chain`), and k
 peers die: `RemoteBlocks` keeps every step it sent; when a step fails it bans the peers that no longer
 answer, plans a new route (waiting up to `route_wait` while some blocks have no live peer), replays the
 steps (identical shapes, so identical caches) and retries; steps sent behind a failing one wait for it and go
-again, in order, by themselves. Outputs stay token-identical to an undisturbed run. Every failure of a dead, unknown or unreachable hop (whatever
-its address says) is a failover failure (`FAILURES`), never a parser's error. Peers that answer but
+again, in order. Outputs stay token-identical to an undisturbed run. Every failure of a dead, unknown or
+unreachable hop (whatever its address says) is a failover failure (`FAILURES`), never a parser's error. Peers that answer but
 compute wrong hidden states are caught by spot-checks (`swarm.client.integrity`, `swarm.client.spotcheck`):
 with checks on, `RemoteBlocks` keeps every step's output beside its input, settles each step through its
 `SessionAudit` before releasing it, and answers a rolled-back generation's verified steps from its transcript.
