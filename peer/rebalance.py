@@ -8,8 +8,11 @@ the one a joining peer would take (`choose_blocks`), of as many blocks as the ol
 `rebalance` judges on the other peers that answer now: records of the model from the DHT, each "online" one asked
 for its Info (a SIGKILLed peer's record lingers until it expires); a "joining" one is loading and counts unasked.
 A peer that is the only one serving some of its blocks, by the records alone, asks nobody (the common case).
-It judges twice, a random 1-5 s apart, so that two peers whose blocks overlap do not both leave them for the same
-gap (the first to move announces its new span as "joining" before it loads).
+Two peers whose blocks overlap must not both leave them for the same gap: of the live peers that would move now and
+say in their records that they move (`moves`), only the first by peer id does (`first_mover`; every peer computes the
+same order from the same records); the others stay, and move only once it has gone from the records or views. It
+also judges twice, a random 1-5 s apart, so that views that differ for a moment settle first (the mover announces
+its new span as "joining" before it loads).
 
 Knows records, the DHT lookup and the Info probe; nothing of loading blocks or serving sessions (peer/serve.py
 moves).
@@ -48,8 +51,15 @@ def move_to(num_blocks: int, own: tuple[int, int], others: list[tuple[tuple[int,
     return new if not all(served[i] for i in range(*new)) else None
 
 
+def first_mover(num_blocks: int, spans: dict[str, tuple[tuple[int, int], float]], movers: set[str]) -> str | None:
+    """Given every live peer (id -> (span, throughput)) and which of them move, the one whose turn it is to move
+    now: the first by id of the movers `move_to` would move; None when none would."""
+    return min((p for p in movers if p in spans and
+                move_to(num_blocks, spans[p][0], [v for q, v in spans.items() if q != p]) is not None), default=None)
+
+
 async def rebalance(dht: SwarmDHT, node: P2PNode, model_id: str, num_blocks: int,
-                    span: tuple[int, int]) -> tuple[int, int] | None:
+                    span: tuple[int, int], throughput: float) -> tuple[int, int] | None:
     """Where this peer should move now, or None (see the module docstring)."""
     new = None
     for attempt in range(2):
@@ -67,6 +77,8 @@ async def rebalance(dht: SwarmDHT, node: P2PNode, model_id: str, num_blocks: int
         live = [r for r in found if r.state == "joining"] + \
             [r for r, a in zip(online, answers) if not isinstance(a, BaseException)]
         new = move_to(num_blocks, span, [((r.start, r.end), r.throughput) for r in live])
-        if new is None:
-            return None
+        spans = {r.peer_id: ((r.start, r.end), r.throughput) for r in live} | {node.peer_id: (span, throughput)}
+        movers = {r.peer_id for r in live if r.moves} | {node.peer_id}
+        if new is None or first_mover(num_blocks, spans, movers) != node.peer_id:
+            return None  # nothing to do, or another peer's turn
     return new

@@ -67,6 +67,7 @@ class PeerRecord:
     observed: str | None = None  # the IP address other peers see it at
     stun: str | None = None  # "stun:HOST:PORT": this (public) peer answers STUN binding requests there
     head: bool = False  # it holds the LM head with the model's last block: clients may verify rounds there
+    moves: bool = False  # it chose its own blocks and moves them to close a gap (peer/rebalance.py)
 
     @property
     def blocks(self) -> range:
@@ -164,6 +165,7 @@ _OPTIONAL = {  # field -> (rule, value when absent): records from before these f
     "observed": (lambda v: v is None or (_str(v, 64) and ipaddress.ip_address(v) is not None), None),
     "stun": (lambda v: v is None or _stun_url(v), None),
     "head": (lambda v: type(v) is bool, False),
+    "moves": (lambda v: type(v) is bool, False),
 }
 
 

@@ -249,7 +249,8 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
         limits = replace(opts.limits, cache_tokens=memory.cache_tokens)
         span = opts.blocks or await choose_span(dht, ckpt, memory.blocks, throughput)
         record = PeerRecord(ckpt.model_id, *span, throughput=throughput, cache_tokens=limits.cache_tokens,
-                            state="joining", reachability=verdict.state, observed=verdict.observed, stun=nat.stun_url)
+                            state="joining", reachability=verdict.state, observed=verdict.observed, stun=nat.stun_url,
+                            moves=opts.blocks is None and opts.rebalance)
         await dht.announce(record)
         blocks = load_span(ckpt, span, opts, limits)
         server = BlockServer(blocks, ckpt.model_id, limits, open_stream=lambda addr: dial(node, addr),
@@ -285,8 +286,8 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
             try:
                 await asyncio.wait_for(stop.wait(), opts.record_ttl / 3)
             except asyncio.TimeoutError:
-                if opts.blocks is None and opts.rebalance and \
-                        (new := await rebalance(dht, node, ckpt.model_id, ckpt.config.num_hidden_layers, span)):
+                if record.moves and (new := await rebalance(dht, node, ckpt.model_id, ckpt.config.num_hidden_layers,
+                                                            span, record.throughput)):
                     await move(server, record, dht, ckpt, new, opts, limits)
                     span = new
                 record.cache_tokens = server.free_tokens

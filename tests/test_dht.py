@@ -53,6 +53,10 @@ def test_record_round_trip():
     assert back.blocks == range(0, 4) and back.state == "online" and back.rtts == {"12D3KooWother": 3.5}
     minimal = PeerRecord(model=MODEL, start=3, end=5, expires=time.time() + 5, x25519=None)
     assert PeerRecord.verify(minimal.sign(kp)).data_addr is None
+    assert PeerRecord.verify(make_record(kp, moves=True).sign(kp)).moves is True
+    older = signed_fields(kp)
+    del older["moves"]  # a record from before the field: verifies, a peer that does not move
+    assert PeerRecord.verify(record_module._seal(older, kp.private_key)).moves is False
     with pytest.raises(RecordError, match="claims peer"):  # sign() will not sign for another peer
         make_record(kp, peer_id=peer_id_of(create_new_key_pair())).sign(kp)
 
@@ -83,7 +87,7 @@ def test_record_rejections():
     }
     bad_fields = {"start": "0", "end": 0, "state": "zombie", "throughput": "fast", "cache_tokens": -1,
                   "version": 1.5, "model": "", "data_addr": 5, "addrs": ["not a multiaddr"], "x25519": "zz",
-                  "rtts": {"p": "1"}, "expires": None, "peer_id": True}
+                  "rtts": {"p": "1"}, "expires": None, "peer_id": True, "moves": 1}
     for name, value in bad_fields.items():
         cases[f"bad {name}"] = (seal(signed_fields(kp, **{name: value}), kp.private_key), f"bad {name}")
     missing = signed_fields(kp)

@@ -110,6 +110,18 @@ def test_move_to_closes_a_gap_and_opens_none():
     assert move_to(8, (0, 4), []) is None  # alone: stay
 
 
+def test_one_replica_at_a_time_moves_to_a_gap():
+    from peer.rebalance import first_mover
+
+    tp = 10.0
+    spans = {"b": ((0, 4), tp), "a": ((0, 4), tp)}  # the only peer of [4, 8) died; either replica could move there
+    assert first_mover(8, spans, {"a", "b"}) == "a"  # the same answer on both peers: only one moves
+    assert first_mover(8, spans, {"b"}) == "b"  # a's blocks are fixed (--blocks): b's turn
+    assert first_mover(8, spans | {"c": ((4, 6), tp)}, {"a", "b", "c"}) == "a"  # c is alone on [4, 6): stays
+    assert first_mover(8, spans | {"c": ((4, 8), tp)}, {"a", "b", "c"}) is None  # no gap: nobody moves
+    assert first_mover(8, {"a": ((0, 4), tp), "c": ((4, 8), tp)}, {"a", "c"}) is None  # leaving opens a gap
+
+
 @pytest.mark.slow  # ~30 s: three peers start, one is SIGKILLed, a replica moves, a client generates
 def test_a_replica_moves_to_the_blocks_of_a_peer_that_died(tiny, tmp_path):
     import re
