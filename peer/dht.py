@@ -10,8 +10,8 @@ publishes it "offline".
 
 Keys. A Kademlia value is one value per key (last writer wins), so no key has two writers:
   * value /specswarm/<sha256(model)[:32]>/<peer id>: that peer's record. Strict validation is on,
-    and honest nodes store only what `_RecordValidator` accepts: signed by the key that hashes to the
-    peer id, matching its key, well-formed, <= 16 KiB, unexpired; `select` keeps the newest.
+    and honest nodes store only what `RecordValidator` (peer/kad.py) accepts: signed by the key that
+    hashes to the peer id, matching its key, well-formed, <= 16 KiB, unexpired; `select` keeps the newest.
   * provider key sha256("specswarm/providers/<model>/<epoch>"): who has a record for the model.
     py-libp2p keeps provider entries 48 h and at most 20 per key, so the key changes every EPOCH s;
     a peer provides the epochs of now and now + ttl, which covers its record's life. Provider entries
@@ -26,7 +26,7 @@ protocol handler, so identify does not list it) and no maintenance service (no r
 refresh, no republishing), and servers keep it out of their routing tables, so it leaves nothing
 behind when it exits (a departed node in routing tables costs every later lookup failed dials).
 py-libp2p 0.8.1 alone does not do that last part: a server adds whoever opens a KAD stream to it,
-client-mode nodes included; our servers (`_ServerKadDHT`) add such a peer only once identify says
+client-mode nodes included; our servers (`ServerKadDHT`) add such a peer only once identify says
 that it offers the KAD protocol itself. The KAD handler is registered before the first dial, so
 that identify, which runs on every new connection, already lists it for a server (connections opened
 earlier, e.g. for a reachability check, get an identify push). A serving peer that others cannot dial
@@ -42,9 +42,16 @@ py-libp2p quirks handled (with a few private calls into its stores; pinned by li
     send ADD_PROVIDER if not, and ask again; the next republish retries what is still missing.
   * stored values are served without re-validation, and a bad peer serves anything: `find` verifies
     every value. The DHT's warning on every normally closed stream (StreamEOF) is filtered out.
+A find asks each provider for its own record (it holds its newest) and asks the peers that store a record
+(the closest to its key) only when its peer does not answer within OWN_RECORD_WAIT: a dead peer's record
+lingers there until it expires. (Asking every storer of every record cost a swarm of n peers n^2 requests
+a find, and idle peers most of their CPU: scripts/idle_peers.py.) For the same reason a lookup that found every
+node reads for any key for LOOKUP_REUSE_S (a refresh looks up once, not four times), and a node that listed us
+as a provider of a key (a find's answer shows it) is not asked again for a TTL.
 Limits: at most 20 peers per model and epoch are visible (shard the provider key to go beyond), and
 Sybil peers can fill those slots; clocks must agree to within a fraction of the TTL; in a swarm of
-over 20 DHT nodes a find costs one lookup per peer found (below that, one lookup finds them all).
+over 20 DHT nodes a find costs one lookup per peer found that does not answer (below that, one lookup
+finds them all).
 """
 
 from __future__ import annotations
@@ -61,71 +68,19 @@ from typing import Any
 import trio
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.common import BUCKET_SIZE, PROTOCOL_ID
-from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.peer.peerstore import PeerStoreError
-from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
+from peer.kad import RecordValidator, ServerKadDHT, not_eof_warning, offers_kad
 from peer.p2p import P2PNode
 from peer.record import MAX_TTL, NAMESPACE, STATES, PeerRecord, RecordError, provider_key, record_key
 
 log = logging.getLogger("specswarm.dht")
 EPOCH = 600.0  # provider keys change every EPOCH s: the same in the whole swarm, and >= any ttl
 RPC_TIMEOUT = 5.0  # per DHT request to one peer
-IDENTIFY_WAIT = 3.0  # how long a server waits for identify to say whether a new requester is a server too
-
-
-class _RecordValidator(Validator):
-    """What honest DHT nodes store: valid records under their own key; the newest one wins."""
-
-    def validate(self, key: str, value: bytes) -> None:
-        rec = PeerRecord.verify(value)
-        if key != record_key(rec.model, rec.peer_id):
-            raise RecordError("record does not match its key")
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        def rank(value: bytes) -> tuple[float, float]:
-            try:
-                rec = PeerRecord.verify(value)
-                return rec.issued, rec.expires
-            except RecordError:
-                return -math.inf, -math.inf
-        return max(range(len(values)), key=lambda i: rank(values[i]))  # ties: the first (stored) one
-
-
-def _not_eof_warning(record: logging.LogRecord) -> bool:
-    return not (str(record.msg).startswith("Failed to read DHT message") and isinstance(record.args, tuple)
-                and record.args and isinstance(record.args[0], StreamEOF))
-
-
-class _ServerKadDHT(KadDHT):
-    """A server-mode KadDHT whose routing table holds servers only. py-libp2p 0.8.1 adds every peer
-    that opens a KAD stream to it (`add_peer(..., skip_server_mode_check=True)`), assuming that whoever
-    asks is a server too: a client-mode node would stay in the table, and be handed to others as a
-    closer peer, long after it has gone. Here such a peer is added only if identify (which the host
-    runs on every new connection) lists the KAD protocol among its own."""
-
-    async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
-        if skip_server_mode_check and not await _offers_kad(self.host, peer_id):
-            return False
-        return await super().add_peer(peer_id, skip_server_mode_check=skip_server_mode_check)
-
-
-async def _offers_kad(host: Any, peer_id: ID, wait: float = IDENTIFY_WAIT) -> bool:
-    """Whether identify says `peer_id` serves the KAD protocol; waits up to `wait` s for identify to
-    answer (it starts when the connection opens); no answer by then counts as no."""
-    with trio.move_on_after(wait):
-        while True:
-            try:
-                protocols = host.get_peerstore().get_protocols(peer_id)
-            except PeerStoreError:
-                protocols = None
-            if protocols:
-                return str(PROTOCOL_ID) in protocols
-            await trio.sleep(0.02)
-    return False
+OWN_RECORD_WAIT = 1.5  # for a peer's record from the peer itself, before asking the peers that store it
+LOOKUP_REUSE_S = 5.0  # a lookup that found every node (fewer than k) stands for any key this long
 
 
 class SwarmDHT:
@@ -141,6 +96,8 @@ class SwarmDHT:
         self._due = math.inf
         self._closed = False
         self._runner: asyncio.Future | None = None
+        self._everyone: tuple[float, list[ID]] | None = None  # (when, every node but us): the last lookup found all
+        self._listed: dict[tuple[bytes, ID], float] = {}  # (provider key, node) -> when that node last listed us
 
     @classmethod
     async def start(cls, node: P2PNode, bootstrap: Sequence[str] = (), ttl: float = 120.0, *,
@@ -151,7 +108,7 @@ class SwarmDHT:
         peer that others cannot dial (`reachable=False`) announces and republishes, but runs Kademlia
         as a client, so that nobody hands it out as a contact."""
         self = cls(node, ttl, server, reachable)
-        logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_not_eof_warning)
+        logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(not_eof_warning)
         await node.run_trio(self._create_trio)  # before dialling: identify must already list our KAD protocol
         if server and reachable:  # peers we are connected to already (dial-back helpers) must hear of it
             await node.push_identify()
@@ -243,10 +200,10 @@ class SwarmDHT:
     async def _create_trio(self) -> None:
         if self.server:  # in server mode, registers the KAD protocol's handler: what identify tells others
             mode = DHTMode.SERVER if self.reachable else DHTMode.CLIENT
-            self.dht = _ServerKadDHT(self.node.host, mode, strict_validation=True)
+            self.dht = ServerKadDHT(self.node.host, mode, strict_validation=True)
         else:
             self.dht = KadDHT(self.node.host, DHTMode.CLIENT, strict_validation=True)
-        self.dht.register_validator(NAMESPACE, _RecordValidator())
+        self.dht.register_validator(NAMESPACE, RecordValidator())
         self._lock, self._stop = trio.Lock(), trio.Event()
 
     async def _switch_trio(self, reachable: bool) -> None:
@@ -261,7 +218,7 @@ class SwarmDHT:
         table = self.dht.routing_table
         for peer_id in bootstrap_ids:
             pid = ID.from_base58(peer_id)
-            if not await _offers_kad(self.node.host, pid):  # a peer that runs no DHT server (a private one)
+            if not await offers_kad(self.node.host, pid):  # a peer that runs no DHT server (a private one)
                 log.warning("bootstrap peer %s does not serve the DHT (a peer behind a NAT, or not a specswarm "
                             "peer): records cannot be found through it; give a public peer in --initial-peers",
                             peer_id)
@@ -318,13 +275,16 @@ class SwarmDHT:
 
     async def _provide_trio(self, key: bytes) -> int:
         """Be listed as a provider of `key` at the closest peers (checked); at how many we are."""
-        store, host = self.dht.provider_store, self.node.host
+        store, host, now = self.dht.provider_store, self.node.host, time.monotonic()
         store.add_provider(key, PeerInfo(host.get_id(), host.get_addrs()))
+        self._listed = {k: t for k, t in self._listed.items() if now - t < self.ttl}  # (old epochs' keys go)
 
         async def provide(peer: ID) -> bool:
+            if time.monotonic() - self._listed.get((key, peer), -math.inf) < self.ttl:
+                return True  # it listed us lately (a find or an earlier check saw it): entries last 48 h
             for attempt in range(3):
                 providers, _ = await store._get_providers_from_peer_with_closers(peer, key)
-                if any(p.peer_id == host.get_id() for p in providers):
+                if self._lists_us(key, peer, providers):
                     return True
                 if attempt < 2:
                     await store._send_add_provider(peer, key)
@@ -338,6 +298,9 @@ class SwarmDHT:
         answers = await self._each_trio(closest, lambda peer: store._get_providers_from_peer_with_closers(peer, key))
         providers = {p.peer_id for p in store.get_providers(key)}
         providers.update(p.peer_id for answer in answers if answer for p in answer[0])
+        for peer, answer in zip(closest, answers):
+            if answer:
+                self._lists_us(key, peer, answer[0])
         # A lookup that found fewer than k peers found them all: they are the closest to any key.
         everyone = closest if len(closest) < BUCKET_SIZE - 1 else None
         records = await self._each_trio(list(providers), lambda pid: self._get_record_trio(model, pid, everyone),
@@ -345,14 +308,30 @@ class SwarmDHT:
         return [r for r in records if r is not None]
 
     async def _get_record_trio(self, model: str, peer_id: ID, peers: list[ID] | None = None) -> PeerRecord | None:
-        """The newest valid record of `peer_id` for `model`, from our store and the closest peers
-        (those of its key, looked up unless given)."""
+        """The newest valid record of `peer_id` for `model`, from our store and the peer itself (it holds its
+        newest); only when it does not answer within OWN_RECORD_WAIT (dead, unreachable, slow, lying) from the
+        closest peers of its key instead (`peers`, or looked up)."""
         store, key_bytes = self.dht.value_store, record_key(model, str(peer_id)).encode()
-        if peers is None:
-            peers = await self._closest_trio(hashlib.sha256(key_bytes).digest())
-        answers = await self._each_trio(peers, lambda peer: store._get_from_peer(peer, key_bytes, return_record=True))
+        answers = [store.get(key_bytes)]
+        if peer_id != self.node.host.get_id():
+            own = None
+            with trio.move_on_after(OWN_RECORD_WAIT):
+                try:
+                    own = await store._get_from_peer(peer_id, key_bytes, return_record=True)
+                except Exception as exc:
+                    log.debug("DHT request to %s failed: %r", peer_id, exc)
+            if self._newest(model, peer_id, [own]) is not None:  # its own, valid: the newest there is
+                return self._newest(model, peer_id, [*answers, own])
+            if peers is None:
+                peers = await self._closest_trio(hashlib.sha256(key_bytes).digest())
+            answers += await self._each_trio([p for p in peers if p != peer_id],
+                                             lambda peer: store._get_from_peer(peer, key_bytes, return_record=True))
+        return self._newest(model, peer_id, answers)
+
+    @staticmethod
+    def _newest(model: str, peer_id: ID, answers: list[Any]) -> PeerRecord | None:
         best = None
-        for answer in [store.get(key_bytes), *answers]:
+        for answer in answers:
             if answer is None:
                 continue
             try:
@@ -365,10 +344,22 @@ class SwarmDHT:
                     best = rec
         return best
 
+    def _lists_us(self, key: bytes, peer: ID, providers: list[PeerInfo]) -> bool:
+        """Whether `peer`'s answer lists us as a provider of `key` (remembered: `_provide_trio` asks again later)."""
+        if any(p.peer_id == self.node.host.get_id() for p in providers):
+            self._listed[(key, peer)] = time.monotonic()
+            return True
+        return False
+
     async def _closest_trio(self, key: bytes) -> list[ID]:
-        """The closest peers to `key` but us; `key` must be <= 50 bytes (longer ones fail FIND_NODE)."""
-        me = self.node.host.get_id()
-        return [p for p in await self.dht.peer_routing.find_closest_peers_network(key) if p != me]
+        """The closest peers to `key` but us; `key` must be <= 50 bytes (longer ones fail FIND_NODE). A lookup
+        that found fewer than k nodes found them all, the closest to any key: reused for LOOKUP_REUSE_S."""
+        me, now = self.node.host.get_id(), time.monotonic()
+        if self._everyone is not None and now - self._everyone[0] < LOOKUP_REUSE_S:
+            return list(self._everyone[1])
+        peers = [p for p in await self.dht.peer_routing.find_closest_peers_network(key) if p != me]
+        self._everyone = (now, peers) if len(peers) < BUCKET_SIZE - 1 else None
+        return peers
 
     async def _each_trio(self, items: list[Any], fn: Callable[[Any], Awaitable[Any]],
                          timeout: float = RPC_TIMEOUT) -> list[Any]:

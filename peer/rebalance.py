@@ -6,7 +6,8 @@ reason to move (each move ends the sessions on the peer's old blocks, whose clie
 the one a joining peer would take (`choose_blocks`), of as many blocks as the old one.
 
 `rebalance` judges on the other peers that answer now: records of the model from the DHT, each "online" one asked
-for its Info (a SIGKILLed peer's record lingers until it expires); a "joining" one is loading and counts unasked.
+for its Info (a SIGKILLed peer's record lingers until it expires) unless it answered the refresh's RTT probe just
+now; a "joining" one is loading and counts unasked.
 A peer that is the only one serving some of its blocks, by the records alone, asks nobody (the common case).
 Two peers whose blocks overlap must not both leave them for the same gap: of the live peers that would move now and
 say in their records that they move (`moves`), only the first by peer id does (`first_mover`; every peer computes the
@@ -26,6 +27,7 @@ import random
 
 from peer.dht import SwarmDHT
 from peer.p2p import P2PNode
+from peer.record import PeerRecord
 from peer.throughput import choose_blocks
 from peer.transport import addr_of, fetch_info
 
@@ -58,23 +60,28 @@ def first_mover(num_blocks: int, spans: dict[str, tuple[tuple[int, int], float]]
                 move_to(num_blocks, spans[p][0], [v for q, v in spans.items() if q != p]) is not None), default=None)
 
 
-async def rebalance(dht: SwarmDHT, node: P2PNode, model_id: str, num_blocks: int,
-                    span: tuple[int, int], throughput: float) -> tuple[int, int] | None:
-    """Where this peer should move now, or None (see the module docstring)."""
+async def rebalance(dht: SwarmDHT, node: P2PNode, model_id: str, num_blocks: int, span: tuple[int, int],
+                    throughput: float, found: list[PeerRecord], answered: set[str]) -> tuple[int, int] | None:
+    """Where this peer should move now, or None (see the module docstring). `found`: the swarm's records, just
+    looked up (the second look looks up again); `answered`: peers that answered an Info probe just now (not asked
+    again in the first look)."""
     new = None
     for attempt in range(2):
-        await asyncio.sleep(random.uniform(1.0, 5.0) if attempt else 0.0)
-        try:
-            found = [r for r in await dht.find(model_id) if r.peer_id != node.peer_id and r.addrs]
-        except Exception as e:  # noqa: BLE001 - a failed lookup must not stop serving; looked at again later
-            log.warning("could not look up the swarm's peers to rebalance: %s", e)
-            return None
+        if attempt:
+            await asyncio.sleep(random.uniform(1.0, 5.0))
+            answered = set()
+            try:
+                found = await dht.find(model_id)
+            except Exception as e:  # noqa: BLE001 - a failed lookup must not stop serving; looked at again later
+                log.warning("could not look up the swarm's peers to rebalance: %s", e)
+                return None
+        found = [r for r in found if r.peer_id != node.peer_id and r.addrs]
         if not all(served_by(num_blocks, [(r.start, r.end) for r in found])[i] for i in range(*span)):
             return None  # the only peer of some of its blocks, even counting records of peers that died: stay
-        online = [r for r in found if r.state == "online"]
+        online = [r for r in found if r.state == "online" and r.peer_id not in answered]
         answers = await asyncio.gather(*(fetch_info(node, addr_of(r.peer_id, r.addrs), 3.0) for r in online),
                                        return_exceptions=True)
-        live = [r for r in found if r.state == "joining"] + \
+        live = [r for r in found if r.state == "joining" or r.peer_id in answered] + \
             [r for r, a in zip(online, answers) if not isinstance(a, BaseException)]
         new = move_to(num_blocks, span, [((r.start, r.end), r.throughput) for r in live])
         spans = {r.peer_id: ((r.start, r.end), r.throughput) for r in live} | {node.peer_id: (span, throughput)}

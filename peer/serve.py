@@ -196,11 +196,11 @@ async def move(server: BlockServer, record: PeerRecord, dht: SwarmDHT, ckpt: Che
     await dht.announce(record)
 
 
-async def measure_next_hops(node: P2PNode, dht: SwarmDHT, model_id: str, end: int) -> dict[str, float]:
-    """RTT (ms) to the peers that serve block `end`: where our pushes would go."""
+async def measure_next_hops(node: P2PNode, found: list[PeerRecord], end: int) -> dict[str, float]:
+    """RTT (ms) to the peers (of the records `found`) that serve block `end`: where our pushes would go."""
     rtts = {}
-    for r in await dht.find(model_id, range(end, end + 1)):
-        if r.peer_id != node.peer_id and r.addrs:
+    for r in found:
+        if r.start <= end < r.end and r.peer_id != node.peer_id and r.addrs:
             try:
                 _, rtts[r.peer_id] = await fetch_info(node, r.addrs[0], 3.0)
             except (ConnectionError, OSError, asyncio.TimeoutError, EOFError):
@@ -286,12 +286,14 @@ async def serve(opts: PeerOptions, ready: asyncio.Event | None = None) -> None:
             try:
                 await asyncio.wait_for(stop.wait(), opts.record_ttl / 3)
             except asyncio.TimeoutError:
+                found = await _find(dht, ckpt.model_id)  # one look at the swarm a refresh, for both uses
+                record.rtts = await measure_next_hops(node, found, span[1])
                 if record.moves and (new := await rebalance(dht, node, ckpt.model_id, ckpt.config.num_hidden_layers,
-                                                            span, record.throughput)):
+                                                            span, record.throughput, found, set(record.rtts))):
                     await move(server, record, dht, ckpt, new, opts, limits)
                     span = new
+                    record.rtts = await measure_next_hops(node, await _find(dht, ckpt.model_id), span[1])
                 record.cache_tokens = server.free_tokens
-                record.rtts = await measure_next_hops(node, dht, ckpt.model_id, span[1])
                 await behind_nat(verdict)  # (re-)reserve relay slots that were lost
                 await dht.announce(record)
     finally:

@@ -253,13 +253,52 @@ def test_close_goes_offline_and_vanished_peers_expire(monkeypatch):
         offline = [r for r in await client.find(MODEL, include_offline=True) if r.peer_id == nodes[1].peer_id]
         assert [r.state for r in offline] == ["offline"]
 
-        await nodes[2].close()  # vanishes without a word: gone once its record expires
+        await nodes[2].close()  # vanishes without a word: its record lingers where it is stored, until it expires
         t0 = time.monotonic()
+        assert ranges(await client.find(MODEL)) == {nodes[2].peer_id: (4, 8)}  # asked the storers, not the peer
         found = await poll(lambda: client.find(MODEL, include_offline=True),
                            lambda recs: nodes[2].peer_id not in ranges(recs), within=ttl + 5)
         assert nodes[2].peer_id not in ranges(found)
         print(f"vanished peer dropped after {time.monotonic() - t0:.1f} s (ttl {ttl} s)")
     run_swarm(body, ttl=ttl)
+
+
+def test_a_refresh_asks_each_node_once_or_not_at_all(monkeypatch):
+    """A serving peer's refresh (a find, then its announce) in a swarm smaller than k: one lookup stands for
+    every key, each record comes from its own peer, and nodes that a find saw listing us as a provider are not
+    asked again (an idle swarm paid n^2 requests a find: scripts/idle_peers.py)."""
+    async def body(nodes, dhts):
+        for i in range(4):
+            await dhts[i].announce(PeerRecord(model=MODEL, start=i, end=i + 1))
+        peer = dhts[0]
+        await poll(lambda: peer.find(MODEL), lambda recs: len(recs) == 4)
+        calls: dict[str, list] = {"lookup": [], "get_value": [], "get_providers": [], "add_provider": []}
+
+        async def count():
+            for obj, name, kind in ((peer.dht.peer_routing, "find_closest_peers_network", "lookup"),
+                                    (peer.dht.value_store, "_get_from_peer", "get_value"),
+                                    (peer.dht.provider_store, "_get_providers_from_peer_with_closers", "get_providers"),
+                                    (peer.dht.provider_store, "_send_add_provider", "add_provider")):
+                def wrap(fn, kind):
+                    async def counted(*a, **kw):
+                        calls[kind].append(a[0])
+                        return await fn(*a, **kw)
+                    return counted
+                monkeypatch.setattr(obj, name, wrap(getattr(obj, name), kind))
+        await nodes[0].run_trio(count)
+        monkeypatch.setattr(dht_module, "LOOKUP_REUSE_S", 60.0)  # however slow the machine
+        assert ranges(await peer.find(MODEL)) == {nodes[i].peer_id: (i, i + 1) for i in range(4)}
+        await peer.announce(PeerRecord(model=MODEL, start=0, end=1))
+        others = {n.host.get_id() for n in nodes[1:]}
+        assert len(calls["lookup"]) <= 1  # (none when the initial poll's lookup is still fresh)
+        assert sorted(map(str, calls["get_value"])) == sorted(str(n.host.get_id()) for n in nodes[1:4])
+        assert set(calls["get_providers"]) == others and len(calls["get_providers"]) == 4  # the find's, no more
+        assert calls["add_provider"] == []
+        await nodes[3].close()  # now a peer that does not answer: its record comes from the nodes that store it
+        calls["get_value"].clear()
+        assert nodes[3].peer_id in ranges(await peer.find(MODEL))
+        assert len(calls["get_value"]) > 1
+    run_swarm(body)
 
 
 def test_clients_find_records_but_stay_out_of_routing_tables():
