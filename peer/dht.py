@@ -42,9 +42,10 @@ py-libp2p quirks handled (with a few private calls into its stores; pinned by li
     send ADD_PROVIDER if not, and ask again; the next republish retries what is still missing.
   * stored values are served without re-validation, and a bad peer serves anything: `find` verifies
     every value. The DHT's warning on every normally closed stream (StreamEOF) is filtered out.
-A find asks each provider for its own record (it holds its newest) and asks the peers that store a record
-(the closest to its key) only when its peer does not answer within OWN_RECORD_WAIT: a dead peer's record
-lingers there until it expires. (Asking every storer of every record cost a swarm of n peers n^2 requests
+A serving peer's find (every refresh) asks each provider for its own record (it holds its newest) and the
+peers that store a record (the closest to its key) only when its peer does not answer within OWN_RECORD_WAIT:
+a dead peer's record lingers there until it expires. A client's find (at its start, on a failover) asks all
+of them at once, so that a dead peer costs it no wait. (Asking every storer of every record cost a swarm of n peers n^2 requests
 a find, and idle peers most of their CPU: scripts/idle_peers.py.) For the same reason a lookup that found every
 node reads for any key for LOOKUP_REUSE_S (a refresh looks up once, not four times), and a node that listed us
 as a provider of a key (a find's answer shows it) is not asked again for a TTL.
@@ -308,12 +309,12 @@ class SwarmDHT:
         return [r for r in records if r is not None]
 
     async def _get_record_trio(self, model: str, peer_id: ID, peers: list[ID] | None = None) -> PeerRecord | None:
-        """The newest valid record of `peer_id` for `model`, from our store and the peer itself (it holds its
-        newest); only when it does not answer within OWN_RECORD_WAIT (dead, unreachable, slow, lying) from the
-        closest peers of its key instead (`peers`, or looked up)."""
+        """The newest valid record of `peer_id` for `model`, from our store and the closest peers of its key
+        (`peers`, or looked up); a serving peer asks the peer itself first (it holds its newest) and the others
+        only when it does not answer within OWN_RECORD_WAIT (dead, unreachable, slow, lying)."""
         store, key_bytes = self.dht.value_store, record_key(model, str(peer_id)).encode()
         answers = [store.get(key_bytes)]
-        if peer_id != self.node.host.get_id():
+        if self.server and peer_id != self.node.host.get_id():  # (a client asks all at once: no waiting)
             own = None
             with trio.move_on_after(OWN_RECORD_WAIT):
                 try:
