@@ -313,9 +313,11 @@ class SwarmDHT:
         (`peers`, or looked up); a serving peer asks the peer itself first (it holds its newest) and the others
         only when it does not answer within OWN_RECORD_WAIT (dead, unreachable, slow, lying)."""
         store, key_bytes = self.dht.value_store, record_key(model, str(peer_id)).encode()
-        answers = [store.get(key_bytes)]
-        if self.server and peer_id != self.node.host.get_id():  # (a client asks all at once: no waiting)
-            own = None
+        answers, asked = [store.get(key_bytes)], None
+        if peer_id == self.node.host.get_id():
+            return self._newest(model, peer_id, answers)  # ours: our store has the newest
+        if self.server:  # (a client asks all at once: a dead peer costs it no wait)
+            own, asked = None, peer_id
             with trio.move_on_after(OWN_RECORD_WAIT):
                 try:
                     own = await store._get_from_peer(peer_id, key_bytes, return_record=True)
@@ -323,10 +325,10 @@ class SwarmDHT:
                     log.debug("DHT request to %s failed: %r", peer_id, exc)
             if self._newest(model, peer_id, [own]) is not None:  # its own, valid: the newest there is
                 return self._newest(model, peer_id, [*answers, own])
-            if peers is None:
-                peers = await self._closest_trio(hashlib.sha256(key_bytes).digest())
-            answers += await self._each_trio([p for p in peers if p != peer_id],
-                                             lambda peer: store._get_from_peer(peer, key_bytes, return_record=True))
+        if peers is None:
+            peers = await self._closest_trio(hashlib.sha256(key_bytes).digest())
+        answers += await self._each_trio([p for p in peers if p != asked],
+                                         lambda peer: store._get_from_peer(peer, key_bytes, return_record=True))
         return self._newest(model, peer_id, answers)
 
     @staticmethod
