@@ -49,8 +49,8 @@ of them at once, so that a dead peer costs it no wait. (Asking every storer of e
 a find, and idle peers most of their CPU: scripts/idle_peers.py.) For the same reason a lookup that found every
 node reads for any key for LOOKUP_REUSE_S (a refresh looks up once, not four times), and a node that listed us
 as a provider of a key (a find's answer shows it) is not asked again for a TTL.
-Limits: at most 20 peers per model and epoch are visible (shard the provider key to go beyond), and
-Sybil peers can fill those slots; clocks must agree to within a fraction of the TTL; in a swarm of
+Limits: at most 20 peers per model and epoch are visible at one node (shard the provider key to go beyond;
+peer/kad.py keeps the newest 20, so peers that died give way), and Sybil peers can crowd those slots; clocks must agree to within a fraction of the TTL; in a swarm of
 over 20 DHT nodes a find costs one lookup per peer found that does not answer (below that, one lookup
 finds them all).
 """
@@ -300,8 +300,8 @@ class SwarmDHT:
         providers = {p.peer_id for p in store.get_providers(key)}
         providers.update(p.peer_id for answer in answers if answer for p in answer[0])
         for peer, answer in zip(closest, answers):
-            if answer:
-                self._lists_us(key, peer, answer[0])
+            if answer and not self._lists_us(key, peer, answer[0]):
+                self._listed.pop((key, peer), None)  # (dropped us: our next announce adds us again)
         # A lookup that found fewer than k peers found them all: they are the closest to any key.
         everyone = closest if len(closest) < BUCKET_SIZE - 1 else None
         records = await self._each_trio(list(providers), lambda pid: self._get_record_trio(model, pid, everyone),

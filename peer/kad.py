@@ -2,7 +2,8 @@
 
 `RecordValidator`: honest nodes store only valid records (peer/record.py) under their own key, and keep the
 newest. `ServerKadDHT`: a server-mode KadDHT whose routing table holds servers only (`offers_kad`: identify
-lists the KAD protocol). `not_eof_warning`: drops the DHT's warning on every normally closed stream.
+lists the KAD protocol), whose provider lists keep the newest k providers of a key (py-libp2p's keep the
+first k). `not_eof_warning`: drops the DHT's warning on every normally closed stream.
 
 Knows py-libp2p's KadDHT, peer store and identify, and the record rules; nothing of announcing or finding
 records (peer/dht.py does both).
@@ -16,7 +17,7 @@ from typing import Any
 
 import trio
 from libp2p.kad_dht import KadDHT
-from libp2p.kad_dht.common import PROTOCOL_ID
+from libp2p.kad_dht.common import BUCKET_SIZE, PROTOCOL_ID
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStoreError
@@ -57,10 +58,30 @@ class ServerKadDHT(KadDHT):
     closer peer, long after it has gone. Here such a peer is added only if identify (which the host
     runs on every new connection) lists the KAD protocol among its own."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.provider_store.add_provider = _newest_providers(self.provider_store)
+
     async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
         if skip_server_mode_check and not await offers_kad(self.host, peer_id):
             return False
         return await super().add_peer(peer_id, skip_server_mode_check=skip_server_mode_check)
+
+
+def _newest_providers(store: Any):
+    """py-libp2p lists at most k (20) providers of a key and then ignores new ones for 48 h: in a swarm whose
+    peers come and go, the dead filled the list and peers that joined later went unseen through this node.
+    Here a new provider takes the place of the one that announced itself longest ago; a live peer whose entry
+    went re-adds itself at its next refresh (peer/dht.py checks), so the dead go first."""
+    add = store.add_provider
+
+    def add_provider(key: bytes, provider: Any) -> None:
+        entries = store.providers.get(key)
+        if provider and provider.peer_id and entries and len(entries) >= BUCKET_SIZE and \
+                str(provider.peer_id) not in entries:
+            del entries[min(entries, key=lambda p: entries[p].timestamp)]
+        add(key, provider)
+    return add_provider
 
 
 async def offers_kad(host: Any, peer_id: ID, wait: float = IDENTIFY_WAIT) -> bool:

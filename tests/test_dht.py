@@ -8,6 +8,7 @@ import os
 import time
 
 import pytest
+import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.records.record import make_signed_put_record
@@ -299,6 +300,27 @@ def test_a_refresh_asks_each_node_once_or_not_at_all(monkeypatch):
         assert nodes[3].peer_id in ranges(await peer.find(MODEL))
         assert len(calls["get_value"]) > 1
     run_swarm(body)
+
+
+def test_a_full_provider_list_makes_room_for_the_newest():
+    """py-libp2p's provider list ignores new providers once it holds 20 (for 48 h): a churning swarm's dead
+    filled it and later peers went unseen. Ours drops the entry that announced itself longest ago."""
+    from libp2p.peer.peerinfo import PeerInfo
+
+    async def body(nodes, dhts):
+        async def fill() -> tuple[list[str], list[str]]:
+            store, key = dhts[0].dht.provider_store, b"k" * 32
+            ids = [ID.from_pubkey(create_new_key_pair().public_key) for _ in range(22)]
+            for pid in ids[:20]:
+                store.add_provider(key, PeerInfo(pid, []))
+                await trio.sleep(0.001)
+            store.add_provider(key, PeerInfo(ids[5], []))  # one already listed announces again: nobody goes
+            store.add_provider(key, PeerInfo(ids[20], []))  # full: the longest ago (ids[0]) goes
+            store.add_provider(key, PeerInfo(ids[21], []))  # then ids[1] (ids[5] is newer now)
+            return [str(p.peer_id) for p in store.get_providers(key)], [str(p) for p in ids]
+        listed, ids = await nodes[0].run_trio(fill)
+        assert len(listed) == 20 and set(listed) == set(ids[2:])
+    run_swarm(body, n=2)
 
 
 def test_clients_find_records_but_stay_out_of_routing_tables():
