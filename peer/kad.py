@@ -56,7 +56,8 @@ class ServerKadDHT(KadDHT):
     that opens a KAD stream to it (`add_peer(..., skip_server_mode_check=True)`), assuming that whoever
     asks is a server too: a client-mode node would stay in the table, and be handed to others as a
     closer peer, long after it has gone. Here such a peer is added only if identify (which the host
-    runs on every new connection) lists the KAD protocol among its own."""
+    runs on every new connection) lists the KAD protocol among its own. Its provider lists keep the newest
+    providers (`_newest_providers`)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
