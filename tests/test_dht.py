@@ -254,9 +254,8 @@ def test_close_goes_offline_and_vanished_peers_expire(monkeypatch):
         offline = [r for r in await client.find(MODEL, include_offline=True) if r.peer_id == nodes[1].peer_id]
         assert [r.state for r in offline] == ["offline"]
 
-        await nodes[2].close()  # vanishes without a word: its record lingers where it is stored, until it expires
+        await nodes[2].close()  # vanishes without a word: gone once its record expires
         t0 = time.monotonic()
-        assert ranges(await client.find(MODEL)) == {nodes[2].peer_id: (4, 8)}  # asked the storers, not the peer
         found = await poll(lambda: client.find(MODEL, include_offline=True),
                            lambda recs: nodes[2].peer_id not in ranges(recs), within=ttl + 5)
         assert nodes[2].peer_id not in ranges(found)
