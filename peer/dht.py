@@ -45,14 +45,14 @@ py-libp2p quirks handled (with a few private calls into its stores; pinned by li
 A serving peer's find (every refresh) asks each provider for its own record (it holds its newest) and the
 peers that store a record (the closest to its key) only when its peer does not answer within OWN_RECORD_WAIT:
 a dead peer's record lingers there until it expires. A client's find (at its start, on a failover) asks all
-of them at once, so that a dead peer costs it no wait. (Asking every storer of every record cost a swarm of n peers n^2 requests
-a find, and idle peers most of their CPU: scripts/idle_peers.py.) For the same reason a lookup that found every
-node reads for any key for LOOKUP_REUSE_S (a refresh looks up once, not four times), and a node that listed us
-as a provider of a key (a find's answer shows it) is not asked again for a TTL.
+of them at once, so that a dead peer costs it no wait. (Asking every storer of every record cost a swarm of
+n peers n^2 requests a find, and idle peers most of their CPU: scripts/idle_peers.py.) For the same reason a
+lookup that found every node reads for any key for LOOKUP_REUSE_S (a refresh looks up once, not four times),
+and a node that listed us as a provider of a key (a find's answer shows it) is not asked again for a TTL.
 Limits: at most 20 peers per model and epoch are visible at one node (shard the provider key to go beyond;
-peer/kad.py keeps the newest 20, so peers that died give way), and Sybil peers can crowd those slots; clocks must agree to within a fraction of the TTL; in a swarm of
-over 20 DHT nodes a find costs one lookup per peer found that does not answer (below that, one lookup
-finds them all).
+peer/kad.py keeps the newest 20, so peers that died give way), and Sybil peers can crowd those slots; clocks
+must agree to within a fraction of the TTL; in a swarm of over 20 DHT nodes a find costs one lookup per peer
+found that does not answer (below that, one lookup finds them all).
 """
 
 from __future__ import annotations
@@ -300,8 +300,8 @@ class SwarmDHT:
         providers = {p.peer_id for p in store.get_providers(key)}
         providers.update(p.peer_id for answer in answers if answer for p in answer[0])
         for peer, answer in zip(closest, answers):
-            if answer and not self._lists_us(key, peer, answer[0]):
-                self._listed.pop((key, peer), None)  # (dropped us: our next announce adds us again)
+            if answer:
+                self._lists_us(key, peer, answer[0])
         # A lookup that found fewer than k peers found them all: they are the closest to any key.
         everyone = closest if len(closest) < BUCKET_SIZE - 1 else None
         records = await self._each_trio(list(providers), lambda pid: self._get_record_trio(model, pid, everyone),
@@ -323,8 +323,8 @@ class SwarmDHT:
                     own = await store._get_from_peer(peer_id, key_bytes, return_record=True)
                 except Exception as exc:
                     log.debug("DHT request to %s failed: %r", peer_id, exc)
-            if self._newest(model, peer_id, [own]) is not None:  # its own, valid: the newest there is
-                return self._newest(model, peer_id, [*answers, own])
+            if (rec := self._newest(model, peer_id, [own])) is not None:
+                return rec  # its own, valid: the newest there is
         if peers is None:
             peers = await self._closest_trio(hashlib.sha256(key_bytes).digest())
         answers += await self._each_trio([p for p in peers if p != asked],
@@ -348,10 +348,12 @@ class SwarmDHT:
         return best
 
     def _lists_us(self, key: bytes, peer: ID, providers: list[PeerInfo]) -> bool:
-        """Whether `peer`'s answer lists us as a provider of `key` (remembered: `_provide_trio` asks again later)."""
+        """Whether `peer`'s answer lists us as a provider of `key`, remembered for `_provide_trio` (a node that
+        dropped us is forgotten: our next announce adds us there again)."""
         if any(p.peer_id == self.node.host.get_id() for p in providers):
             self._listed[(key, peer)] = time.monotonic()
             return True
+        self._listed.pop((key, peer), None)
         return False
 
     async def _closest_trio(self, key: bytes) -> list[ID]:

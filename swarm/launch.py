@@ -123,6 +123,14 @@ class PeerProcess:
         self.proc.kill()
         self.proc.wait()
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the peer has used so far (Linux /proc; NaN where unknown: gone, not Linux)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+
 
 def stop_peers(peers: list[PeerProcess], timeout: float = 10.0) -> None:
     """Stop peers in parallel: SIGTERM to all, then wait for all (SIGKILL to any still there after `timeout`)."""

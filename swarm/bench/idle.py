@@ -2,29 +2,22 @@
 
 `idle_cpu` starts `peers` loopback peers of a model, each choosing its own blocks (half the model's, so
 every block has replicas and peers look at each other to rebalance), with record TTL `ttl`; after `warmup`
-seconds it reads each peer process's CPU time (user + system, /proc: Linux) over `window` seconds. An
+seconds it reads each peer process's CPU time (`PeerProcess.cpu_seconds`) over `window` seconds. An
 idle peer's work is its record: refreshed every TTL/3 (the DHT lookups that find the swarm, the Info
 probes of other peers, the announcement), so the cost grows with the swarm and shrinks with the TTL.
 Several TTLs run one after another in one call, each with a fresh swarm.
 
-Knows swarm.launch (peer processes) and /proc; nothing of protocols, DHTs or sessions.
+Knows swarm.launch (peer processes and their CPU time); nothing of protocols, DHTs or sessions.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from swarm.launch import PeerProcess, stop_peers
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def idle_cpu(model: str | Path, num_blocks: int, peers: int, ttl: float, warmup: float, window: float,
@@ -41,9 +34,9 @@ def idle_cpu(model: str | Path, num_blocks: int, peers: int, ttl: float, warmup:
         for p in procs[1:]:
             p.wait_ready()
         time.sleep(warmup)
-        before, t0 = [cpu_seconds(p.proc.pid) for p in procs], time.monotonic()
+        before, t0 = [p.cpu_seconds() for p in procs], time.monotonic()
         time.sleep(window)
-        after, dt = [cpu_seconds(p.proc.pid) for p in procs], time.monotonic() - t0
+        after, dt = [p.cpu_seconds() for p in procs], time.monotonic() - t0
     finally:
         stop_peers(procs)
     pct = [round(100 * (b - a) / dt, 1) for a, b in zip(before, after)]

@@ -22,7 +22,6 @@ or where prompts come from (token ids in).
 from __future__ import annotations
 
 import math
-import os
 import re
 import resource
 import threading
@@ -229,13 +228,7 @@ def cpu_seconds(swarm: Swarm) -> list[float]:
     NaN where unknown). The client's count includes every configuration's client (all idle but one)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out = [usage.ru_utime + usage.ru_stime]
-    for p in swarm.peers:
-        try:
-            fields = Path(f"/proc/{p.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            out.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
-        except (OSError, ValueError, IndexError):
-            out.append(float("nan"))
-    return out
+    return out + [p.cpu_seconds() for p in swarm.peers]
 
 
 def median_run(rows: list[dict]) -> dict:
