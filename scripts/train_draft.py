@@ -43,6 +43,9 @@ The target is a Hugging Face checkpoint directory (`--target DIR`: config.json, 
 tokenizer); `--gguf FILE` converts the published GGUF file first (with `peer.model.gguf.convert_gguf`
 when available, else transformers' GGUF loader, which needs `gguf` and `accelerate`).
 
+`--init DIR` warm-starts the trained blocks from an earlier draft (e.g. the shipped one) instead of target blocks:
+more data and steps on top of a finished run, without redoing it.
+
 Presets: `--preset cpu` (default; about 80 minutes on 2 shared CPU cores) and `--preset gpu` (one CUDA
 GPU: every prompt answered several times, longer answers, more steps). A smoke run:
 
@@ -536,6 +539,29 @@ def make_draft(target, n_layers: int, bottom: int = 0):
     return draft.float(), ids
 
 
+def warm_start(draft, init: Path) -> str:
+    """Load an earlier draft's own tensors (`own_tensors`' names) into `draft`, which must have its shape and shared
+    bottom; returns what the report names as the blocks' origin."""
+    from safetensors.torch import load_file
+
+    if not (init / "layers.safetensors").is_file():
+        sys.exit(f"train_draft: --init {init}: no layers.safetensors there")
+    bottom = getattr(draft, "specswarm_bottom", 0)
+    theirs = load_file(str(init / "layers.safetensors"))
+    ours = own_tensors(draft)
+    if set(theirs) != set(ours) or any(theirs[k].shape != ours[k].shape for k in ours):
+        sys.exit(f"train_draft: --init {init}: its tensors do not match a draft of --layers {len(draft.model.layers)} "
+                 f"over --bottom {bottom}")
+    state = {}
+    for k, v in theirs.items():
+        if k.startswith("model.layers."):
+            i, rest = k[len("model.layers."):].split(".", 1)
+            k = f"model.layers.{int(i) - bottom}.{rest}"
+        state[k] = v.float()
+    draft.load_state_dict(state, strict=False)
+    return f"warm start from {init}"
+
+
 def own_tensors(draft) -> dict[str, torch.Tensor]:
     """What the draft stores: its trained blocks (numbered after the target's shared bottom blocks) and
     final norm (no embeddings, no lm_head, no shared block)."""
@@ -775,6 +801,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, help="answer length (override the preset)")
     ap.add_argument("--samples-per-prompt", type=int, help="answers per train prompt (override the preset)")
     ap.add_argument("--lr", type=float, help="peak learning rate (override the preset)")
+    ap.add_argument("--init", type=Path, help="start from this draft's trained blocks and norm (a directory this "
+                    "script wrote, e.g. the shipped swarm/models/smollm2-135m-draft) instead of target blocks")
     ap.add_argument("--eval-every", type=int, help="held-out evaluation + checkpoint every N steps (override)")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop training after this long (0: no cap)")
     ap.add_argument("--engine-prompts", type=int, default=12, help="held-out prompts for the engine evaluation")
@@ -896,6 +924,8 @@ def main(argv=None):
 
     # 4-5. the draft and its distillation
     draft, layer_ids = make_draft(target, p.layers, p.bottom)
+    if args.init:
+        layer_ids = warm_start(draft, args.init)
     draft.to(dev)
     meta = dict(target="SmolLM2-135M-Instruct", shared_target_layers=list(range(p.bottom)),
                 trained_layers_from_target=layer_ids, seed=args.seed)
