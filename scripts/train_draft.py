@@ -815,6 +815,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.init and not (args.init / "layers.safetensors").is_file():  # before the long data stages, not after
+        sys.exit(f"train_draft: --init {args.init}: no layers.safetensors there")
     t_start = start_run(args.seed, args.threads)
     dev = torch.device(args.device)
     amp = pick_amp(args.amp, dev)
