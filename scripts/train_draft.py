@@ -539,15 +539,21 @@ def make_draft(target, n_layers: int, bottom: int = 0):
     return draft.float(), ids
 
 
+def init_weights(init: Path) -> Path:
+    """The `--init` draft's weight file, or one line and exit 1."""
+    path = init / "layers.safetensors"
+    if not path.is_file():
+        sys.exit(f"train_draft: --init {init}: no layers.safetensors there")
+    return path
+
+
 def warm_start(draft, init: Path) -> str:
     """Load an earlier draft's own tensors (`own_tensors`' names) into `draft`, which must have its shape and shared
     bottom; returns what the report names as the blocks' origin."""
     from safetensors.torch import load_file
 
-    if not (init / "layers.safetensors").is_file():
-        sys.exit(f"train_draft: --init {init}: no layers.safetensors there")
+    theirs = load_file(str(init_weights(init)))
     bottom = getattr(draft, "specswarm_bottom", 0)
-    theirs = load_file(str(init / "layers.safetensors"))
     ours = own_tensors(draft)
     if set(theirs) != set(ours) or any(theirs[k].shape != ours[k].shape for k in ours):
         sys.exit(f"train_draft: --init {init}: its tensors do not match a draft of --layers {len(draft.model.layers)} "
@@ -815,8 +821,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.init and not (args.init / "layers.safetensors").is_file():  # before the long data stages, not after
-        sys.exit(f"train_draft: --init {args.init}: no layers.safetensors there")
+    if args.init:
+        init_weights(args.init)  # a wrong path fails before the long data stages, not after
     t_start = start_run(args.seed, args.threads)
     dev = torch.device(args.device)
     amp = pick_amp(args.amp, dev)
