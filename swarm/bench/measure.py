@@ -155,12 +155,13 @@ def predict_seconds(mode: Mode, result, prompt_tokens: int, timings: ChainTiming
 
 def _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, links):
     """Probes and runs, interleaved: ([probe, ...], [(mode, result, prompt tokens, rounds or None), ...])."""
+    greedy = not any(mode.temperature for mode in modes)  # what the client's head costs depends on it
     policies = {}  # per speculative setting: the round policy as the last run left it
     memories = {}  # ... and the n-grams of its earlier runs (each prompt runs once per mode: never its own)
     probes, done = [], []
     for i, prompt in enumerate(prompts):
         if i % probe_every == 0:
-            probes.append(probe(model, draft, prompt, reps, bar, links))
+            probes.append(probe(model, draft, prompt, reps, bar, links, greedy))
         for mode in modes:  # interleaved, so background load hits every mode alike
             if mode.spec is not None and draft is None:
                 continue
@@ -173,7 +174,7 @@ def _runs(model, draft, prompts, new_tokens, modes, reps, bar, probe_every, link
                 rounds = list(getattr(result.policy, "rounds", None) or []) or None
             done.append((mode, result, len(prompt), rounds))
             bar.update(1)
-    probes.append(probe(model, draft, prompts[-1], reps, bar, links))  # and after the last: probes bracket the runs
+    probes.append(probe(model, draft, prompts[-1], reps, bar, links, greedy))  # and after the last: probes bracket the runs
     return probes, done
 
 

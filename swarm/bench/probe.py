@@ -139,8 +139,10 @@ async def _network(model, reps: int, progress, links: EmulatedLinks | None) -> d
 
 
 # --- the client -----------------------------------------------------------------------------------
-def _head_costs(head, reps: int) -> dict[int, float]:
-    """ms of the client's own work for a step of n tokens: embed, LM head, token probabilities."""
+def _head_costs(head, reps: int, greedy: bool = True) -> dict[int, float]:
+    """ms of the client's own work for a step of n tokens as the runs do it: embed, then greedy the LM head's
+    argmax (`ModelHead.argmax`: from a bfloat16 copy and a bound where that pays), else the logits and token
+    probabilities."""
     out = {}
     for n in STEP_SIZES:
         ids = torch.randint(0, head.cfg.vocab_size, (n,))
@@ -148,7 +150,10 @@ def _head_costs(head, reps: int) -> dict[int, float]:
         for _ in range(reps + 1):
             t0 = time.perf_counter()
             hidden = head.embed(ids)
-            token_probs(head.logits(hidden), SamplingParams()).argmax(-1).tolist()
+            if greedy:
+                head.argmax(hidden).tolist()
+            else:
+                token_probs(head.logits(hidden), SamplingParams()).argmax(-1).tolist()
             times.append(1000 * (time.perf_counter() - t0))
         out[n] = statistics.median(times[1:])
     return out
@@ -221,12 +226,13 @@ def _push_hops(net: dict) -> list[float]:
 
 
 def probe(model, draft: LocalModel | None, prompt: list[int], reps: int = 5, progress=None,
-          links: EmulatedLinks | None = None) -> dict:
+          links: EmulatedLinks | None = None, greedy: bool = True) -> dict:
     """One round of every probe of the model's current route: raw numbers (see `timings_from`).
-    `links`: where to ping the links between peers of an emulated WAN (else what peers published)."""
+    `links`: where to ping the links between peers of an emulated WAN (else what peers published);
+    `greedy`: the runs decode greedily (the client's head cost is then its argmax's, not the logits')."""
     progress = progress or NoProgress()
     net = model.bg.run(_network(model, reps, progress, links))
-    net["head"] = _head_costs(model.head, reps)
+    net["head"] = _head_costs(model.head, reps, greedy)
     net["draft"] = _draft_costs(draft, prompt, reps) if draft is not None else (0.0, 0.0)
     net["draft_prefill"] = _draft_prefill(draft, reps) if draft is not None else {1: 0.0}
     progress.update(1)
