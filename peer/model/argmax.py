@@ -1,26 +1,27 @@
 """Greedy tokens from a float32 LM head at about the cost of a bfloat16 one, with the float32 answer.
 
 Greedy decoding and greedy verification need only the argmax of each row's logits, not the logits. On a CPU
-with fast bfloat16 matmuls (SmolLM2's 49152 x 576 head on this project's CPU: float32 11 ms for one row and
-24 ms for nine, bfloat16 7.5-9 ms for either, 3-4.5 packed for oneDNN: `packed`; on the Intel build machine with
-AMX, float32 7.8 / 31 ms for 1 / 9 rows, certified 5.6 / 8.3 all told), `CertifiedArgmax` computes every logit in bfloat16 and bounds
-how far each can be from the float32 logit: the inputs and weights are rounded to bfloat16 (relative error
-u = 2^-8 each), the bfloat16 result too (u of itself), and both sides accumulate in float32 (about d * 2^-24
-of the sum of |x_i w_i|); by Cauchy-Schwarz that sum is at most |x| |w_j|, so logit j lies within
+with fast bfloat16 matmuls (SmolLM2's 49152 x 576 head on the AMD EPYC build machine: float32 11 ms for one row
+and 24 ms for nine, bfloat16 7.5-9 ms for either, 3-4.5 packed for oneDNN: `packed`; on the Intel one with AMX,
+float32 7.8 / 31 ms for 1 / 9 rows, packed bfloat16 3.5 for either), `CertifiedArgmax` computes every logit in
+bfloat16 and bounds how far each can be from the float32 logit: the inputs and weights are rounded to bfloat16
+(relative error u = 2^-8 each), the bfloat16 result too (u of itself), and both sides accumulate in float32
+(about d * 2^-24 of the sum of |x_i w_i|); by Cauchy-Schwarz that sum is at most |x| |w_j|, so logit j lies within
 
     B_j = (2u + u^2 + 2(d + 2) 2^-24) |x| |w_j| + 1.01 u |low_j|
 
 of its bfloat16 value. Every token whose upper bound reaches the largest lower bound is a candidate (the
-float32 argmax is certainly among them; found in two passes over the row, its max and a comparison with one
-bound for the whole row, then the exact bounds of the few near the top: on SmolLM2's logits about 3-11 of
-49152), and their float32 logits decide, one small matrix-vector product per row. The answer is the float32 head's
-argmax up to float32's own rounding, the same tolerance as a float32 verification step of several rows
-against a 1-row step (a different BLAS kernel); ties go to the smaller id, as `torch.argmax`'s do.
+float32 argmax is certainly among them; found in two passes over the rows, their max and a comparison with one
+bound per row, then the exact bounds of the few near the top: on SmolLM2's logits about 3-11 of 49152), and
+their float32 logits decide: each candidate's own dot product, all rows' at once, so a row's token does not
+depend on the other rows of its call (no batch variance between a 1-token step and a verification step). The
+answer is the float32 head's argmax up to float32's own rounding (a BLAS kernel sums in another order); ties go
+to the smaller id, as `torch.argmax`'s do.
 
 Used only where it pays: a float32 head on a CPU, large enough (`MIN_WEIGHTS`), whose bfloat16 copy is not too
 large (`MAX_COPY_BYTES`), and where a one-off timing finds bfloat16 at most 0.8x float32 (CPUs without
-bfloat16 instructions emulate it and lose). Knows a weight matrix and hidden rows; nothing of models, sessions
-or peers.
+bfloat16 instructions emulate it and lose), for 1 row and for several apart (`worth_it`). Knows a weight
+matrix and hidden rows; nothing of models, sessions or peers.
 """
 
 from __future__ import annotations
@@ -74,17 +75,21 @@ class CertifiedArgmax:
         big = (a * self.max_norm + self.c_self * top.abs()) / (1 - 2 * self.c_self)
         floor = top - 2 * big
         maybe = low >= (floor - floor.abs() * 2.0 ** -7).to(torch.bfloat16)[:, None]
-        out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-        for r in range(x.shape[0]):
-            ids = maybe[r].nonzero()[:, 0]
-            if len(ids) > 1:  # the exact bounds of the few left
-                near = low[r, ids].float()
-                bound = a[r] * self.norms[ids] + self.c_self * near.abs()
-                ids = ids[near + bound >= (near - bound).max()]
-            self.candidates += len(ids)
-            out[r] = ids[0] if len(ids) == 1 else ids[F.linear(x[r:r + 1], self.weight[ids])[0].argmax()]
+        rows, ids = maybe.nonzero().unbind(1)  # (row, token) pairs left, row by row
+        near = low[rows, ids].float()  # their exact bounds now
+        bound = a[rows] * self.norms[ids] + self.c_self * near.abs()
+        best_low = torch.full((x.shape[0],), -torch.inf).scatter_reduce(0, rows, near - bound, "amax")
+        keep = near + bound >= best_low[rows]
+        rows, ids = rows[keep], ids[keep]
+        self.candidates += len(ids)
         self.rows += x.shape[0]
-        return out
+        # float32 decides among every row's candidates, each logit a dot product of its own (the same whatever
+        # else the step holds: no batch variance between a 1-row step and a verification step); a tie goes to
+        # the smaller id, as torch.argmax's does
+        exact = (x[rows] * self.weight[ids]).sum(-1)
+        best = torch.full((x.shape[0],), -torch.inf).scatter_reduce(0, rows, exact, "amax")
+        win = exact == best[rows]
+        return torch.full((x.shape[0],), len(self.weight), dtype=torch.long).scatter_reduce(0, rows[win], ids[win], "amin")
 
 
 def copy_bytes(vocab: int, hidden: int, dtype: torch.dtype) -> int:
@@ -94,23 +99,38 @@ def copy_bytes(vocab: int, hidden: int, dtype: torch.dtype) -> int:
     return 2 * weights if dtype == torch.float32 and MIN_WEIGHTS <= weights and 2 * weights <= MAX_COPY_BYTES else 0
 
 
-def worth_it(weight: torch.Tensor, reps: int = 5) -> bool:
-    """Whether a certified argmax pays for `weight` here: float32 on a CPU, at least MIN_WEIGHTS weights, a copy
-    of at most MAX_COPY_BYTES, and bfloat16 at most PAYS_BELOW of float32's time on 1 and on 8 rows (medians).
-    The whole matrix is timed (about 0.3 s once for SmolLM2's head): a slice small enough to stay in a cache
-    hides what decides it, a large head's product is bound by memory (an 8192-row slice on the Intel build
-    machine: bfloat16 0.72-0.84x float32 at 1-3 rows; the whole head: 0.41-0.45x, and 0.11x at 8 rows)."""
+def worth_it(weight: torch.Tensor, reps: int = 7) -> tuple[bool, bool]:
+    """Whether a certified argmax pays for `weight` here, (for 1 row, for several rows): float32 on a CPU, at least
+    MIN_WEIGHTS weights, a copy of at most MAX_COPY_BYTES, and bfloat16 at most PAYS_BELOW of float32's time on 1
+    row, and on 8 rows for the several (medians, the two taking turns so that load hits them alike). The two are
+    decided apart: on a loaded machine 1 row is a close call (bfloat16 0.23-0.9x float32 from one timing to the
+    next on the Intel build machine under a training run), 8 rows never is (0.12-0.2x). The whole matrix is
+    timed (about 0.4 s once for SmolLM2's head): a slice small enough to stay in a cache hides what decides it,
+    a large head's product is bound by memory (an 8192-row slice on the Intel machine, quiet: bfloat16 0.72-0.84x
+    float32 at 1-3 rows; the whole head 0.41-0.45x)."""
     if weight.device.type != "cpu" or weight.dim() != 2 or not copy_bytes(*weight.shape, weight.dtype):
-        return False
+        return False, False
     high = weight.detach()
     low = packed_product(high.to(torch.bfloat16))  # as `CertifiedArgmax.low` runs it
+    pays = []
     with torch.inference_mode():
         for rows in (1, 8):
             x = torch.randn(rows, weight.shape[1])
-            if median_seconds(lambda v: low(v.to(torch.bfloat16)).float(), x, reps) > PAYS_BELOW * \
-                    median_seconds(lambda v: F.linear(v, high), x, reps):
-                return False
-    return True
+            fast, slow = paired_medians(lambda v: low(v.to(torch.bfloat16)).float(), lambda v: F.linear(v, high), x, reps)
+            pays.append(fast <= PAYS_BELOW * slow)
+    return pays[0], pays[1]
+
+
+def paired_medians(fn, gn, x: torch.Tensor, reps: int) -> tuple[float, float]:
+    """The median seconds of fn(x) and of gn(x) over `reps` calls each, taking turns, after one call each to warm up."""
+    times: tuple[list, list] = ([], [])
+    for i in range(reps + 1):
+        for f, ts in ((fn, times[0]), (gn, times[1])):
+            t0 = time.perf_counter()
+            f(x)
+            if i:
+                ts.append(time.perf_counter() - t0)
+    return sorted(times[0])[reps // 2], sorted(times[1])[reps // 2]
 
 
 def median_seconds(fn, x: torch.Tensor, reps: int = 5) -> float:

@@ -322,6 +322,7 @@ class ModelHead(nn.Module):
         self._batched = BatchedCalls(self._logits)
         self._padding: dict[int, bool] = {}  # rows -> computed padded to PAD_TO rows (`_pads`)
         self.certified: CertifiedArgmax | bool | None = None  # `argmax`'s fast path; None: not decided yet
+        self.certified_for = (True, True)  # ... taken for 1 row, for several (`argmax.worth_it` decides them apart)
 
     @property
     def quant(self) -> str:
@@ -340,11 +341,14 @@ class ModelHead(nn.Module):
     @torch.inference_mode()
     def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """The greedy tokens [rows] after hidden states [rows, d]: `logits(hidden).argmax(-1)`, from a bfloat16 copy
-        of a float32 LM head and a bound where that pays (`argmax.CertifiedArgmax`, decided on first use)."""
+        of a float32 LM head and a bound where that pays (`argmax.CertifiedArgmax`, decided on first use, for 1 row and
+        for several apart)."""
         if self.certified is None:
             weight = self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else None
-            self.certified = CertifiedArgmax(weight) if weight is not None and worth_it(weight) else False
-        if self.certified is False:
+            pays = worth_it(weight) if weight is not None else (False, False)
+            self.certified = CertifiedArgmax(weight) if any(pays) else False
+            self.certified_for = pays if any(pays) else self.certified_for
+        if self.certified is False or not self.certified_for[hidden.dim() == 2 and len(hidden) > 1]:
             return self.logits(hidden).argmax(-1)
         return self.certified(self.norm(hidden.to(self.norm.weight.dtype)).float())
 
