@@ -167,7 +167,7 @@ def load_head(ckpt: Checkpoint, span: tuple[int, int], opts: PeerOptions):
         return None
     head = ckpt.load_head(opts.dtype, opts.device, opts.quant)
     log.info("loaded the head (final norm and LM head, vocabulary %d): clients may verify rounds here "
-             "(--no-head to refuse)", ckpt.config.vocab_size)
+             "(--no-head to refuse); greedy verdicts from %s", ckpt.config.vocab_size, head.decide_argmax())
     return head
 
 
