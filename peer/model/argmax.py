@@ -78,7 +78,7 @@ class CertifiedArgmax:
         rows, ids = maybe.nonzero().unbind(1)  # (row, token) pairs left, row by row
         near = low[rows, ids].float()  # their exact bounds now
         bound = a[rows] * self.norms[ids] + self.c_self * near.abs()
-        best_low = torch.full((x.shape[0],), -torch.inf).scatter_reduce(0, rows, near - bound, "amax")
+        best_low = torch.full((x.shape[0],), -torch.inf, device=x.device).scatter_reduce(0, rows, near - bound, "amax")
         keep = near + bound >= best_low[rows]
         rows, ids = rows[keep], ids[keep]
         self.candidates += len(ids)
@@ -87,9 +87,10 @@ class CertifiedArgmax:
         # else the step holds: no batch variance between a 1-row step and a verification step); a tie goes to
         # the smaller id, as torch.argmax's does
         exact = (x[rows] * self.weight[ids]).sum(-1)
-        best = torch.full((x.shape[0],), -torch.inf).scatter_reduce(0, rows, exact, "amax")
+        best = torch.full((x.shape[0],), -torch.inf, device=x.device).scatter_reduce(0, rows, exact, "amax")
         win = exact == best[rows]
-        return torch.full((x.shape[0],), len(self.weight), dtype=torch.long).scatter_reduce(0, rows[win], ids[win], "amin")
+        return torch.full((x.shape[0],), len(self.weight), dtype=torch.long, device=x.device).scatter_reduce(
+            0, rows[win], ids[win], "amin")
 
 
 def copy_bytes(vocab: int, hidden: int, dtype: torch.dtype) -> int:
