@@ -61,7 +61,8 @@ def main() -> None:
                     got = head.argmax(x)
                     times["argmax"].append(time.perf_counter() - t0)
             plain, logits, argmax = (1000 * statistics.median(times[k]) for k in ("plain", "logits", "argmax"))
-            per_row = f"{(cert.candidates - seen[0]) / (cert.rows - seen[1]):.1f}" if cert else "-"
+            used = cert.rows - seen[1] if cert else 0  # rows the certified path answered (this row count may not use it)
+            per_row = f"{(cert.candidates - seen[0]) / used:.1f}" if used else "-"
             print(f"{dtype:>9} | {n:>4} | {plain:12.2f} | {logits:16.2f} | {'yes' if head._padding.get(n) else 'no':>6} | "
                   f"{argmax:16.2f} | {per_row:>14} | {bool(torch.equal(got, want))}")
 
