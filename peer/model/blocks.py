@@ -343,7 +343,8 @@ class ModelHead(nn.Module):
         """The greedy tokens [rows] after hidden states [rows, d]: `logits(hidden).argmax(-1)`, from a bfloat16 copy
         of a float32 LM head and a bound where that pays (`argmax.CertifiedArgmax`, decided on first use, for 1 row and
         for several apart)."""
-        self.decide_argmax()
+        if self.certified is None:
+            self._decide_argmax()
         if self.certified is False or not self.certified_for[hidden.dim() == 2 and len(hidden) > 1]:
             return self.logits(hidden).argmax(-1)
         return self.certified(self.norm(hidden.to(self.norm.weight.dtype)).float())
@@ -352,15 +353,19 @@ class ModelHead(nn.Module):
         """Decide `argmax`'s path now (once: a one-off timing, ~0.4 s for SmolLM2's head; else on first use) and
         say which it is, for a log line."""
         if self.certified is None:
-            weight = self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else None
-            pays = worth_it(weight) if weight is not None else (False, False)
-            self.certified = CertifiedArgmax(weight) if any(pays) else False
-            self.certified_for = pays if any(pays) else self.certified_for
+            self._decide_argmax()
         if self.certified is False:
             return "float32 logits"
         return {(True, True): "a bfloat16 copy and a bound", (True, False): "a bfloat16 copy and a bound for 1 row, "
                 "float32 logits for several", (False, True): "float32 logits for 1 row, a bfloat16 copy and a bound "
                 "for several"}[self.certified_for]
+
+    def _decide_argmax(self) -> None:
+        weight = self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else None
+        pays = worth_it(weight) if weight is not None else (False, False)
+        self.certified = CertifiedArgmax(weight) if any(pays) else False
+        if any(pays):
+            self.certified_for = pays
 
     @torch.inference_mode()
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
