@@ -134,8 +134,9 @@ def test_a_last_peer_reserves_the_copy_of_a_large_float32_head():
 
 
 def test_a_smollm2_sized_head_pays_for_several_rows_where_the_cpu_has_bfloat16():
-    """A verification step's rows through a SmolLM2-sized head: bfloat16 0.12-0.2x float32 on a CPU with bfloat16
-    instructions, loaded or not, so the decision for several rows must not hang on 1 row's close call."""
+    """A verification step's rows through a SmolLM2-sized head: bfloat16 ~0.2x float32 on a CPU with bfloat16
+    instructions (`scripts/bench_bf16_rows.py`), so the decision for several rows must not hang on 1 row's close
+    call (~0.6x)."""
     import os
 
     import pytest

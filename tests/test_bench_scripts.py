@@ -134,3 +134,16 @@ def test_bench_rounds_breaks_a_run_down_by_kind_of_round():
     assert "plain push on the last prompt" in run.stdout and "(cold policy: left out)" in run.stderr
     bad = script("bench_rounds.py", "--model", "tiny", "--prompts", "1")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "--prompts >= 2" in bad.stderr
+
+
+@tiny
+def test_bench_bf16_rows_exact_variant_is_bit_identical_on_the_tiny_model():
+    """scripts/bench_bf16_rows.py's "exact" bfloat16 variant (per-row attention over a 1-token step's keys, linears
+    in calls of at most 16 rows): every row of a multi-token step equals its 1-token step, bit for bit."""
+    out = script("bench_bf16_rows.py", "--model", "tiny", "--blocks", "4", "--steps", "1", "5", "--prefill", "12",
+                 "--reps", "1")
+    assert out.returncode == 0, out.stderr
+    exact = next(line for line in out.stdout.splitlines() if "bfloat16 exact" in line)
+    assert "1/1 rows identical" in exact and "5/5 rows identical" in exact
+    bad = script("bench_bf16_rows.py", "--model", "tiny", "--blocks", "99")
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "the model has 4" in bad.stderr

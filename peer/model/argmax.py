@@ -3,7 +3,7 @@
 Greedy decoding and greedy verification need only the argmax of each row's logits, not the logits. On a CPU
 with fast bfloat16 matmuls (SmolLM2's 49152 x 576 head on the AMD EPYC build machine: float32 11 ms for one row
 and 24 ms for nine, bfloat16 7.5-9 ms for either, 3-4.5 packed for oneDNN: `packed`; on the Intel one with AMX,
-float32 7.8 / 31 ms for 1 / 9 rows, packed bfloat16 3.5 for either), `CertifiedArgmax` computes every logit in
+`scripts/bench_head_rows.py`: float32 8.5 / 29.6 ms for 1 / 9 rows, this way 5.7 / 7.9), `CertifiedArgmax` computes every logit in
 bfloat16 and bounds how far each can be from the float32 logit: the inputs and weights are rounded to bfloat16
 (relative error u = 2^-8 each), the bfloat16 result too (u of itself), and both sides accumulate in float32
 (about d * 2^-24 of the sum of |x_i w_i|); by Cauchy-Schwarz that sum is at most |x| |w_j|, so logit j lies within
@@ -104,11 +104,10 @@ def worth_it(weight: torch.Tensor, reps: int = 7) -> tuple[bool, bool]:
     """Whether a certified argmax pays for `weight` here, (for 1 row, for several rows): float32 on a CPU, at least
     MIN_WEIGHTS weights, a copy of at most MAX_COPY_BYTES, and bfloat16 at most PAYS_BELOW of float32's time on 1
     row, and on 8 rows for the several (medians, the two taking turns so that load hits them alike). The two are
-    decided apart: on a loaded machine 1 row is a close call (bfloat16 0.23-0.9x float32 from one timing to the
-    next on the Intel build machine under a training run), 8 rows never is (0.12-0.2x). The whole matrix is
-    timed (about 0.4 s once for SmolLM2's head): a slice small enough to stay in a cache hides what decides it,
-    a large head's product is bound by memory (an 8192-row slice on the Intel machine, quiet: bfloat16 0.72-0.84x
-    float32 at 1-3 rows; the whole head 0.41-0.45x)."""
+    decided apart: 1 row is the close call, 8 rows is not. The whole matrix is timed (about 0.4 s once for
+    SmolLM2's head): a slice small enough to stay in a cache hides what decides it, a large head's product being
+    bound by memory (`python scripts/bench_bf16_rows.py` on the Intel build machine: bfloat16 / float32 at 1 row
+    0.77x for an 8192-row slice, 0.59x for the whole head; 8 rows 0.27x / 0.18x)."""
     if weight.device.type != "cpu" or weight.dim() != 2 or not copy_bytes(*weight.shape, weight.dtype):
         return False, False
     high = weight.detach()
