@@ -5,9 +5,9 @@
    decision once timed). Medians, the two taking turns.
 2. The blocks in bfloat16, batch invariance: a step of n tokens after a prefill of P - 1 (as speculation sends its
    first round) against n 1-token steps after a prefill of P (as plain decoding), bit for bit, and ms per step,
-   for float32 and bfloat16 as the engine runs them and for an "exact" bfloat16 variant patched in here only
-   (not the engine's): each row's attention a call of its own over exactly the keys a 1-token step sees, linears
-   in calls of at most 16 rows. One torch thread.
+   for float32 and bfloat16, each as before and with rows computed as if alone (`peer.model.invariant`, what
+   the engine loads by default: linears in calls of a probed row-invariant span, attention in float64; the
+   load time includes the one-off probe). One torch thread.
 
     python scripts/bench_bf16_rows.py
     python scripts/bench_bf16_rows.py --blocks 15 --steps 1 9 17
@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from peer.model import StepLayout, layers, packed  # noqa: E402
+from peer.model import StepLayout, packed  # noqa: E402
 from peer.model.argmax import paired_medians  # noqa: E402
 from peer.model.checkpoint import Checkpoint  # noqa: E402
 from swarm.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
@@ -43,63 +42,46 @@ def head_ratios(ckpt: Checkpoint, reps: int) -> None:
                 print(f"  {name:>15}, {rows} row(s): {1e3 * fast:6.2f} / {1e3 * slow:6.2f} ms = {fast / slow:.2f}x")
 
 
-def exact_linear(self, x):
-    flat = x.reshape(-1, self.in_features).contiguous()
-    parts = [torch.ops.mkldnn._linear_pointwise(p, self.packed, self.bias, "none", [], "") for p in flat.split(16)]
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*x.shape[:-1], self.out_features)
-
-
-def exact_attend(self, q, k, v, seg, layer):
-    keys, values = seg.cache.write(layer, seg.start, k, v)
-    mask = seg.masks[self.window]
-    n, length = q.shape[2], keys.shape[2]
-    heads, kv, d = q.shape[1], keys.shape[1], q.shape[-1]
-    out = []
-    for j in range(n):
-        if mask is None:  # a 1-token step, or a prefill (causal): the row's prefix
-            seen = length - n + j + 1
-            kj, vj = keys[:, :, :seen], values[:, :, :seen]
-        else:
-            idx = mask.reshape(-1, length)[j].nonzero()[:, 0]
-            kj, vj = keys[:, :, idx], values[:, :, idx]
-        scores = torch.matmul(q[:, :, j:j + 1].reshape(1, kv, heads // kv, d), kj.transpose(-1, -2)).float() / math.sqrt(d)
-        out.append(torch.matmul(torch.softmax(scores, dim=-1).to(vj.dtype), vj).reshape(1, heads, 1, d))
-    return out[0] if n == 1 else torch.cat(out, dim=2)
+def step_row(blocks, e, steps: list[int], prefill: int, reps: int) -> list[str]:
+    """Per step size: median ms and how many rows are bit-identical to 1-token steps; then a prefill's ms."""
+    row = []
+    with torch.inference_mode():
+        for n in steps:
+            a, b = blocks.new_cache(len(e) + 1), blocks.new_cache(len(e) + 1)
+            blocks(e[:prefill - 1], a, StepLayout(0, prefill - 1))
+            blocks(e[:prefill], b, StepLayout(0, prefill))
+            multi = blocks(e[prefill - 1:prefill + n], a, StepLayout(prefill - 1, n + 1))[1:]
+            single = torch.cat([blocks(e[prefill + j:prefill + j + 1], b, StepLayout(prefill + j, 1)) for j in range(n)])
+            same = sum(bool(torch.equal(multi[j], single[j])) for j in range(n))
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                blocks(e[prefill:prefill + n], b, StepLayout(prefill, n))
+                times.append(1e3 * (time.perf_counter() - t0))
+            row.append(f"{n} tokens: {sorted(times)[reps // 2]:5.1f} ms, {same}/{n} rows identical")
+        t0 = time.perf_counter()
+        blocks(e[:prefill], blocks.new_cache(prefill), StepLayout(0, prefill))
+        row.append(f"prefill of {prefill}: {1e3 * (time.perf_counter() - t0):.0f} ms")
+    return row
 
 
 def blocks_table(ckpt: Checkpoint, n_blocks: int, steps: list[int], prefill: int, reps: int) -> None:
     print(f"blocks 0:{n_blocks}: a step after {prefill} positions, bit for bit against 1-token steps; ms (median of {reps})")
-    saved = packed.PackedLinear.forward, layers.Attention._attend
     ids = torch.randint(0, ckpt.config.vocab_size, (prefill + max(steps) + 1,), generator=torch.Generator().manual_seed(0))
-    for name, dtype, exact in (("float32", "float32", False), ("bfloat16", "bfloat16", False),
-                               ("bfloat16 exact", "bfloat16", True)):
-        head, blocks = ckpt.load_head(dtype, "cpu"), ckpt.load_blocks(0, n_blocks, dtype, "cpu")
-        if exact:
-            packed.PackedLinear.forward, layers.Attention._attend = exact_linear, exact_attend
-        try:
-            with torch.inference_mode():
-                e = head.embed(ids)
-                row = []
-                for n in steps:
-                    a, b = blocks.new_cache(len(ids) + 1), blocks.new_cache(len(ids) + 1)
-                    blocks(e[:prefill - 1], a, StepLayout(0, prefill - 1))
-                    blocks(e[:prefill], b, StepLayout(0, prefill))
-                    multi = blocks(e[prefill - 1:prefill + n], a, StepLayout(prefill - 1, n + 1))[1:]
-                    single = torch.cat([blocks(e[prefill + j:prefill + j + 1], b, StepLayout(prefill + j, 1))
-                                        for j in range(n)])
-                    same = sum(bool(torch.equal(multi[j], single[j])) for j in range(n))
-                    times = []
-                    for _ in range(reps):
-                        t0 = time.perf_counter()
-                        blocks(e[prefill:prefill + n], b, StepLayout(prefill, n))
-                        times.append(1e3 * (time.perf_counter() - t0))
-                    row.append(f"{n} tokens: {sorted(times)[reps // 2]:5.1f} ms, {same}/{n} rows identical")
-                t0 = time.perf_counter()
-                blocks(e[:prefill], blocks.new_cache(prefill), StepLayout(0, prefill))
-                row.append(f"prefill of {prefill}: {1e3 * (time.perf_counter() - t0):.0f} ms")
-        finally:
-            packed.PackedLinear.forward, layers.Attention._attend = saved
-        print(f"  {name:>14} | " + " | ".join(row))
+    for dtype in ("float32", "bfloat16"):
+        with torch.inference_mode():
+            e = ckpt.load_head(dtype, "cpu").embed(ids)
+        for invariant in (False, True):
+            name = dtype + (", rows as if alone" if invariant else ", as before")
+            t0 = time.perf_counter()
+            blocks = ckpt.load_blocks(0, n_blocks, dtype, "cpu", invariant=invariant)
+            loaded = time.perf_counter() - t0
+            if invariant and blocks.invariant is None:
+                print(f"  {name:>26} | not available here: no linear kernel has a row-invariant span")
+                continue
+            row = step_row(blocks, e, steps, prefill, reps)
+            print(f"  {name:>26} | " + " | ".join(row) + f" | loaded in {loaded:.1f} s" +
+                  (f" ({blocks.invariant})" if invariant else ""))
 
 
 def main() -> None:

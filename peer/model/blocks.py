@@ -37,13 +37,17 @@ import threading
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import invariant
 from .argmax import CertifiedArgmax, median_seconds, worth_it
 from .cache import CacheError, KVCache, StepLayout
 from . import graphs
 from .config import ContextTooLong, ModelConfig
-from .layers import Block, RMSNorm, Segment, rope_inv_freq, rope_tables
+from .invariant import RowPolicy
+from .layers import HALF, Block, RMSNorm, Segment, rope_inv_freq, rope_tables
+from .packed import PackedLinear
 from .quant import check_quant, quantize_linears, state_bytes
 
 PAD_ROWS, PAD_TO = (2, 3), 4  # LM-head calls of this many rows may run padded to PAD_TO (ModelHead._pads)
@@ -73,6 +77,7 @@ class BlockRange(nn.Module):
         self._windows = tuple(cfg.sliding_windows[start:end])
         self._static_mode, self._static = None, None
         self.cache_dtype: torch.dtype | None = None  # the KV cache's, when not the activations' (`new_cache`)
+        self.invariant: str | None = None  # rows computed as if alone: how (`make_invariant`)
 
     def view(self, start: int, end: int) -> "BlockRange":
         """Blocks [start, end) of this range, sharing its weights (a peer serving part of its span)."""
@@ -87,8 +92,26 @@ class BlockRange(nn.Module):
         view.register_buffer("inv_freq", self.inv_freq, persistent=False)
         view._windows = self._windows[start - self.start:end - self.start]
         view._static_mode, view._static = None, None
-        view.cache_dtype = self.cache_dtype
+        view.cache_dtype, view.invariant = self.cache_dtype, self.invariant
         return view
+
+    def make_invariant(self) -> str | None:
+        """Compute every row of a step as if it were alone (`invariant`): a verification step of n tokens then
+        gives, bit for bit, what n 1-token steps give, and a batch of sessions what each alone gives. Takes
+        packed linear layers (`packed.PackedLinear`, a CPU's float32 / bfloat16) whose kernels have a
+        row-invariant span of rows; returns how, for a log line, or None (nothing changed) where they are not
+        packed or have none."""
+        linears = [m for m in self.modules() if isinstance(m, PackedLinear)]
+        if len(linears) != len(self.layers) * len(LINEARS) or not all(m.make_invariant() for m in linears):
+            for m in linears:
+                m.rows = None
+            return None
+        for block in self.layers:
+            block.self_attn.exact = True
+        spans = sorted({(m.rows.lo, m.rows.hi) for m in linears})
+        self.invariant = ("linears in calls of " + ", ".join(f"{lo}-{hi}" for lo, hi in spans) +
+                          " rows, attention in float64")
+        return self.invariant
 
     def static_steps(self, mode: str) -> "graphs.StaticSteps | None":
         """How single-session steps of up to 32 nodes run (`graphs`): "cuda" (CUDA graphs, on a CUDA device;
@@ -323,6 +346,7 @@ class ModelHead(nn.Module):
         self._padding: dict[int, bool] = {}  # rows -> computed padded to PAD_TO rows (`_pads`)
         self.certified: CertifiedArgmax | bool | None = None  # `argmax`'s fast path; None: not decided yet
         self.certified_for = (True, True)  # ... taken for 1 row, for several (`argmax.worth_it` decides them apart)
+        self.rows: RowPolicy | None = None  # the LM head's rows as if alone (`make_invariant`)
 
     @property
     def quant(self) -> str:
@@ -355,7 +379,9 @@ class ModelHead(nn.Module):
         if self.certified is None:
             self._decide_argmax()
         if self.certified is False:
-            return "float32 logits"
+            weight = getattr(self.lm_head, "weight", None)
+            kind = str(weight.dtype).removeprefix("torch.") if weight is not None and weight.dtype in HALF else "float32"
+            return f"{kind} logits" + (f", {self.rows.lo}-{self.rows.hi} rows a call (each as if alone)" if self.rows else "")
         return {(True, True): "a bfloat16 copy and a bound", (True, False): "a bfloat16 copy and a bound for 1 row, "
                 "float32 logits for several", (False, True): "float32 logits for 1 row, a bfloat16 copy and a bound "
                 "for several"}[self.certified_for]
@@ -367,9 +393,23 @@ class ModelHead(nn.Module):
         if any(pays):
             self.certified_for = pays
 
+    def make_invariant(self) -> str | None:
+        """Compute the LM head's rows as if each were alone (`invariant`), where its kernel has a row-invariant span:
+        a half-precision head on a CPU, whose rounding moves argmaxes (a float32 head's greedy tokens come from
+        `argmax`'s per-candidate float32 products, alone already). Returns how, for a log line, or None."""
+        linear = self.lm_head
+        if type(linear) is not nn.Linear or linear.weight.device.type != "cpu" or linear.weight.dtype not in HALF:
+            return None
+        weight = linear.weight.detach()
+        key = ("linear", *weight.shape, weight.dtype)
+        self.rows = invariant.row_policy(key, lambda x: F.linear(x, weight), weight.shape[1], weight.dtype)
+        return None if self.rows is None else f"LM head in calls of {self.rows.lo}-{self.rows.hi} rows"
+
     @torch.inference_mode()
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.norm(hidden)
+        if self.rows is not None:
+            return self.rows.apply(self.lm_head, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1).float()
         rows = x.shape[0] if x.dim() == 2 else 0
         if rows in PAD_ROWS and self._pads(rows, x):
             return self.lm_head(torch.cat([x, x.new_zeros(PAD_TO - rows, x.shape[1])]))[:rows].float()

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from .blocks import LINEARS, BlockRange, ModelHead
 from .config import ConfigError, ModelConfig
 from .gguf import GGUFError, convert_gguf
-from .layers import rope_inv_freq
+from .layers import HALF, rope_inv_freq
 from .packed import pack_linears
 from .quant import QUANTIZERS, check_quant, quantize_linears
 
@@ -91,10 +91,15 @@ class Checkpoint:
                     out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
         return out
 
-    def load_blocks(self, start: int, end: int, dtype="float32", device="cpu", quant: str = "none") -> BlockRange:
+    def load_blocks(self, start: int, end: int, dtype="float32", device="cpu", quant: str = "none",
+                    invariant: bool | None = None) -> BlockRange:
         """Blocks [start, end) in `dtype` on `device`; with quant="int8" or "nf4" their linear weights are quantized
         block by block as they are read (`quant.QUANTIZERS`): no float copy of the range is ever held. nf4 refuses
-        (ValueError naming the layer) a model whose linear layers' inputs are not a multiple of 64."""
+        (ValueError naming the layer) a model whose linear layers' inputs are not a multiple of 64. Unquantized
+        half-precision blocks on a CPU compute every row as if alone where their kernels allow it
+        (`BlockRange.make_invariant`; `invariant` True / False: float32 too / not even half precision, a draft's
+        choice: its rows need not match anything). Float32 is not by default: its last-bit differences have not
+        moved an argmax in any run, and rows as if alone cost it ~10 % (`scripts/bench_bf16_rows.py`)."""
         cfg, dtype, quant = self.config, parse_dtype(dtype), check_quant(quant)
         with torch.device("meta"):
             blocks = BlockRange(cfg, start, end)
@@ -107,6 +112,8 @@ class Checkpoint:
         blocks.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
         if quant == "none":  # float32/bfloat16 on a CPU: oneDNN's packed layout (`packed`), ~2x on verification steps
             pack_linears(blocks, blocks.linear_names())
+            if invariant or (invariant is None and dtype in HALF):  # every row as if alone (`make_invariant`)
+                blocks.make_invariant()
         return blocks.eval()
 
     def _block_state(self, i: int, dst: str, dtype: torch.dtype, device, quant: str) -> dict[str, torch.Tensor]:
@@ -143,9 +150,10 @@ class Checkpoint:
                     QUANTIZERS[quant](state.pop(f"{dst}{name}.weight"), dtype)
         return {k: v if v.dtype in (torch.int8, torch.uint8) else v.to(dtype) for k, v in state.items()}
 
-    def load_head(self, dtype="float32", device="cpu", quant: str = "none") -> ModelHead:
+    def load_head(self, dtype="float32", device="cpu", quant: str = "none", invariant: bool = True) -> ModelHead:
         """Embeddings, final norm and LM head only (tied embeddings are read once). quant="int8" or "nf4"
-        quantizes an untied LM head; a tied one stays in `dtype` (why: `ModelHead`)."""
+        quantizes an untied LM head; a tied one stays in `dtype` (why: `ModelHead`). A half-precision head on a
+        CPU computes every row as if alone (`ModelHead.make_invariant`) unless `invariant` is False."""
         cfg, dtype, quant = self.config, parse_dtype(dtype), check_quant(quant)
         embed, norm = f"{self.prefix}embed_tokens.weight", f"{self.prefix}norm.weight"
         names = [embed, norm]
@@ -171,6 +179,8 @@ class Checkpoint:
         head.load_state_dict(state, strict=True, assign=True)
         if cfg.tie_word_embeddings:
             head.lm_head.weight = head.embed_tokens.weight
+        if invariant:
+            head.make_invariant()
         return head.eval()
 
 

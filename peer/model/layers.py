@@ -8,7 +8,8 @@ A block runs the new rows of one or several sessions at once (`Segment`: where e
 sit in the batch, and its cache): norms, rotary and every linear layer on all rows together (the
 weights are read once per batch), attention per session against its own cache (SDPA; one query row in
 half precision on a CPU: `one_query_attention`, SDPA being slow there; a float32 cache under half-precision
-activations, a CPU draft's: float32 SDPA, faster still). `forward_static` runs
+activations, a CPU draft's: float32 SDPA, faster still; `Attention.exact`: in float64, every row as if alone,
+`invariant.exact_attention`). `forward_static` runs
 one session's rows at static shapes (a step padded to a size bucket, attention over the whole allocated
 cache under a mask): what `graphs.StaticSteps` captures as a CUDA graph. Knows nothing about
 checkpoints files, sessions' owners or the network.
@@ -25,6 +26,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig, RopeConfig
+from .invariant import exact_attention
 
 
 class RMSNorm(nn.Module):
@@ -102,6 +104,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = window
+        self.exact = False  # attention in float64, every row as if alone (`invariant.exact_attention`)
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
@@ -132,6 +135,8 @@ class Attention(nn.Module):
         """One session's queries against its cache (after writing its new keys and values there)."""
         keys, values = seg.cache.write(layer, seg.start, k, v)
         mask = seg.masks[self.window]
+        if self.exact:
+            return exact_attention(q, keys, values, mask)
         if q.shape[2] == 1 and q.dtype in HALF and keys.dtype == q.dtype and q.device.type == "cpu":
             return one_query_attention(q, keys, values, mask)
         causal = mask is None and seg.n > 1 and seg.start == 0  # a plain prefill

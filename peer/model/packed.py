@@ -14,7 +14,8 @@ summation order; measured against float64: 2-8e-6 against 1-3e-6 on outputs of ~
 one on demand) and says how many bytes it holds (`held_bytes`: state dicts do not carry it). `pack_linears`
 packs the named layers of a module where that works (`packing_works`: a CPU whose torch has oneDNN and passes
 a small trial against `F.linear` in that dtype; `SPECSWARM_PACKED=0` turns it off); `packed_product` packs a
-loose weight (the certified argmax's bfloat16 copy of a head, the draft's head slice). Peers' blocks and a
+loose weight (the certified argmax's bfloat16 copy of a head, the draft's head slice). `make_invariant` has a layer
+compute every row as if alone (`invariant`: calls of a probed row-invariant span of rows). Peers' blocks and a
 client's local blocks are packed alike (`Checkpoint.load_blocks`), so `--local` and the swarm compute the
 same way. Knows torch's oneDNN ops and `nn.Linear`; nothing of blocks, caches or models.
 """
@@ -28,6 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import invariant
 
 
 PACKABLE = (torch.float32, torch.bfloat16)
@@ -64,6 +67,7 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
         self.bias = linear.bias
         self.held_bytes = weight.nelement() * weight.element_size()  # (not in the state dict: `quant.state_bytes`)
+        self.rows = None  # an `invariant.RowPolicy`: every row computed as if alone (`make_invariant`)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -72,8 +76,18 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).contiguous()
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        y = self._product(flat) if self.rows is None else self.rows.apply(self._product, flat)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _product(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+
+    def make_invariant(self) -> bool:
+        """Compute every row as if alone from now on, where this kernel has a row-invariant span (probed once per
+        shape, dtype and thread count: `invariant.row_policy`); returns whether it has."""
+        key = ("packed", self.in_features, self.out_features, self.packed.dtype, self.bias is not None)
+        self.rows = invariant.row_policy(key, self._product, self.in_features, self.packed.dtype)
+        return self.rows is not None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"

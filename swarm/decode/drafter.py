@@ -43,7 +43,7 @@ def load_draft(path, device: str = "cpu", dtype: str = "auto", quant: str = "aut
     faster there than half-precision matmuls over a slice of the cache (SmolLM2's draft at 300 positions,
     one thread: 0.08 vs 0.24 ms a layer), for twice the cache's bytes (a small model's: 15 KB a token)."""
     dtype, quant = draft_weights(device, dtype, quant)
-    model = LocalModel.load(path, dtype, device, quant)
+    model = LocalModel.load(path, dtype, device, quant, invariant=False)  # (its rows need not match anything)
     if str(device).split(":")[0] == "cpu" and model.blocks.dtype in (torch.bfloat16, torch.float16):
         model.blocks.cache_dtype = torch.float32
     return model

@@ -57,11 +57,13 @@ class LocalModel:
     blocks: BlockRange
 
     @classmethod
-    def load(cls, model_dir: str | Path, dtype="float32", device="cpu", quant: str = "none") -> "LocalModel":
-        """Every block and the head of a checkpoint (quant="int8" / "nf4": quantized linear weights, as peers load them)."""
+    def load(cls, model_dir: str | Path, dtype="float32", device="cpu", quant: str = "none",
+             invariant: bool | None = None) -> "LocalModel":
+        """Every block and the head of a checkpoint (quant="int8" / "nf4": quantized linear weights, as peers load
+        them; `invariant`: rows as if alone, as peers compute them, `Checkpoint.load_blocks`)."""
         ckpt = Checkpoint(model_dir)
-        return cls(ckpt.load_head(dtype, device, quant),
-                   ckpt.load_blocks(0, ckpt.config.num_hidden_layers, dtype, device, quant))
+        return cls(ckpt.load_head(dtype, device, quant, invariant is not False),
+                   ckpt.load_blocks(0, ckpt.config.num_hidden_layers, dtype, device, quant, invariant))
 
     def session(self, max_length: int, sampling: SamplingParams | None = None) -> "LocalSession":
         return LocalSession(self.blocks, self.blocks.new_cache(max_length))  # (verifies nothing: hidden states)
