@@ -24,7 +24,7 @@ from libp2p.peer.id import ID
 from peer.batching import Backlog, Batcher, BatchSettings
 from peer.limits import Limits
 from peer.model import CacheError, Checkpoint, ContextTooLong, StepLayout
-from peer.model.blocks import BatchedCalls
+from peer.model.batched import BatchedCalls
 from peer.server import BlockServer, Session, _Refusal
 from protocol import messages as m
 from protocol import sealing

@@ -9,6 +9,8 @@ Both loaders take `quant="int8"`: weight-only int8 linear layers (`Int8Linear`),
 last peer that verifies rounds itself. `peer.model.argmax`: greedy tokens from a float32 LM head at about a
 bfloat16 head's cost (a bfloat16 copy, a bound on its error, float32 for the few candidates; `ModelHead.argmax`).
 `peer.model.packed`: float32 blocks on a CPU keep their linear weights in oneDNN's packed layout (`load_blocks`).
+`peer.model.invariant`: half-precision blocks and heads on a CPU compute every row as if alone (a verification step
+of n tokens is, bit for bit, n 1-token steps), so bfloat16 speculative greedy decoding is plain greedy decoding.
 """
 
 from .blocks import BlockRange, ModelHead

@@ -6,11 +6,13 @@ of several sessions at once: their rows concatenated for every norm, rotary tabl
 (weights read once per batch), attention per session against its own cache (its own start, chain or
 tree mask, sliding windows), each cache rolled back or compacted by its own layout as `forward` does.
 A step the cache refuses (`CacheError`) is that step's answer alone; the others still run. One step
-alone is computed exactly as `forward` computes it; in a batch of several, a row's matmuls may round
-differently in the last bits (a CPU BLAS picks its kernel by the number of rows: 1 row is a
-matrix-vector product, a few rows or a tail of rows another kernel): up to ~5e-7 of the largest value
-in fp32 as measured. Greedy tokens stay the local run's in the tests and the load benchmark; only a
-near-tie between two logits could flip one (as a speculative verification step can already).
+alone is computed exactly as `forward` computes it; in a batch of several, or a verification step of
+several rows, a row's matmuls may round differently in the last bits (a CPU BLAS picks its kernel by the
+number of rows: 1 row is a matrix-vector product, a few rows or a tail of rows another kernel): up to
+~5e-7 of the largest value in fp32 as measured. Greedy tokens stay the local run's in the tests and the
+load benchmark; only a near-tie between two logits could flip one. Half precision rounds coarsely enough
+to flip them, so half-precision blocks on a CPU compute every row as if alone (`make_invariant`,
+`invariant`: linears in calls of a probed row-invariant span, attention in float64), as do their heads.
 `ModelHead` holds the embeddings, the final norm and the LM head. Its `logits` batches calls that
 overlap in time (`BatchedCalls`: threads of one client sharing a head, e.g. the API server's or the
 load benchmark's sessions): the LM head is the client's largest matmul (SmolLM2: 49152 x 576, ~7 ms a
@@ -33,8 +35,7 @@ step's few rows); the forward does not care which it gets.
 from __future__ import annotations
 
 import logging
-import threading
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from torch import nn
 
 from . import invariant
 from .argmax import CertifiedArgmax, median_seconds, worth_it
+from .batched import BatchedCalls
 from .cache import CacheError, KVCache, StepLayout
 from . import graphs
 from .config import ContextTooLong, ModelConfig
@@ -247,83 +249,6 @@ class BlockRange(nn.Module):
         if shape not in ((layout.n, self.cfg.hidden_size), (1, layout.n, self.cfg.hidden_size)):
             raise CacheError(f"hidden states of shape {shape} do not match {layout.n} nodes "
                              f"of width {self.cfg.hidden_size}")
-
-
-class BatchedCalls:
-    """`fn` (rows in, rows out) for several threads, whose overlapping calls run as one call (flat combining).
-
-    A call when none runs is computed at once, alone: `fn(x)`, exactly. Calls that arrive while one
-    runs queue their rows; when it ends, the first of them runs every queued call's rows as one
-    batch (`torch.cat`, then split), the others wait for their part. Nobody waits for a batch to
-    fill, and a leader computes one batch only, so no caller serves others for long. In a batch a
-    row may round differently in the last bits than alone (the BLAS picks its kernel by rows)."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
-        self.fn = fn
-        self._lock = threading.Lock()
-        self._queue: list[_Call] = []
-        self._busy = False
-        self.calls = self.batches = 0  # counters: calls made, batches (fn runs) they took
-
-    def __getstate__(self):  # (a copied or pickled head gets a fresh, idle one)
-        return {"fn": self.fn}
-
-    def __setstate__(self, state):
-        self.__init__(state["fn"])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        me = _Call(x)
-        with self._lock:
-            self.calls += 1
-            if self._busy:
-                self._queue.append(me)
-            else:
-                self._busy = me.lead = True
-        if not me.lead:
-            me.ready.wait()  # our part is done, or we lead the next batch
-            if not me.lead:
-                return me.answer()
-        with self._lock:
-            batch, self._queue = (self._queue, []) if self._queue and self._queue[0] is me else ([me], self._queue)
-        try:
-            self._run(batch, me)
-        finally:
-            with self._lock:
-                self.batches += 1
-                if self._queue:
-                    self._queue[0].lead = True
-                    self._queue[0].ready.set()
-                else:
-                    self._busy = False
-        return me.answer()
-
-    def _run(self, batch: list["_Call"], me: "_Call") -> None:
-        try:
-            if len(batch) == 1:
-                outs = [self.fn(batch[0].x)]
-            else:
-                rows = [c.x.reshape(-1, c.x.shape[-1]) for c in batch]
-                joined = self.fn(torch.cat(rows))
-                outs = [y.reshape(*c.x.shape[:-1], y.shape[-1])
-                        for c, y in zip(batch, joined.split([len(r) for r in rows]))]
-        except BaseException as e:  # noqa: BLE001 - every caller of the batch gets it
-            outs = [e] * len(batch)
-        for c, out in zip(batch, outs):
-            c.out = out
-            if c is not me:
-                c.ready.set()
-
-
-class _Call:
-    __slots__ = ("x", "out", "lead", "ready")
-
-    def __init__(self, x: torch.Tensor):
-        self.x, self.out, self.lead, self.ready = x, None, False, threading.Event()
-
-    def answer(self) -> torch.Tensor:
-        if isinstance(self.out, BaseException):
-            raise self.out
-        return self.out
 
 
 class ModelHead(nn.Module):
