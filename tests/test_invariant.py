@@ -148,3 +148,13 @@ def test_float32_and_drafts_stay_as_they_were(tiny):
     assert ckpt.load_blocks(0, 2).invariant is None and ckpt.load_head().rows is None  # float32: not by default
     draft = load_draft(tiny("llama2").path, quant="none")
     assert draft.blocks.invariant is None and draft.head.rows is None
+
+
+def test_a_long_step_attends_in_chunks_of_queries_as_in_one(monkeypatch):
+    from peer.model import invariant
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, m, 16, generator=g) for h, m in ((4, 30), (2, 50), (2, 50)))
+    whole = exact_attention(q, k, v, None)
+    monkeypatch.setattr(invariant, "SCORES_AT_ONCE", 4 * 50 * 7)  # 7 query rows a matmul
+    assert (exact_attention(q, k, v, None) - whole).abs().max() < 1e-6

@@ -35,7 +35,7 @@ import torch
 
 PROBE_ROWS = 32  # row counts probed: 1 .. PROBE_ROWS (a verification step's, a tree's; prefill runs in chunks)
 MIN_SPAN = 8  # a policy must allow at least this many rows a call to be worth it
-QUERY_CHUNK = 128  # exact_attention's query rows per float64 matmul (a prefill's scores stay small)
+SCORES_AT_ONCE = 1 << 22  # exact_attention's float64 scores per matmul at most (32 MiB: a long prefill runs in chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +106,9 @@ def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     mask = mask.reshape(n, length) if mask is not None else None
     kt, v64 = keys.double().transpose(-1, -2), values.double()  # [1, kv, d, L], [1, kv, L, d]
     q64 = q.double().reshape(1, kv, group, n, d)
-    out = []
-    for a in range(0, n, QUERY_CHUNK):
-        b = min(n, a + QUERY_CHUNK)
+    out, chunk = [], max(1, SCORES_AT_ONCE // (heads * length))
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
         rows = b - a
         # the group's query heads stacked as rows of one matmul against their kv head (no copies of the keys)
         scores = torch.matmul(q64[:, :, :, a:b].reshape(1, kv, group * rows, d), kt).mul_(1.0 / math.sqrt(d))
