@@ -62,6 +62,7 @@ from swarm.decode.sampling import SamplingParams  # noqa: E402
 from swarm.decode.speculative import SpecConfig  # noqa: E402
 from swarm.decode.target import LocalModel  # noqa: E402
 from swarm.flags import add_draft_flag, add_model_flag  # noqa: E402
+from peer.model.checkpoint import auto_dtype  # noqa: E402
 
 REPLACED = {  # flags that no longer make sense: what replaced them
     "--sweep-prompts": "every mode now runs on the same prompts (--prompts N or --prompt-file); to save time, "
@@ -273,9 +274,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="prompts from a JSON-lines file (a \"prompt\" field a line, as HumanEval.jsonl[.gz]) "
                     "instead of HumanEval's")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens every mode generates per prompt")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="weights and activations of the peers, the client's head, the --local reference and Petals' "
-                    "servers and client: every row alike (the draft has --draft-dtype) [default: float32]")
+                    "servers and client: every row alike (the draft has --draft-dtype); auto as `swarm`'s (bfloat16 on a CPU with "
+                    "bfloat16 instructions, else float32) [default: auto]")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--relaxed", type=float, default=0.5)
     ap.add_argument("--k-max", type=int, default=8)
@@ -301,6 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.prompts, args.max_new_tokens, args.probe_every or 1) < 1:
         raise SystemExit("wan_bench.py: --prompts, --max-new-tokens and --probe-every must be at least 1")
     args.petals_venv = find_venv(args.petals_venv, ROOT)
+    if args.dtype == "auto":
+        args.dtype = auto_dtype("cpu")
     return args
 
 

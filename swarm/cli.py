@@ -18,7 +18,7 @@ from swarm.argtypes import fraction, non_negative, positive
 from swarm.commands import add_chat_parser, add_demo_parser, add_generate_parser
 from swarm.flags import (add_client_args, add_dataclass_args, add_draft_flag, add_model_args, add_model_flag,
                          add_nat_args, apply_device_args, client_config, dataclass_from_args, path_settings,
-                         resolve_draft_flag, resolve_model_flag)
+                         resolve_draft_flag, resolve_dtype_flag, resolve_model_flag)
 
 
 def add_peer_parser(sub) -> None:
@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    resolve_dtype_flag(args)
     torch.set_grad_enabled(False)
     from swarm.logs import setup_logging
 

@@ -50,6 +50,19 @@ def apply_device_args(args) -> None:
     graphs.set_default_mode("cuda" if getattr(args, "cuda_graphs", True) else "off")
 
 
+def _auto_dtype(device: str = "cpu") -> str:
+    from peer.model.checkpoint import auto_dtype
+
+    return auto_dtype(device)
+
+
+def resolve_dtype_flag(args) -> None:
+    """--dtype auto as what it means for --device here (`peer.model.checkpoint.auto_dtype`), once, before anything
+    loads or reports it."""
+    if getattr(args, "dtype", None) == "auto":
+        args.dtype = _auto_dtype(getattr(args, "device", "cpu"))
+
+
 def add_model_flag(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|DIR|FILE",
                    help=f"a model name ({', '.join(MODELS)}; one the package does not ship is fetched and converted "
@@ -88,8 +101,11 @@ def resolve_draft_flag(args) -> str | None:
 def add_model_args(p) -> None:
     add_model_flag(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="weights and activations; bfloat16/float16 halve memory (float32 is the exact reference)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights and activations. auto: bfloat16 on a CPU with bfloat16 instructions (AMX, "
+                        "AVX512-BF16), where every row is computed as if alone so that speculation stays exact, "
+                        "float32 elsewhere (this machine: %s); bfloat16/float16 halve memory [default: auto]"
+                        % _auto_dtype())
     p.add_argument("--quant", default="none", choices=QUANTS,
                    help="int8: weight-only int8 linear layers (one scale per output channel), half the memory of "
                         "bfloat16 for the blocks (and an untied LM head); activations stay in --dtype; on a CPU "

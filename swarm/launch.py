@@ -52,7 +52,10 @@ class PeerProcess:
     """One `swarm peer` subprocess; `addr` is its first 'listening on' multiaddr.
 
     `wait=False` returns as soon as the process is spawned; `wait_ready()` then waits for its address.
-    `entry`: what python runs instead of `-m swarm.cli` (a test's wrapper around it, e.g. a lying peer)."""
+    `entry`: what python runs instead of `-m swarm.cli` (a test's wrapper around it, e.g. a lying peer).
+    Its weights and activations are float32, as the library's `LocalModel` and `SwarmModel` default to (so that
+    a launcher's peers compute what an in-process reference does), unless `extra` says `--dtype` (`swarm peer`'s
+    own default is auto: bfloat16 on a CPU with bfloat16 instructions)."""
 
     def __init__(self, model: str | Path, blocks: tuple[int, int], *extra: str, threads: int = 1,
                  log_file: str | Path | None = None, timeout: float = 120.0, wait: bool = True,
@@ -61,7 +64,7 @@ class PeerProcess:
         self.addr = self.peer_id = None
         span = ["--blocks", f"{blocks[0]}:{blocks[1]}"] if blocks else []
         cmd = [sys.executable, *entry, "peer", "--model", str(model), *span,
-               "--threads", str(threads), *extra]
+               "--threads", str(threads), "--dtype", "float32", *extra]  # (a later --dtype in `extra` wins)
         self.log = open(log_file, "a") if log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,

@@ -158,3 +158,35 @@ def test_a_long_step_attends_in_chunks_of_queries_as_in_one(monkeypatch):
     whole = exact_attention(q, k, v, None)
     monkeypatch.setattr(invariant, "SCORES_AT_ONCE", 4 * 50 * 7)  # 7 query rows a matmul
     assert (exact_attention(q, k, v, None) - whole).abs().max() < 1e-6
+
+
+def test_auto_dtype_is_bfloat16_only_on_a_cpu_with_bfloat16_instructions():
+    from peer.model.checkpoint import auto_dtype
+    from peer.model.packed import bfloat16_native, has_bfloat16_flags
+
+    assert has_bfloat16_flags("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
+    assert has_bfloat16_flags("flags\t\t: fpu amx_bf16 amx_tile\n")
+    assert not has_bfloat16_flags("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\nbugs\t\t: amx_bf16\n")
+    assert auto_dtype("cuda") == auto_dtype("cuda:1") == "float32"
+    assert auto_dtype("cpu") == ("bfloat16" if bfloat16_native() else "float32")
+
+
+def test_the_cli_default_dtype_is_auto_and_speculation_stays_exact_in_it():
+    """`swarm generate --local` with the default dtype (auto: bfloat16 on this CPU where it has the instructions):
+    the JSON says which it took, and speculative greedy output is plain greedy output token for token."""
+    import json
+    import subprocess
+    import sys
+
+    from peer.model.checkpoint import auto_dtype
+
+    def run(*flags):
+        out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--model", "tiny", "--local", "--prompt",
+                              "def fibonacci(n):", "--max-new-tokens", "40", "--ignore-eos", "--json", *flags],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    plain, spec = run("--no-speculative"), run("--speculative")
+    assert plain["dtype"] == spec["dtype"] == auto_dtype("cpu")
+    assert spec["tokens"] == plain["tokens"] and spec["rounds"] < 40  # (rounds of several tokens)

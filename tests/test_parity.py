@@ -69,7 +69,8 @@ def test_cli_greedy_tokens_equal_transformers_generate(tiny, arch):
     prompt = "def fibonacci(n):\n    return"
     ids = Tokenizer.from_file(str(tc.path / "tokenizer.json")).encode(prompt).ids
     out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--model", str(tc.path), "--local",
-                          "--prompt", prompt, "--max-new-tokens", "20", "--ignore-eos", "--json"],
+                          "--prompt", prompt, "--max-new-tokens", "20", "--ignore-eos", "--json",
+                          "--dtype", "float32"],  # transformers' float32 (the default, auto, may be bfloat16)
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -51,6 +53,23 @@ def packing_works(dtype: torch.dtype = torch.float32) -> bool:
         return bool(torch.allclose(got, F.linear(x, weight, bias).float(), atol=tol, rtol=tol))
     except (AttributeError, RuntimeError):
         return False
+
+
+@functools.cache
+def bfloat16_native() -> bool:
+    """Whether this CPU has bfloat16 instructions (AMX-BF16 or AVX512-BF16, by /proc/cpuinfo's flags) and this torch
+    packs bfloat16 weights for oneDNN: where bfloat16 blocks run fast (a CPU without them emulates it)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return has_bfloat16_flags(cpuinfo) and packing_works(torch.bfloat16)
+
+
+def has_bfloat16_flags(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's text lists a bfloat16 instruction set (amx_bf16, avx512_bf16) among its flags."""
+    return any(re.search(r"\b(amx_bf16|avx512_bf16)\b", line) for line in cpuinfo.splitlines()
+               if line.startswith("flags"))
 
 
 class PackedLinear(nn.Module):
