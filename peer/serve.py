@@ -37,6 +37,7 @@ from peer import set_threads
 from peer.dht import SwarmDHT
 from peer.memory import MemoryPlan, describe, free_memory, plan_memory
 from peer.model import BlockRange, Checkpoint, KVCache, check_quant, parse_dtype
+from peer.model.packed import packing_works
 from peer.model import argmax
 from peer.addrs import check_announce
 from peer.batching import BatchSettings
@@ -134,7 +135,7 @@ def plan_blocks(ckpt: Checkpoint, opts: PeerOptions) -> MemoryPlan:
     kv = KVCache.bytes_per_token(1, cfg.num_key_value_heads, cfg.head_dim, dtype)
     requested = opts.blocks[1] - opts.blocks[0] if opts.blocks else opts.num_blocks
     last = opts.blocks is None or opts.blocks[1] == cfg.num_hidden_layers  # (a span chosen later may end the model)
-    head = head_bytes(cfg, dtype) if opts.head and last else 0
+    head = head_bytes(cfg, dtype, opts.device) if opts.head and last else 0
     ceiling = limits.max_sessions * limits.max_session_tokens if opts.device.startswith("cuda") else None
     plan = plan_memory(free, block_bytes, kv, cfg.num_hidden_layers, requested,
                        None if opts.auto_cache_tokens else limits.cache_tokens,
@@ -153,11 +154,14 @@ async def choose_span(dht: SwarmDHT, ckpt: Checkpoint, n: int, throughput: float
     return span
 
 
-def head_bytes(cfg, dtype: torch.dtype) -> int:
+def head_bytes(cfg, dtype: torch.dtype, device: str = "cpu") -> int:
     """Bytes of the head a last peer loads: the embedding table (the LM head too when tied), an untied LM head, the norm;
-    and a large float32 LM head's bfloat16 copy, which greedy verdicts may use (`peer.model.argmax`)."""
+    a large float32 LM head's bfloat16 copy, which greedy verdicts may use (`peer.model.argmax`); a half-precision
+    head's packed copy on a CPU, which computes its rows as if alone (`ModelHead.make_invariant`)."""
     tables = 1 if cfg.tie_word_embeddings else 2
     copy = argmax.copy_bytes(cfg.vocab_size, cfg.hidden_size, dtype)
+    if dtype in (torch.bfloat16, torch.float16) and str(device).split(":")[0] == "cpu" and packing_works(dtype):
+        copy += cfg.vocab_size * cfg.hidden_size * dtype.itemsize
     return (tables * cfg.vocab_size + 1) * cfg.hidden_size * dtype.itemsize + copy
 
 

@@ -38,7 +38,6 @@ import logging
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import invariant
@@ -49,7 +48,7 @@ from . import graphs
 from .config import ContextTooLong, ModelConfig
 from .invariant import RowPolicy
 from .layers import HALF, Block, RMSNorm, Segment, rope_inv_freq, rope_tables
-from .packed import PackedLinear
+from .packed import PackedLinear, packed_product
 from .quant import check_quant, quantize_linears, state_bytes
 
 PAD_ROWS, PAD_TO = (2, 3), 4  # LM-head calls of this many rows may run padded to PAD_TO (ModelHead._pads)
@@ -271,7 +270,8 @@ class ModelHead(nn.Module):
         self._padding: dict[int, bool] = {}  # rows -> computed padded to PAD_TO rows (`_pads`)
         self.certified: CertifiedArgmax | bool | None = None  # `argmax`'s fast path; None: not decided yet
         self.certified_for = (True, True)  # ... taken for 1 row, for several (`argmax.worth_it` decides them apart)
-        self.rows: RowPolicy | None = None  # the LM head's rows as if alone (`make_invariant`)
+        self.rows: RowPolicy | None = None  # the LM head's rows as if alone (`make_invariant`) ...
+        self._fast: tuple = ()  # ... computed by this (a packed copy of the head, or F.linear on it)
 
     @property
     def quant(self) -> str:
@@ -321,20 +321,26 @@ class ModelHead(nn.Module):
     def make_invariant(self) -> str | None:
         """Compute the LM head's rows as if each were alone (`invariant`), where its kernel has a row-invariant span:
         a half-precision head on a CPU, whose rounding moves argmaxes (a float32 head's greedy tokens come from
-        `argmax`'s per-candidate float32 products, alone already). Returns how, for a log line, or None."""
+        `argmax`'s per-candidate float32 products, alone already). Its logits then come from a copy of the head in
+        oneDNN's packed layout where that works (`packed.packed_product`; SmolLM2's bfloat16 head, the wan bench's
+        probe: 7.8 / 9.1 ms at 1 / 9 rows through `F.linear`), the bytes of another table (a last peer's
+        memory plan counts them: `peer.serve.head_bytes`).
+        Returns how, for a log line, or None."""
         linear = self.lm_head
         if type(linear) is not nn.Linear or linear.weight.device.type != "cpu" or linear.weight.dtype not in HALF:
             return None
         weight = linear.weight.detach()
-        key = ("linear", *weight.shape, weight.dtype)
-        self.rows = invariant.row_policy(key, lambda x: F.linear(x, weight), weight.shape[1], weight.dtype)
+        product = packed_product(weight)
+        key = ("head", *weight.shape, weight.dtype, isinstance(product, PackedLinear))
+        self.rows = invariant.row_policy(key, product, weight.shape[1], weight.dtype)
+        self._fast = (product,) if self.rows is not None else ()  # (a tuple: not a submodule of the head)
         return None if self.rows is None else f"LM head in calls of {self.rows.lo}-{self.rows.hi} rows"
 
     @torch.inference_mode()
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.norm(hidden)
         if self.rows is not None:
-            return self.rows.apply(self.lm_head, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1).float()
+            return self.rows.apply(self._fast[0], x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1).float()
         rows = x.shape[0] if x.dim() == 2 else 0
         if rows in PAD_ROWS and self._pads(rows, x):
             return self.lm_head(torch.cat([x, x.new_zeros(PAD_TO - rows, x.shape[1])]))[:rows].float()
