@@ -12,17 +12,18 @@ plain greedy). The two remedies here:
 - linears: `row_policy` probes once per weight shape, dtype and thread count which row counts [lo, hi] give
   every row of a call exactly as a call of `lo` rows gives it (that Intel machine, oneDNN's packed layout:
   bfloat16 1-32 rows; float32 2-32, a single row taking a kernel of its own in one layer); `RowPolicy.apply`
-  then runs a call in chunks of lo..hi rows, a shorter one padded with zero rows. No probe, no policy: a
-  layer whose kernel is not invariant for any useful span stays as it was (`BlockRange.make_invariant` says so).
+  then runs a call in chunks of lo..hi rows, a shorter one padded with zero rows. Where a layer's kernel
+  has no useful span (`probe` says None), its blocks stay as they were (`BlockRange.make_invariant`; a peer warns).
 - attention: `exact_attention` computes in float64 from the cache's values; its reduction-order differences
   (~1e-16 relative) reach the float32 / bfloat16 result only where a value lies that close to a rounding
   boundary of the narrower type (a 2^-24 / 2^-8 step): ~1e-9 / ~1e-14 of the elements. Not bit-exact by
-  construction, then, but tens of thousands of times rarer than the linears' differences it replaces; none seen
-  in the tests and the benchmark (every row identical).
+  construction, then, but far rarer than the differences it replaces (every row identical in the tests, the
+  benchmark and the WAN runs).
 
-Cost (the same script, ms for blocks 0:15 at 1 / 9 / 17 rows after 150 positions, one thread): bfloat16 17.6 /
-18.1 / 20.4 as before, 17.3 / 20.1 / 23.9 invariant; float32's 1-row step runs as 2 rows (memory-bound: about
-the same time). Knows torch tensors and callables on rows; nothing of blocks, caches, sessions or models.
+Cost (the same script, ms for blocks 0:15 at 1 / 9 / 17 rows after 150 positions, one thread, Intel machine):
+bfloat16 17.9 / 18.3 / 20.6 as before, 18.0 / 21.0 / 24.8 as if alone; float32 24.0 / 30.5 / 36.3 and 26.7 / 33.7
+/ 40.3 (not its default: `Checkpoint.load_blocks`). Knows torch tensors and callables on rows; nothing of blocks,
+caches, sessions or models.
 """
 
 from __future__ import annotations
