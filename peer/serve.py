@@ -182,13 +182,10 @@ def load_span(ckpt: Checkpoint, span: tuple[int, int], opts: PeerOptions, limits
              "KV cache: %d tokens = %.1f MiB", *span, ckpt.config.num_hidden_layers, ckpt.model_id,
              time.perf_counter() - t0, opts.device, opts.dtype, opts.quant, blocks.weight_bytes() / 2**20,
              limits.cache_tokens, limits.cache_tokens * blocks.bytes_per_token() / 2**20)
-    if blocks.invariant:
-        log.info("every row computed as if alone (%s): a verification step gives exactly what plain decoding's "
-                 "1-token steps give", blocks.invariant)
-    elif blocks.dtype != torch.float32 and blocks.device.type == "cpu":
-        log.warning("%s rows are not computed as if alone here (no row-invariant kernel span, or quantized): greedy "
-                    "speculative output may differ from plain decoding's in near-ties; --dtype float32 keeps them "
-                    "apart by last bits only", opts.dtype)
+    if blocks.invariant or (blocks.dtype != torch.float32 and blocks.device.type == "cpu"):
+        log.log(logging.INFO if blocks.invariant else logging.WARNING, "every row computed as if alone: %s",
+                blocks.invariant or f"no ({opts.dtype}: no row-invariant kernel span, or quantized): speculative "
+                "greedy output may differ from plain decoding's in near-ties; --dtype float32 keeps that to last bits")
     return blocks
 
 
