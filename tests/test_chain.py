@@ -59,9 +59,10 @@ def test_three_peers_greedy_equals_local(swarm3, push, transport):
 def test_explicit_route_and_sampling(swarm3):
     path, peers = swarm3
     route = ",".join(f"{p.peer_id[-10:]}:{a}:{b}" for p, (a, b) in zip(peers, SPANS))
-    local = cli("--model", str(path), "--local", "--temperature", "0.8", "--seed", "3")
+    same = ("--dtype", "float32")  # the launcher's peers' (a client's default, auto, may be bfloat16)
+    local = cli("--model", str(path), "--local", "--temperature", "0.8", "--seed", "3", *same)
     remote = cli("--model", str(path), "--initial-peers", *[p.addr for p in peers], "--route", route,
-                 "--temperature", "0.8", "--seed", "3")
+                 "--temperature", "0.8", "--seed", "3", *same)
     assert remote["tokens"] == local["tokens"]
 
 

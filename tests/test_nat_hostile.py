@@ -633,7 +633,8 @@ def test_the_peer_still_serves_after_all_of_it(target):
     its log holds no traceback."""
     assert target.proc.proc.poll() is None
     assert asyncio.run(info_ok(target)) < 5000
-    argv = ["generate", "--model", str(target.model), "--max-new-tokens", "8", "--prompt", PROMPT]
+    argv = ["generate", "--model", str(target.model), "--max-new-tokens", "8", "--prompt", PROMPT,
+            "--dtype", "float32"]  # the launcher's peer's (a client's default, auto, may be bfloat16)
     runs = [subprocess.Popen([sys.executable, "-m", "swarm.cli", *argv, *where], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
             for where in (["--initial-peers", target.addr], ["--local"])]
