@@ -30,6 +30,8 @@ class ModeTotals:
     recalled: int = 0  # accepted drafts recalled from the mode's earlier runs (n-gram memory)
     ngram: int = 0  # accepted n-gram drafts (this text's or recalled) the model did not draft too
     ks: list[int] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds by phase of a round (speculative results')
+    rounds_by: dict[str, int] = field(default_factory=dict)  # rounds by who drafted them
     outputs: list[list[int]] = field(default_factory=list)
 
     def add(self, result, predicted_seconds: float, speculative: bool) -> None:
@@ -46,6 +48,10 @@ class ModeTotals:
             self.recalled += getattr(result, "recalled", 0)
             self.ngram += getattr(result, "accepted_by", {}).get("ngram", 0)
             self.ks += result.ks
+            for phase, seconds in getattr(result, "phases", {}).items():
+                self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+            for choice, n in getattr(result, "rounds_by", {}).items():
+                self.rounds_by[choice] = self.rounds_by.get(choice, 0) + n
 
 
 def _probe_entries(route, timings: ChainTimings, net: dict) -> list[dict]:
@@ -90,7 +96,9 @@ def _run_entries(totals: dict[str, ModeTotals], modes) -> list[dict]:
                                 mean_k=round(sum(t.ks) / len(t.ks), 2) if t.ks else None,
                                 acceptance_rate=round(t.accepted / t.drafted, 4) if t.drafted else None,
                                 pipelined_hits=t.hits, wasted_rounds=t.wasted, ngram_accepted=t.ngram,
-                                recalled_accepted=t.recalled))
+                                recalled_accepted=t.recalled,
+                                rounds_by_source=dict(t.rounds_by),
+                                round_ms={k: round(1000 * v / t.rounds, 2) for k, v in t.phases.items()}))
     return entries
 
 
@@ -137,6 +145,11 @@ def format_report(rep: dict) -> str:
             speed = f"{e['speedup_vs_plain_push']:.2f}" if e["speedup_vs_plain_push"] else "-"
             pred = f"{e['predicted']:9.2f} | {100 * e['error']:+5.1f}%" if e["predicted"] is not None else f"{'-':>9} | {'-':>6}"
             lines.append(f"{e['mode']:>34} | {e['measured']:8.2f} | {pred} | {per_round:>12} | {speed}")
+    phased = [e for e in tpr.values() if e.get("round_ms")]
+    if phased:
+        lines += ["", "ms per round by phase (drafting until it left | overlapped: sending ahead, prefeeding | "
+                  "waiting | verifying):"]
+        lines += [f"{e['mode']:>34} | " + " | ".join(f"{k} {v:.1f}" for k, v in e["round_ms"].items()) for e in phased]
     return "\n".join(lines)
 
 

@@ -132,6 +132,10 @@ class SpecConfig:
 
 SOURCES = ("model", "ngram", "both")
 CHOICES = ("model", "fused", "ngram", "plain")
+# where a round's wall time goes, in order: planning and drafting it until its step left (nothing when it
+# was sent ahead), sending rounds ahead and prefeeding the draft while it flies, waiting for its result
+# (idle), verifying and committing it
+PHASES = ("drafting", "overlapped", "waiting", "verifying")
 
 
 @dataclass
@@ -148,6 +152,7 @@ class SpeculativeResult(GenerationResult):
     drafted_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES[:2], 0))  # model: on its path
     rounds_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHOICES, 0))  # rounds by who drafted
     recalled: int = 0  # accepted n-gram drafts recalled from earlier generations (NgramMemory)
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # seconds, summed over rounds
     policy: CostModel | None = field(default=None, repr=False)  # the round policy as the run left it
 
     @property
@@ -186,6 +191,7 @@ class SpeculativeResult(GenerationResult):
         source ("both": drafted by the model and proposed by the n-gram index too, counted as the
         model's drafts), rounds by who drafted them, and accepted drafts recalled from earlier generations."""
         return {"rounds": self.rounds, "tokens_per_round": round(self.tokens_per_round, 3),
+                "round_ms": {k: round(1000 * v / max(1, self.rounds), 3) for k, v in self.phases.items()},
                 "wasted_rounds": self.wasted_rounds, "acceptance_rate": round(self.acceptance_rate, 4),
                 "ngram_acceptance_rate": round(self.ngram_acceptance_rate, 4), "recalled": self.recalled,
                 "accepted_by_source": dict(self.accepted_by), "drafted_by_source": dict(self.drafted_by),
@@ -259,10 +265,13 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
                 ngram.sync(seq)
             cur = queue.pop(0) if hit else send(run, head, draft_round(drafter, ngram, policy, seq, left, spec, generator,
                                                                        tree_nodes), spec, generator, compact)
+            t_left = time.perf_counter()
             sent_ahead = send_ahead(run, head, drafter, ngram, policy, spec, generator, seq, left, cur, queue)
             if run.overlaps and spec.prefeed and all(r.parents is None for r in [cur] + queue):
                 drafter.prefeed(seq + [t for r in [cur] + queue for t in r.drafts])  # during the flight
+            t_wait = time.perf_counter()
             out = cur.future.result()  # final hidden states, or a verdict from where the blocks end
+            t_out = time.perf_counter()
             accepted, new, extra, compact = judge(head, cur, out, spec, generator)
             if queue and accepted == len(cur.drafts):
                 new = cur.drafts  # the round in flight verifies the next position itself
@@ -277,6 +286,8 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
                                  time.perf_counter(), hit, sum(r.draft_seconds for r in sent_ahead),
                                  sent_ahead[-1].left_at if sent_ahead else None)
             policy.observe_round(cur, accepted, extra, timing, bool(queue), result.stopped_by == "eos")
+            for phase, seconds in zip(PHASES, (t_left - began, t_wait - t_left, t_out - t_wait, timing.done - t_out)):
+                result.phases[phase] += seconds
             result.pipelined_hits += hit
             result.tree_rounds += cur.parents is not None and not hit
             result.count(cur)
