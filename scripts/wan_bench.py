@@ -368,6 +368,7 @@ def main() -> None:
                prompts=len(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                cpu_count=os.cpu_count(), petals=dict(venv=str(args.petals_venv), installed=installed(args.petals_venv),
                                                      run=not args.no_petals), results=results)
+    Path(f"{args.out}.json").parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}.json", file=sys.stderr)
     if not args.no_plots:

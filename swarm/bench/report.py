@@ -32,6 +32,7 @@ class ModeTotals:
     ks: list[int] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # seconds by phase of a round (speculative results')
     rounds_by: dict[str, int] = field(default_factory=dict)  # rounds by who drafted them
+    drafting_by: dict[str, float] = field(default_factory=dict)  # seconds drafting before the step left, by who drafted
     outputs: list[list[int]] = field(default_factory=list)
 
     def add(self, result, predicted_seconds: float, speculative: bool) -> None:
@@ -52,6 +53,8 @@ class ModeTotals:
                 self.phases[phase] = self.phases.get(phase, 0.0) + seconds
             for choice, n in getattr(result, "rounds_by", {}).items():
                 self.rounds_by[choice] = self.rounds_by.get(choice, 0) + n
+            for choice, seconds in getattr(result, "drafting_by", {}).items():
+                self.drafting_by[choice] = self.drafting_by.get(choice, 0.0) + seconds
 
 
 def _probe_entries(route, timings: ChainTimings, net: dict) -> list[dict]:
@@ -98,6 +101,8 @@ def _run_entries(totals: dict[str, ModeTotals], modes) -> list[dict]:
                                 pipelined_hits=t.hits, wasted_rounds=t.wasted, ngram_accepted=t.ngram,
                                 recalled_accepted=t.recalled,
                                 rounds_by_source=dict(t.rounds_by),
+                                drafting_ms_by_source={k: round(1000 * v / max(1, t.rounds_by.get(k, 0)), 2)
+                                                       for k, v in t.drafting_by.items()},
                                 round_ms={k: round(1000 * v / t.rounds, 2) for k, v in t.phases.items()}))
     return entries
 

@@ -153,6 +153,7 @@ class SpeculativeResult(GenerationResult):
     rounds_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHOICES, 0))  # rounds by who drafted
     recalled: int = 0  # accepted n-gram drafts recalled from earlier generations (NgramMemory)
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # seconds, summed over rounds
+    drafting_by: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CHOICES, 0.0))  # "drafting" by choice
     policy: CostModel | None = field(default=None, repr=False)  # the round policy as the run left it
 
     @property
@@ -192,6 +193,7 @@ class SpeculativeResult(GenerationResult):
         model's drafts), rounds by who drafted them, and accepted drafts recalled from earlier generations."""
         return {"rounds": self.rounds, "tokens_per_round": round(self.tokens_per_round, 3),
                 "round_ms": {k: round(1000 * v / max(1, self.rounds), 3) for k, v in self.phases.items()},
+                "drafting_ms_by_source": {k: round(1000 * v, 1) for k, v in self.drafting_by.items()},
                 "wasted_rounds": self.wasted_rounds, "acceptance_rate": round(self.acceptance_rate, 4),
                 "ngram_acceptance_rate": round(self.ngram_acceptance_rate, 4), "recalled": self.recalled,
                 "accepted_by_source": dict(self.accepted_by), "drafted_by_source": dict(self.drafted_by),
@@ -288,6 +290,7 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
             policy.observe_round(cur, accepted, extra, timing, bool(queue), result.stopped_by == "eos")
             for phase, seconds in zip(PHASES, (t_left - began, t_wait - t_left, t_out - t_wait, timing.done - t_out)):
                 result.phases[phase] += seconds
+            result.drafting_by[cur.choice] += t_left - began
             result.pipelined_hits += hit
             result.tree_rounds += cur.parents is not None and not hit
             result.count(cur)
