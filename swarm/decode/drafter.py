@@ -49,6 +49,12 @@ def load_draft(path, device: str = "cpu", dtype: str = "auto", quant: str = "aut
     return model
 
 
+def _greedy(logits: torch.Tensor) -> tuple[int, float, list[int]]:
+    """The greedy draft after these logits: its token, its confidence (the draft's probability of it), the top-8."""
+    token = int(logits.argmax())
+    return token, float(torch.softmax(logits.float(), -1)[token]), logits.topk(min(8, logits.numel())).indices.tolist()
+
+
 class DraftVocab:
     """The draft's LM head over part of the vocabulary (as FR-Spec does with frequency-ranked tokens): the first
     `size` ids plus every id the context holds. The head is a large part of a small draft's cost and the ids it
@@ -107,6 +113,9 @@ class Drafter:
         self.first_seconds = 0.0
         self.seconds = 0.0
         self.tokens = 0
+        self._ready: dict[tuple, list[tuple[int, float, list[int]]]] = {}  # drafted ahead, by the context continued
+        self.anticipated = 0  # of the last proposal's drafts, those drafted ahead
+        self.ahead_seconds = 0.0  # spent drafting ahead (`anticipate`, `top_after`)
 
     def room(self, length: int) -> int:
         """Drafts it can propose after a sequence of `length` tokens: all but the last one go through its cache."""
@@ -155,37 +164,67 @@ class Drafter:
         it) whether to keep it and whether to draft another; without it, exactly k tokens. The
         confidences and (greedy) the draft's top-8 list at every position are left in
         `self.confidences` and `self.top`. `top_k` (sampling): draw from the draft's top-k only, renormalised
-        (the distribution returned is that one: what a verifier must be told).
+        (the distribution returned is that one: what a verifier must be told). Greedy, after a context
+        drafted ahead (`anticipate`), those drafts come first, for free (`self.anticipated` counts them).
         """
         t0 = time.perf_counter()
         self.confidences, self.top = [], []
-        logits = self._logits_after(context) if k > 0 else None
+        ready = self._ready.get(tuple(context), []) if params.greedy and self._ready else []
+        self._ready, self.anticipated = {}, 0
+        logits = self._logits_after(context) if k > 0 and not ready else None
         self.first_seconds = time.perf_counter() - t0  # the catch-up step: paid once per round, whatever k
         tokens, probs = [], []
         for i in range(k):
-            q = token_probs(logits, params)
-            if top_k is not None and not params.greedy:
-                q = top_k_probs(q, top_k)
-            if params.greedy:
-                token = int(logits.argmax())
-                confidence = float(torch.softmax(logits.float(), -1)[token])
-                self.top.append(logits.topk(min(8, logits.numel())).indices.tolist())
+            if i < len(ready):  # drafted during the last flight
+                token, confidence, top = ready[i]
+                q = torch.nn.functional.one_hot(torch.tensor(token), self.model.head.cfg.vocab_size).float()
             else:
-                token = draw(q, generator)
-                confidence = float(q[token])
+                if logits is None:  # past what was drafted ahead: catch the cache up first
+                    logits = self._logits_after(context + tokens)
+                q = token_probs(logits, params)
+                if top_k is not None and not params.greedy:
+                    q = top_k_probs(q, top_k)
+                if params.greedy:
+                    token, confidence, top = _greedy(logits)
+                else:
+                    token, top = draw(q, generator), None
+                    confidence = float(q[token])
             keep, more = decide(self.confidences + [confidence]) if decide is not None else (True, True)
             if not keep:
-                self.top = self.top[:len(tokens)]
                 break
             tokens.append(token)
             probs.append(q)
             self.confidences.append(confidence)
+            if top is not None:
+                self.top.append(top)
+            self.anticipated += i < len(ready)
             if not more:
                 break
-            if i < k - 1:
-                logits = self._step([token], len(self.fed))
+            if i < k - 1 and i + 1 >= len(ready):
+                logits = self._step([token], len(self.fed)) if i >= len(ready) else None
         self.seconds += time.perf_counter() - t0
         return tokens, torch.stack(probs) if probs else torch.empty(0)
+
+    def top_after(self, context: list[int]) -> list[int]:
+        """Greedy: the draft's top-8 tokens after `context` (one step through the cache)."""
+        return _greedy(self._logits_after(context))[2]
+
+    def forget_ahead(self) -> None:
+        """Drop whatever was drafted ahead."""
+        self._ready = {}
+
+    def anticipate(self, context: list[int], k: int, stop: Callable[[], bool] = lambda: False) -> int:
+        """Greedy: draft up to k tokens continuing `context` now, for a later `propose` after exactly that context
+        (while a round is on the wire, `context` one of its likely verdicts: its accepted drafts and a guess of
+        the target's next token); stops early when `stop()` says so. Kept until the next `propose`, which takes
+        them when its context is this one. Returns the tokens drafted ahead."""
+        t0 = time.perf_counter()
+        drafted = [_greedy(self._logits_after(context))]
+        while len(drafted) < k and not stop():
+            drafted.append(_greedy(self._step([drafted[-1][0]], len(self.fed))))
+        self._ready[tuple(context)] = drafted
+        self.ahead_seconds += time.perf_counter() - t0
+        return len(drafted)
 
     def propose_tree(self, context: list[int], depth: int, width: int, params: SamplingParams = SamplingParams(),
                      generator: torch.Generator | None = None, top_k: int | None = None) -> tuple[list, list, list]:

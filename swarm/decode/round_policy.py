@@ -56,6 +56,7 @@ class RoundRecord(Protocol):
     top: list[list[int]]
     draft_seconds: float
     draft_first: float | None
+    anticipated: int  # drafts drafted ahead (during the previous flight): not a sample of drafting's cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,11 +146,12 @@ class CostModel:
         b = min(int(confidence * self.BINS), self.BINS - 1)
         return self.hits[b] / self.tries[b]
 
-    def observe(self, drafted: int, accepted: int, sent: int, seconds: float | None, draft_seconds: float,
+    def observe(self, drafted: int, accepted: int, sent: int, seconds: float | None, draft_seconds: float | None,
                 confidences: list[float] | None = None, rescue_rank: int | None = None,
                 first_seconds: float | None = None) -> None:
         """One verified round: `seconds` its trip and verify time without drafting (None: pipelined, not a
-        clean sample), `confidences` the draft's confidence in each draft, `rescue_rank` the rank of the
+        clean sample), `draft_seconds` the model's drafting (None: drafted ahead, not a sample of its cost),
+        `confidences` the draft's confidence in each draft, `rescue_rank` the rank of the
         target's token in the draft's list at the first rejection (None: not in its top list)."""
         m = self.memory
         self.accepted = m * self.accepted + accepted
@@ -162,7 +164,7 @@ class CostModel:
             self.rescue.observe(rescue_rank, 8)
         if seconds is not None:
             self.points = (self.points + [(sent, seconds)])[-24:]
-        if drafted:  # medians of recent samples: one slow round on a busy machine must not set the policy
+        if drafted and draft_seconds is not None:  # medians of recent samples: one slow round mustn't set the policy
             first = draft_seconds / drafted if first_seconds is None else first_seconds
             self.draft_firsts = (self.draft_firsts + [first])[-16:]
             if drafted > 1:
@@ -352,8 +354,8 @@ class CostModel:
             if seen is not None:
                 self.sampled_rescue.observe(*seen)
         self.since_tree = 0 if not chain else self.since_tree + 1
-        self.observe(rnd.model_depth, ok, len(rnd.ids), seconds, rnd.draft_seconds, rnd.confidences or None, rank,
-                     rnd.draft_first)
+        self.observe(rnd.model_depth, ok, len(rnd.ids), seconds, None if rnd.anticipated else rnd.draft_seconds,
+                     rnd.confidences or None, rank, rnd.draft_first)
         observe_ngram(self, rnd)
         if t.hit and predicted is not None:
             self.observe_pipeline(saved=predicted - own - self._prev_delay)

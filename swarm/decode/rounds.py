@@ -56,6 +56,7 @@ class Round:
     top: list[list[int]] = field(default_factory=list)
     draft_seconds: float = 0.0  # the model's
     draft_first: float | None = None  # seconds of the first draft step (a chain)
+    anticipated: int = 0  # of the model's drafts, those drafted ahead during the previous round's flight
     ngram_seconds: float = 0.0
     future: Future | None = None
     sent_at: float = 0.0
@@ -110,6 +111,7 @@ def draft_model(drafter: Drafter, policy: CostModel, plan: RoundPlan, seq: list[
         rnd.qs, rnd.depth = list(q), len(rnd.drafts)
         rnd.confidences, rnd.top = list(drafter.confidences), list(drafter.top)
         rnd.draft_first = drafter.first_seconds if rnd.drafts else None
+        rnd.anticipated = drafter.anticipated
     rnd.model_depth, rnd.choice = rnd.depth, "model"
     rnd.sources, rnd.cells = ["model"] * len(rnd.drafts), [None] * len(rnd.drafts)
     rnd.draft_seconds = drafter.seconds - d0

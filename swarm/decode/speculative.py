@@ -60,6 +60,7 @@ from typing import Callable
 import torch
 
 from peer.model import ModelHead, StepLayout
+from swarm.decode.anticipate import Anticipator
 from swarm.decode.ngram import NgramIndex, NgramMemory
 from swarm.decode.round_policy import CostModel, RoundTiming, make_policy
 from swarm.decode.rounds import Round, draft_round, judge
@@ -84,6 +85,7 @@ class SpecConfig:
     pipeline_depth: int = 3  # rounds in flight at most when pipelining (the one awaited and those sent ahead of it)
     draft_vocab: int | None = 8192  # the draft drafts from the first N token ids and the context's (DraftVocab)
     prefeed: bool = True  # while chain rounds are in flight, the draft takes their drafts in (step 4)
+    anticipate: bool = True  # greedy: while a chain round flies, draft the next one after its likeliest verdicts
     draft_top_k: int | None = None  # sampling: drafts come from the draft's top K, renormalised (verification at the
     # last peer sends those K (id, prob) pairs per draft); None: from the draft's whole distribution
 
@@ -152,6 +154,7 @@ class SpeculativeResult(GenerationResult):
     drafted_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES[:2], 0))  # model: on its path
     rounds_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHOICES, 0))  # rounds by who drafted
     recalled: int = 0  # accepted n-gram drafts recalled from earlier generations (NgramMemory)
+    anticipated: int = 0  # rounds whose model drafts were drafted ahead, during the flight of the round before
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # seconds, summed over rounds
     drafting_by: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CHOICES, 0.0))  # "drafting" by choice
     policy: CostModel | None = field(default=None, repr=False)  # the round policy as the run left it
@@ -186,6 +189,7 @@ class SpeculativeResult(GenerationResult):
         self.drafted_by["model"] += rnd.model_depth
         self.drafted_by["ngram"] += rnd.sources.count("ngram")
         self.rounds_by[rnd.choice] += 1
+        self.anticipated += rnd.anticipated > 0
 
     def stats(self) -> dict:
         """Rounds and acceptance (the draft model's, the n-gram index's); drafted and accepted drafts by
@@ -194,7 +198,7 @@ class SpeculativeResult(GenerationResult):
         return {"rounds": self.rounds, "tokens_per_round": round(self.tokens_per_round, 3),
                 "round_ms": {k: round(1000 * v / max(1, self.rounds), 3) for k, v in self.phases.items()},
                 "drafting_ms_by_source": {k: round(1000 * v, 1) for k, v in self.drafting_by.items()},
-                "wasted_rounds": self.wasted_rounds, "acceptance_rate": round(self.acceptance_rate, 4),
+                "wasted_rounds": self.wasted_rounds, "anticipated_rounds": self.anticipated, "acceptance_rate": round(self.acceptance_rate, 4),
                 "ngram_acceptance_rate": round(self.ngram_acceptance_rate, 4), "recalled": self.recalled,
                 "accepted_by_source": dict(self.accepted_by), "drafted_by_source": dict(self.drafted_by),
                 "rounds_by_source": dict(self.rounds_by)}
@@ -258,6 +262,7 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
     seq, compact, queue = list(prompt), None, []  # queue: rounds sent before the verdicts on the ones before them
     ngram = NgramIndex(seq, spec.ngram_max, memory=memory) if spec.ngram_on else None
     policy.begin(sampled=not spec.params.greedy)
+    ahead = Anticipator(drafter, policy) if spec.anticipate and spec.params.greedy and run.overlaps else None
     try:
         while len(result.tokens) < max_new_tokens and result.stopped_by != "eos":
             left, began = max_new_tokens - len(result.tokens) - 1, time.perf_counter()
@@ -271,6 +276,9 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
             sent_ahead = send_ahead(run, head, drafter, ngram, policy, spec, generator, seq, left, cur, queue)
             if run.overlaps and spec.prefeed and all(r.parents is None for r in [cur] + queue):
                 drafter.prefeed(seq + [t for r in [cur] + queue for t in r.drafts])  # during the flight
+            if ahead is not None and not queue and cur.parents is None and left > len(cur.drafts):
+                c0, c1 = policy.verify_cost()  # the verdict is due then: drafting ahead stops before
+                ahead.run(cur, seq, cur.sent_at + c0 + c1 * len(cur.ids), cur.future.done)
             t_wait = time.perf_counter()
             out = cur.future.result()  # final hidden states, or a verdict from where the blocks end
             t_out = time.perf_counter()
@@ -294,6 +302,8 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
             result.pipelined_hits += hit
             result.tree_rounds += cur.parents is not None and not hit
             result.count(cur)
+            if ahead is not None:
+                ahead.observe(cur)
             result.rounds, result.drafted, result.accepted = result.rounds + 1, result.drafted + cur.depth, result.accepted + accepted
             result.accepted_per_round.append(accepted)
             result.ks.append(cur.depth)
