@@ -32,7 +32,7 @@ class TreeRound:
         self.cells = [None] * width
         self.path = path
         self.ngram_seconds, self.confidences, self.top = 0.0, [0.5] if width == 1 else [], []
-        self.draft_seconds, self.draft_first = 0.001, 0.001
+        self.draft_seconds, self.draft_first, self.anticipated = 0.001, 0.001, 0
 
 
 def timing() -> RoundTiming:

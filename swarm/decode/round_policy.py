@@ -17,6 +17,7 @@ models, peers or the network.
 from __future__ import annotations
 
 import math
+from statistics import median
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -193,7 +194,7 @@ class CostModel:
         by_size: dict[int, list[float]] = {}
         for n, t in self.points:
             by_size.setdefault(n, []).append(t)
-        xs, ys, ws = zip(*((n, _median(ts), len(ts)) for n, ts in by_size.items()))
+        xs, ys, ws = zip(*((n, median(ts), len(ts)) for n, ts in by_size.items()))
         total = sum(ws)
         mean_x = sum(w * x for x, w in zip(xs, ws)) / total
         mean_y = sum(w * y for y, w in zip(ys, ws)) / total
@@ -210,13 +211,13 @@ class CostModel:
     def draft_cost(self) -> float:
         """Seconds per draft token after the first."""
         if len(self.draft_steps) >= 3 or (self.draft_steps and not self.draft_firsts):
-            return _median(self.draft_steps)
-        return _median(self.draft_firsts) if self.draft_firsts else 0.1 * sum(self.verify_cost())
+            return median(self.draft_steps)
+        return median(self.draft_firsts) if self.draft_firsts else 0.1 * sum(self.verify_cost())
 
     def draft_time(self, k: int) -> float:
         if k <= 0:
             return 0.0
-        first = _median(self.draft_firsts) if self.draft_firsts else self.draft_cost
+        first = median(self.draft_firsts) if self.draft_firsts else self.draft_cost
         return first + self.draft_cost * (k - 1)
 
     # --- what is decided ---------------------------------------------------------------------------
@@ -349,13 +350,12 @@ class CostModel:
         clean = not t.hit and not self._after_miss
         seconds = (t.arrived - t.sent) + (t.done - max(t.arrived, t.ahead_sent or 0.0)) if clean else None
         ok, rank = model_verdict(rnd, extra)
-        if self.sampled and not chain:
-            seen = sampled_tree_rescue(rnd.parents, rnd.sources, rnd.path)
-            if seen is not None:
-                self.sampled_rescue.observe(*seen)
+        seen = sampled_tree_rescue(rnd.parents, rnd.sources, rnd.path) if self.sampled and not chain else None
+        if seen is not None:
+            self.sampled_rescue.observe(*seen)
         self.since_tree = 0 if not chain else self.since_tree + 1
-        self.observe(rnd.model_depth, ok, len(rnd.ids), seconds, None if rnd.anticipated else rnd.draft_seconds,
-                     rnd.confidences or None, rank, rnd.draft_first)
+        drafted = None if rnd.anticipated else rnd.draft_seconds  # drafted ahead: not a sample of its cost
+        self.observe(rnd.model_depth, ok, len(rnd.ids), seconds, drafted, rnd.confidences or None, rank, rnd.draft_first)
         observe_ngram(self, rnd)
         if t.hit and predicted is not None:
             self.observe_pipeline(saved=predicted - own - self._prev_delay)
@@ -395,8 +395,3 @@ def make_policy(k: int | None, k_max: int = 8, tree_width: int = 1, pipeline: bo
     if k is None:
         return CostModel(k_max, pipeline=pipeline, latency=latency)
     return FixedShape(k, tree_width, pipeline, latency)
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return 0.5 * (s[(len(s) - 1) // 2] + s[len(s) // 2])

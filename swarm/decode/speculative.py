@@ -85,7 +85,8 @@ class SpecConfig:
     pipeline_depth: int = 3  # rounds in flight at most when pipelining (the one awaited and those sent ahead of it)
     draft_vocab: int | None = 8192  # the draft drafts from the first N token ids and the context's (DraftVocab)
     prefeed: bool = True  # while chain rounds are in flight, the draft takes their drafts in (step 4)
-    anticipate: bool = True  # greedy: while a chain round flies, draft the next one after its likeliest verdicts
+    anticipate: bool = False  # greedy: while a chain round flies, draft the next one after its likeliest verdicts
+    # (off: measured no gain on SmolLM2's pair over continental links; wan_bench's `ahead` mode turns it on)
     draft_top_k: int | None = None  # sampling: drafts come from the draft's top K, renormalised (verification at the
     # last peer sends those K (id, prob) pairs per draft); None: from the draft's whole distribution
 
