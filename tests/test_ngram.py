@@ -15,7 +15,7 @@ from swarm.decode.generate import LocalModel, generate
 from swarm.decode.ngram import SEPARATOR, NgramIndex, NgramMemory, Score, graft, is_chain, shared_path
 from swarm.decode.round_policy import CostModel, FixedShape, RoundPlan
 from swarm.decode.sampling import SamplingParams
-from swarm.decode.sources import NgramCalibration, best_prefix
+from swarm.decode.sources import NgramCalibration, best_prefix, branch_length
 from swarm.decode.speculative import Drafter, SpecConfig, speculative_decode
 from test_speculative import chi_square_stat, generate_logits, small_vocab, timed_policy  # noqa: F401
 
@@ -62,6 +62,26 @@ def test_the_index_keeps_up_incrementally_and_drafts_in_flight_are_not_indexed()
     assert len(index) == 300  # ... not indexed
     index.sync([3, 4, 3])  # not a continuation: indexed afresh
     assert index.tokens == [3, 4, 3] and index.propose([3, 4, 3], 2).tokens == [4, 3]
+
+
+def test_the_branch_is_the_walk_not_taken_at_the_first_choice():
+    seq = [1, 2, 3, 4, 8, 9, 1, 2, 3, 5, 6, 1, 2, 3]  # "1 2 3" was followed by 4, then by 5
+    index = NgramIndex(seq, n_max=4)
+    proposal = index.propose(seq, 4)
+    assert proposal.tokens == [5, 6, 1, 2] and proposal.scores[0] == Score(3, 1, 2)
+    at, branch = index.branch(seq, proposal, 4, 4)
+    assert at == 0 and branch.tokens == [4, 8, 9, 1] and branch.scores[0] == Score(3, 1, 2)
+    assert index.branch(seq, proposal, 0, 4) is None  # the choice lies beyond the tokens sent
+    assert index.branch(seq, proposal, 4, 2)[1].tokens == [4, 8]  # k bounds the branch's path
+    later = [7, 8, 9, 1, 2, 3, 4, 7, 8, 9, 1, 2, 3, 5, 7, 8]  # the choice comes at the walk's fifth token
+    index = NgramIndex(later, n_max=3)
+    proposal = index.propose(later, 6)
+    assert proposal.tokens[:5] == [9, 1, 2, 3, 5]
+    at, branch = index.branch(later, proposal, 6, 6)
+    assert at == 4 and branch.tokens[0] == 4 and len(branch) <= 2
+    single = [1, 2, 3, 4, 1, 2, 3]  # every step the only choice: no branch
+    index = NgramIndex(single, n_max=4)
+    assert index.branch(single, index.propose(single, 4), 4, 4) is None
 
 
 def test_the_memory_recalls_earlier_generations_and_keeps_them_apart():
@@ -160,6 +180,12 @@ def test_the_policy_picks_who_drafts_from_costs_and_acceptance():
     assert wan.graft([0.9, 0.3], 2, 2, 1, sure[:4]) == 4  # where the model hesitates, the sure repeat is worth it
     assert slow_bad.graft([0.9, 0.9], 2, 2, 0, weak[:1]) == 0  # a weak guess against the model: not worth a node
     assert FixedShape(4).graft([0.9], 1, 1, 0, weak[:3]) == 3  # fixed shape: the whole proposal
+    split = NgramCalibration.cell(Score(3, 1, 2))  # an n-gram followed by two tokens: a runner-up branch
+    runner_up = [NgramCalibration.cell(Score(3, 1, 2), against=True)] + sure[:3]
+    assert branch_length(wan, [split] + sure[:3], 0, runner_up) == 4  # a costly trip: the other walk rides along
+    assert branch_length(local_policy(acceptance=0.3, draft=0.008), [split] + sure[:3], 0, runner_up) == 0  # loopback
+    lone = [NgramCalibration.cell(Score(1, 1, 9), against=True)]  # a weak runner-up after a sure chain
+    assert branch_length(local_policy(acceptance=0.3, draft=0.008), sure[:4], 2, lone) == 0
 
 
 def test_the_model_is_recalled_to_stay_measured():
@@ -229,6 +255,26 @@ def test_greedy_with_ngram_drafts_equals_plain_greedy(pair, mode):
         assert res.rounds_by["fused"] > 0 and res.tree_rounds > 0
     if mode.endswith("pipelined"):
         assert res.pipelined_hits > 0
+
+
+BRANCHY = [5, 17, 42, 99, 3, 250, 7, 5, 17, 42, 61, 8, 5, 17, 42, 99, 3, 250, 7, 5, 17, 42, 61, 8, 5, 17]
+
+
+def test_ngram_rounds_carry_the_runner_up_over_a_costly_trip_and_keep_the_output(pair):
+    """Over an 80 ms trip, n-gram rounds whose walk had a choice carry the runner-up's walk as a second branch
+    (`branched` rounds, trees); the output is plain greedy's, and without `ngram_branch` no round branches."""
+    from test_anticipate import Delayed
+    target, draft = pair
+    plain = generate(target, BRANCHY, 40, stop_at_eos=False).tokens
+    results = {}
+    for on in (True, False):
+        length = len(BRANCHY) + 40 + 2 * SpecConfig().slack + 2
+        spec = SpecConfig(pipeline=False, ngram_branch=on)
+        results[on] = speculative_decode(target.head, Delayed(target.session(length), 0.08), Drafter(draft, length),
+                                         BRANCHY, 40, spec, policy=Forced("ngram", pipeline=False))
+        assert results[on].tokens == plain
+    assert results[True].rounds_by["branched"] > 0 and results[True].tree_rounds >= results[True].rounds_by["branched"]
+    assert results[False].rounds_by["branched"] == 0
 
 
 def test_a_later_generation_recalls_an_earlier_one_and_keeps_the_output(pair):

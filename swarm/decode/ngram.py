@@ -8,8 +8,10 @@ tokens as they come, O(n_max^2) work per token and never a rescan of the sequenc
 from the end of a context: it matches the longest suffix that has a recorded continuation, takes the
 continuation (the most recent one, or the most frequent), appends it and matches again, up to k
 tokens. Each token comes with its `Score` (the order matched, how often that continuation followed,
-out of how many) for the round policy to calibrate. `graft` fuses such a proposal into a draft tree:
-the part that agrees with the tree's first tokens is shared, only the rest becomes a new branch.
+out of how many) for the round policy to calibrate. `branch` is the walk the proposal did not take:
+at its first token whose n-gram was followed by others too, the runner-up and what continues it (a
+sibling branch). `graft` fuses such a proposal into a draft tree: the part that agrees with the
+tree's first tokens is shared, only the rest becomes a new branch.
 
 `NgramMemory` is the same index over earlier generations (their prompts and outputs, each a document of
 its own), shared by a client's generations (SuffixDecoding's global tree): answers to similar requests
@@ -130,6 +132,25 @@ class NgramIndex:
             out.scores.append(score)
             tail = tail[1:] + [token] if len(tail) >= reach else tail + [token]
         return out
+
+    def branch(self, context: list[int], proposal: Proposal, within: int, k: int) -> tuple[int, Proposal] | None:
+        """Where `proposal` (this index's for `context`) had a choice among its first `within` tokens: the first
+        one whose matched n-gram was followed by other tokens too in this text (not one recalled from the
+        memory). Returns (its position i, the walk that takes the runner-up there instead: up to k - i tokens,
+        the first scored by how often the runner-up followed), or None where every step was the only choice."""
+        reach = max(self.n_max, self.memory.n_max if self.memory is not None else 0)
+        for i, score in enumerate(proposal.scores[:within]):
+            if score.recalled or score.count == score.total or i >= k:
+                continue
+            tail = (list(context) + proposal.tokens[:i])[-reach:]
+            others = [kv for kv in self.follow.get(tuple(tail[-score.order:]), {}).items() if kv[0] != proposal.tokens[i]]
+            if not others:
+                continue
+            rank = (lambda kv: kv[1][1]) if self.mode == "recent" else (lambda kv: (kv[1][0], kv[1][1]))
+            token, (count, _) = max(others, key=rank)
+            rest = self.propose(tail + [token], k - i - 1)
+            return i, Proposal([token] + rest.tokens, [Score(score.order, count, score.total)] + rest.scores)
+        return None
 
 
 class NgramMemory:

@@ -2,7 +2,8 @@
 
 `draft_round` plans a round with the round policy and drafts it: the n-gram index proposes a
 continuation first (free), the policy picks who drafts (the model, the proposal alone, both, or
-neither: a plain step), the model drafts its chain or tree, and `fuse` grafts the proposal onto it:
+neither: a plain step), the model drafts its chain or tree, and `fuse` grafts the proposal onto it
+(an n-gram-only chain may get the index's runner-up as a sibling branch, `ngram_branch`):
 the tokens the proposal shares with the model's first drafts are shared nodes ("both"), the rest a
 branch where they part (a tree) or the chain's continuation when every model draft is
 in the proposal (a chain: also when sampling, the n-gram drafts with one-hot q). `judge` verifies a
@@ -30,7 +31,7 @@ from swarm.decode.ngram import NgramIndex, Proposal, graft, is_chain, shared_pat
 from swarm.decode.round_policy import CostModel, RoundPlan
 from swarm.decode.sampling import (RoundCheck, RoundVerdict, sparse_q, token_probs, verify, verify_greedy_tree,
                                    verify_tree)
-from swarm.decode.sources import NgramCalibration
+from swarm.decode.sources import NgramCalibration, branch_length
 
 if TYPE_CHECKING:
     from swarm.decode.drafter import Drafter
@@ -50,7 +51,7 @@ class Round:
     model_depth: int = 0  # the model's drafts on its longest path (a chain's: the first nodes)
     sources: list[str] = field(default_factory=list)  # per draft: "model", "ngram" or "both" (the two agreed)
     cells: list[int | None] = field(default_factory=list)  # per draft from the n-gram proposal: its calibration cell
-    choice: str = "plain"  # who drafted: "model", "fused" (model and n-gram), "ngram" or "plain"
+    choice: str = "plain"  # who drafted: "model", "fused", "ngram", "branched" (the index's two branches) or "plain"
     path: list[int] = field(default_factory=lambda: [0])  # the accepted nodes, once judged
     confidences: list[float] = field(default_factory=list)  # of the model's chain drafts
     top: list[list[int]] = field(default_factory=list)
@@ -73,10 +74,12 @@ class Round:
 
 
 def draft_round(drafter: Drafter, ngram: NgramIndex | None, policy: CostModel, seq: list[int], room: int,
-                spec: SpecConfig, generator: torch.Generator, tree_nodes: int | None = None) -> Round:
+                spec: SpecConfig, generator: torch.Generator, tree_nodes: int | None = None,
+                overlaps: bool = False) -> Round:
     """Plan and draft the round that continues `seq`, with at most `room` drafts on a path (the model's
     fewer where its session ends); a tree of at most `tree_nodes` drafts (None: any the config allows;
-    0: chains only, near the end of the target's session or for a round sent ahead)."""
+    0: chains only, near the end of the target's session or for a round sent ahead). `overlaps`: steps
+    run in the background (a chain the policy would send a round ahead of stays a chain)."""
     t0 = time.perf_counter()
     proposal = ngram.propose(seq, min(room, spec.ngram_drafts)) if ngram is not None and room > 0 else Proposal()
     cells = [NgramCalibration.cell(s) for s in proposal.scores]
@@ -88,12 +91,36 @@ def draft_round(drafter: Drafter, ngram: NgramIndex | None, policy: CostModel, s
     if plan.source == "ngram":
         rnd.drafts, rnd.cells = proposal.tokens[:plan.ngram], list(cells[:plan.ngram])
         rnd.qs, rnd.sources, rnd.depth, rnd.choice = [None] * plan.ngram, ["ngram"] * plan.ngram, plan.ngram, "ngram"
+        if spec.ngram_branch and spec.params.greedy and nodes > plan.ngram and ngram is not None and not (
+                overlaps and policy.send_ahead(rnd, room - plan.ngram, True)):
+            ngram_branch(policy, rnd, ngram, seq, proposal, min(room, spec.ngram_drafts), nodes)
     elif plan.source == "model" and plan.k > 0:
         draft_model(drafter, policy, plan, seq, spec, generator, rnd)
         if proposal.tokens:
             fuse_proposal(policy, rnd, proposal, cells, fuse)
     rnd.ids = seq[-1:] + rnd.drafts
     return rnd
+
+
+def ngram_branch(policy: CostModel, rnd: Round, ngram: NgramIndex, seq: list[int], proposal: Proposal, depth: int,
+                 nodes: int) -> None:
+    """Beside an n-gram-only chain, the index's runner-up where its walk had a choice (`NgramIndex.branch`), as
+    long as `sources.branch_length` finds it pays: the round becomes a tree of at most `nodes` drafts and paths of
+    at most `depth`."""
+    found = ngram.branch(seq, proposal, len(rnd.drafts), depth)
+    if found is None:
+        return
+    at, alt = found
+    cells = [NgramCalibration.cell(s, against=not i) for i, s in enumerate(alt.scores)][:nodes - len(rnd.drafts)]
+    j = branch_length(policy, rnd.cells, at, cells)
+    if not j:
+        return
+    drafts, parents, _ = graft(rnd.drafts, list(range(-1, len(rnd.drafts) - 1)), rnd.drafts[:at] + alt.tokens[:j])
+    rnd.drafts, rnd.parents = drafts, [-1] + [p + 1 for p in parents]
+    rnd.qs += [None] * j
+    rnd.sources += ["ngram"] * j
+    rnd.cells += cells[:j]
+    rnd.depth, rnd.choice = max(rnd.depth, at + j), "branched"
 
 
 def draft_model(drafter: Drafter, policy: CostModel, plan: RoundPlan, seq: list[int], spec: SpecConfig,

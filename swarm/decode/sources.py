@@ -17,6 +17,10 @@ at the point where the proposal parts from the model's draft is calibrated apart
 at most one of the two is right). The model is made to draft when it sat out 1, 2, 4, ... and then
 every `EXPLORE_EVERY` rounds in a row, so that its acceptance and costs stay measured.
 
+An n-gram-only round may carry a second branch of the index's (`NgramIndex.branch`: the runner-up where
+the proposal's walk had a choice), beside its chain: `branch_length` decides how much, the same way
+(the chain's E and T, the branch's nodes hung below the chance of their parent's path).
+
 After the model has drafted, `graft_length` decides how much of the proposal joins its tree (the
 part that agrees with the model's first tokens is shared for free; the rest is a branch where they
 part, or the chain's continuation when the model's drafts are all in the proposal): the prefix that
@@ -155,6 +159,20 @@ def graft_length(policy: CostModel, confidences: list[float] | None, depth: int,
         p_shared = p if i < shared else p_shared
     t = policy.draft_time(depth if confidences is not None else 1) + c0 + c1 * (nodes + 1)
     return best_prefix([policy.ngram.alpha(c) for c in cells], p_shared, e, t, c1)[0]
+
+
+def branch_length(policy: CostModel, cells: list[int], at: int, branch: list[int]) -> int:
+    """How many tokens of an n-gram branch (calibration cells `branch`, the first "against": where it parts
+    from the chain only one of the two can be right) to hang beside node `at` of an n-gram-only chain
+    (`cells`): the prefix that maximises E / T, each node worth the chance of its path."""
+    c0, c1 = policy.verify_cost()
+    e, p, p_parent = 1.0, 1.0, 1.0
+    for i, b in enumerate(policy.ngram.alpha(c) for c in cells):
+        p_parent = p if i == at else p_parent
+        p *= b
+        e += p
+    t = c0 + c1 * (len(cells) + 1) + policy.ngram_seconds
+    return best_prefix([policy.ngram.alpha(c) for c in branch], p_parent, e, t, c1)[0]
 
 
 def model_verdict(rnd: RoundRecord, extra: int) -> tuple[int, int | None]:

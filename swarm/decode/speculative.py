@@ -84,6 +84,7 @@ class SpecConfig:
     ngram_drafts: int = 16  # the most n-gram drafts on one path of a round (free to draft: the policy cuts them)
     pipeline_depth: int = 3  # rounds in flight at most when pipelining (the one awaited and those sent ahead of it)
     draft_vocab: int | None = 8192  # the draft drafts from the first N token ids and the context's (DraftVocab)
+    ngram_branch: bool = True  # greedy: an n-gram-only chain may carry the index's runner-up as a sibling branch
     prefeed: bool = True  # while chain rounds are in flight, the draft takes their drafts in (step 4)
     anticipate: bool = False  # greedy: while a chain round flies, draft the next one after its likeliest verdicts
     # (off: measured no gain on SmolLM2's pair over continental links; wan_bench's `ahead` mode turns it on)
@@ -134,7 +135,7 @@ class SpecConfig:
 
 
 SOURCES = ("model", "ngram", "both")
-CHOICES = ("model", "fused", "ngram", "plain")
+CHOICES = ("model", "fused", "ngram", "branched", "plain")
 # where a round's wall time goes, in order: planning and drafting it until its step left (nothing when it
 # was sent ahead), sending rounds ahead and prefeeding the draft while it flies, waiting for its result
 # (idle), verifying and committing it
@@ -272,7 +273,7 @@ def speculative_decode(head: ModelHead, run: RunBlocks, drafter: Drafter, prompt
             if ngram is not None:
                 ngram.sync(seq)
             cur = queue.pop(0) if hit else send(run, head, draft_round(drafter, ngram, policy, seq, left, spec, generator,
-                                                                       tree_nodes), spec, generator, compact)
+                                                                       tree_nodes, run.overlaps), spec, generator, compact)
             t_left = time.perf_counter()
             sent_ahead = send_ahead(run, head, drafter, ngram, policy, spec, generator, seq, left, cur, queue)
             if run.overlaps and spec.prefeed and all(r.parents is None for r in [cur] + queue):
