@@ -80,7 +80,7 @@ MODE_KEYS = {  # --modes: short names for the modes (the default mode is "auto")
     "noprefeed": "spec adaptive (auto pipeline, no prefeed)",  # only when named: drafts in flight not prefed
     "ahead": "spec adaptive (auto pipeline, drafting ahead)",  # only when named: anticipation in flight
     "autotree": "spec adaptive (auto pipeline, trees up to 3)",  # only when named: greedy model trees allowed
-    "nobranch": "spec adaptive (auto pipeline, no n-gram branches)",  # only when named: n-gram rounds stay chains
+    "branch": "spec adaptive (auto pipeline, n-gram branches)",  # only when named: the index's runner-up rides along
     "tree-hot": "spec adaptive tree(3) T=",  # only when named: sampling, trees allowed (--tree 3), adaptive k
 }
 
@@ -110,7 +110,7 @@ def bench_modes(k_max: int, relaxed: float, temperature: float, keys: list[str] 
         modes.insert(11, Mode(MODE_KEYS["noprefeed"], spec=SpecConfig(k_max=k_max, prefeed=False)))
         modes.insert(12, Mode(MODE_KEYS["ahead"], spec=SpecConfig(k_max=k_max, anticipate=True)))
         modes.insert(13, Mode(MODE_KEYS["autotree"], spec=SpecConfig(k_max=k_max, tree_width=3)))
-        modes.insert(14, Mode(MODE_KEYS["nobranch"], spec=SpecConfig(k_max=k_max, ngram_branch=False)))
+        modes.insert(14, Mode(MODE_KEYS["branch"], spec=SpecConfig(k_max=k_max, ngram_branch=True)))
     modes.append(Mode(f"spec adaptive tree(3) T={temperature:g}", temperature=temperature,
                       spec=SpecConfig(k_max=k_max, tree_width=3, params=hot, pipeline=False)))
     wanted = [MODE_KEYS[k] for k in keys]

@@ -84,7 +84,8 @@ class SpecConfig:
     ngram_drafts: int = 16  # the most n-gram drafts on one path of a round (free to draft: the policy cuts them)
     pipeline_depth: int = 3  # rounds in flight at most when pipelining (the one awaited and those sent ahead of it)
     draft_vocab: int | None = 8192  # the draft drafts from the first N token ids and the context's (DraftVocab)
-    ngram_branch: bool = True  # greedy: an n-gram-only chain may carry the index's runner-up as a sibling branch
+    ngram_branch: bool = False  # greedy: an n-gram-only chain may carry the index's runner-up as a sibling branch
+    # (off: measured no gain on SmolLM2's pair over continental links; wan_bench's `branch` mode turns it on)
     prefeed: bool = True  # while chain rounds are in flight, the draft takes their drafts in (step 4)
     anticipate: bool = False  # greedy: while a chain round flies, draft the next one after its likeliest verdicts
     # (off: measured no gain on SmolLM2's pair over continental links; wan_bench's `ahead` mode turns it on)
