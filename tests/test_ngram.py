@@ -277,6 +277,32 @@ def test_ngram_rounds_carry_the_runner_up_over_a_costly_trip_and_keep_the_output
     assert results[False].rounds_by["branched"] == 0
 
 
+def test_a_round_commits_its_runner_up_branch_where_the_target_took_it(pair):
+    """An n-gram round over a costly trip whose walk had a choice: a tree with the runner-up's walk as the root's
+    second child; where the target's argmax follows that walk, the round commits it (and its extra token)."""
+    from swarm.decode.rounds import draft_round, judge
+    from swarm.decode.sampling import RoundVerdict
+    target, draft = pair
+    seq = [1, 2, 3, 4, 8, 9, 1, 2, 3, 5, 6, 1, 2, 3]  # "1 2 3" was followed by 4, then by 5
+    policy = Forced("ngram", pipeline=False)
+    for n in (2, 5, 3, 9, 4, 7):  # an 80 ms trip
+        policy.observe(n - 1, n - 1, n, 0.080 + 0.001 * n, 0.001 * (n - 1))
+    spec = SpecConfig(pipeline=False, ngram_branch=True)
+    rnd = draft_round(Drafter(draft, 64), NgramIndex(seq, n_max=4), policy, seq, 6, spec, torch.Generator())
+    assert rnd.choice == "branched" and rnd.drafts[:2] == [5, 6] and 4 in rnd.drafts
+    first = rnd.drafts.index(4) + 1  # node numbers count the last committed token as node 0
+    assert rnd.parents[first] == 0 and rnd.sources == ["ngram"] * len(rnd.drafts)
+    branch = [first] + [i for i in range(first + 1, len(rnd.ids)) if rnd.parents[i] == i - 1]
+    assert [rnd.ids[i] for i in branch] == [4, 8, 9, 1, 2, 3][:len(branch)] and len(branch) >= 2
+    argmax = [0] * len(rnd.ids)  # the target: 4 after the last token, then along the branch, then 77
+    argmax[0] = 4
+    for parent, child in zip(branch, branch[1:] + [None]):
+        argmax[parent] = rnd.ids[child] if child is not None else 77
+    accepted, new, extra, compact = judge(target.head, rnd, RoundVerdict(tuple(argmax)), spec, None)
+    assert accepted == len(branch) and new == [rnd.ids[i] for i in branch] + [77] and extra == 77
+    assert compact == (rnd.start, (0, *branch)) and rnd.path == [0, *branch]
+
+
 def test_a_later_generation_recalls_an_earlier_one_and_keeps_the_output(pair):
     """The memory (through `generate`) drafts what an earlier generation said: far fewer rounds, the output
     still plain greedy's; without the flag the memory is neither read nor written."""
