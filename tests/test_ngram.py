@@ -257,6 +257,14 @@ def test_greedy_with_ngram_drafts_equals_plain_greedy(pair, mode):
         assert res.pipelined_hits > 0
 
 
+def test_asking_whether_a_chain_would_go_ahead_spends_no_exploration():
+    """`ngram_branch` asks the policy whether an n-gram chain would be sent ahead before it is sent: the
+    question alone must not count as one of the pipelined rounds that explore."""
+    policy = CostModel()
+    assert policy.pipeline_pays(0.5, 4, probe=True) and policy.explored == 0
+    assert policy.pipeline_pays(0.5, 4) and policy.explored == 1
+
+
 BRANCHY = [5, 17, 42, 99, 3, 250, 7, 5, 17, 42, 61, 8, 5, 17, 42, 99, 3, 250, 7, 5, 17, 42, 61, 8, 5, 17]
 
 

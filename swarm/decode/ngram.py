@@ -106,12 +106,15 @@ class NgramIndex:
         for n in range(min(self.n_max, len(context)), self.n_min - 1, -1):
             nexts = self.follow.get(tuple(context[-n:]))
             if nexts:
-                if self.mode == "recent":
-                    token, (count, _) = max(nexts.items(), key=lambda kv: kv[1][1])
-                else:  # the most frequent; ties go to the most recent
-                    token, (count, _) = max(nexts.items(), key=lambda kv: (kv[1][0], kv[1][1]))
+                token, (count, _) = self._best(nexts.items())
                 return token, Score(n, count, sum(c for c, _ in nexts.values()))
         return None
+
+    def _best(self, continuations):
+        """Of (token, [count, last position]) pairs: the most recent one, or the most frequent (ties: the most recent)."""
+        if self.mode == "recent":
+            return max(continuations, key=lambda kv: kv[1][1])
+        return max(continuations, key=lambda kv: (kv[1][0], kv[1][1]))
 
     def propose(self, context: list[int], k: int) -> Proposal:
         """Up to k tokens continuing `context` (the indexed sequence, maybe followed by tokens not indexed
@@ -139,15 +142,14 @@ class NgramIndex:
         memory). Returns (its position i, the walk that takes the runner-up there instead: up to k - i tokens,
         the first scored by how often the runner-up followed), or None where every step was the only choice."""
         reach = max(self.n_max, self.memory.n_max if self.memory is not None else 0)
-        for i, score in enumerate(proposal.scores[:within]):
-            if score.recalled or score.count == score.total or i >= k:
+        for i, score in enumerate(proposal.scores[:min(within, k)]):
+            if score.recalled or score.count == score.total:
                 continue
             tail = (list(context) + proposal.tokens[:i])[-reach:]
             others = [kv for kv in self.follow.get(tuple(tail[-score.order:]), {}).items() if kv[0] != proposal.tokens[i]]
             if not others:
                 continue
-            rank = (lambda kv: kv[1][1]) if self.mode == "recent" else (lambda kv: (kv[1][0], kv[1][1]))
-            token, (count, _) = max(others, key=rank)
+            token, (count, _) = self._best(others)
             rest = self.propose(tail + [token], k - i - 1)
             return i, Proposal([token] + rest.tokens, [Score(score.order, count, score.total)] + rest.scores)
         return None

@@ -17,8 +17,8 @@ models, peers or the network.
 from __future__ import annotations
 
 import math
-from statistics import median
 from dataclasses import dataclass
+from statistics import median
 from typing import Protocol
 
 from swarm.decode.rescue import SAMPLED_PRIOR, Rescue, best_tree, sampled_tree_rescue
@@ -279,13 +279,14 @@ class CostModel:
         return best_tree(self.sampled_rescue if self.sampled else self.rescue, min(self.acceptance, 0.999), width,
                          max(1, min(self.k_max, room)), self.draft_time(1), self.draft_cost, c0, c1)
 
-    def pipeline_pays(self, p_all: float, k_next: int) -> bool:
-        """Send the next round now, assuming this one is fully accepted (probability p_all)?"""
+    def pipeline_pays(self, p_all: float, k_next: int, probe: bool = False) -> bool:
+        """Send the next round now, assuming this one is fully accepted (probability p_all)? (`probe`: only asked,
+        nothing is sent: an exploring answer spends none of the exploration.)"""
         c0, c1 = self.verify_cost()
         wire = min(self.latency, c0) if self.latency is not None else c0 / 2  # unknown: a guess, until measured
         unmeasured = not self.saved or self.saved[1] < 2 or not self.lost or self.lost[1] < 2
         if unmeasured and self.explored < 12 and p_all >= 0.05:
-            self.explored += 1  # explore: measure both outcomes (the policy outlives a generation)
+            self.explored += not probe  # explore: measure both outcomes (the policy outlives a generation)
             return True
         saved = self.saved[0] if self.saved else wire + self.draft_time(k_next)
         lost = self.lost[0] if self.lost else max(c0 - wire, 0.0) + c1 * (k_next + 1)
@@ -327,16 +328,17 @@ class CostModel:
         """The draft length a round sent ahead would plan (to judge whether sending it pays)."""
         return self.choose(room=room)
 
-    def send_ahead(self, rnd: RoundRecord, room: int, overlaps: bool, before=()) -> bool:
+    def send_ahead(self, rnd: RoundRecord, room: int, overlaps: bool, before=(), probe: bool = False) -> bool:
         """Send the next round (a chain's) before `rnd`'s verdict and those of `before` (rounds in flight ahead of it)?
-        Forced by `pipeline`; else only where steps run in the background and the cost model expects a gain."""
+        Forced by `pipeline`; else only where steps run in the background and the cost model expects a gain.
+        `probe`: the question is asked before `rnd` is sent (`pipeline_pays`)."""
         if self.pipeline is False or room <= 0 or not rnd.drafts:
             return False
         if self.pipeline:
             return True
         p_all = math.prod(self.alpha(c) for r in (*before, rnd) for c in r.confidences) * math.prod(
             self.ngram.alpha(c) for r in (*before, rnd) for c, s in zip(r.cells, r.sources) if s == "ngram")
-        return overlaps and self.pipeline_pays(p_all, self.next_k(room))
+        return overlaps and self.pipeline_pays(p_all, self.next_k(room), probe)
 
     def observe_round(self, rnd: RoundRecord, accepted: int, extra: int, t: RoundTiming, ahead_kept: bool,
                       eos: bool) -> None:

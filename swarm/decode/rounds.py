@@ -92,7 +92,7 @@ def draft_round(drafter: Drafter, ngram: NgramIndex | None, policy: CostModel, s
         rnd.drafts, rnd.cells = proposal.tokens[:plan.ngram], list(cells[:plan.ngram])
         rnd.qs, rnd.sources, rnd.depth, rnd.choice = [None] * plan.ngram, ["ngram"] * plan.ngram, plan.ngram, "ngram"
         if spec.ngram_branch and spec.params.greedy and nodes > plan.ngram and ngram is not None and not (
-                overlaps and policy.send_ahead(rnd, room - plan.ngram, True)):
+                overlaps and policy.send_ahead(rnd, room - plan.ngram, True, probe=True)):
             ngram_branch(policy, rnd, ngram, seq, proposal, min(room, spec.ngram_drafts), nodes)
     elif plan.source == "model" and plan.k > 0:
         draft_model(drafter, policy, plan, seq, spec, generator, rnd)

@@ -84,6 +84,17 @@ class NgramCalibration:
         self.tries[cell] = m * self.tries[cell] + 1 + (1 - m) * 2.0
 
 
+def chain_outlook(probs: list[float], m: int) -> tuple[float, float]:
+    """A chain of drafts with conditional acceptance `probs`: (its expected tokens E = 1 + sum_i P_i, and P_m: the
+    chance that its first m drafts are all accepted)."""
+    e, p, p_m = 1.0, 1.0, 1.0
+    for i, b in enumerate(probs):
+        p *= b
+        e += p
+        p_m = p if i < m else p_m
+    return e, p_m
+
+
 def best_prefix(probs: list[float], p0: float, e: float, t: float, c1: float) -> tuple[int, float, float]:
     """The prefix of a chain of drafts (conditional acceptance `probs`, hung below a path accepted with
     probability p0) that maximises (e + its expected tokens) / (t + c1 per node): (length, E, T)."""
@@ -152,11 +163,7 @@ def graft_length(policy: CostModel, confidences: list[float] | None, depth: int,
     c0, c1 = policy.verify_cost()
     a = min(policy.acceptance, 0.999)
     probs = [policy.alpha(c) for c in confidences] if confidences is not None else [a] * depth
-    e, p, p_shared = 1.0, 1.0, 1.0
-    for i, b in enumerate(probs):
-        p *= b
-        e += p
-        p_shared = p if i < shared else p_shared
+    e, p_shared = chain_outlook(probs, shared)
     t = policy.draft_time(depth if confidences is not None else 1) + c0 + c1 * (nodes + 1)
     return best_prefix([policy.ngram.alpha(c) for c in cells], p_shared, e, t, c1)[0]
 
@@ -166,11 +173,7 @@ def branch_length(policy: CostModel, cells: list[int], at: int, branch: list[int
     from the chain only one of the two can be right) to hang beside node `at` of an n-gram-only chain
     (`cells`): the prefix that maximises E / T, each node worth the chance of its path."""
     c0, c1 = policy.verify_cost()
-    e, p, p_parent = 1.0, 1.0, 1.0
-    for i, b in enumerate(policy.ngram.alpha(c) for c in cells):
-        p_parent = p if i == at else p_parent
-        p *= b
-        e += p
+    e, p_parent = chain_outlook([policy.ngram.alpha(c) for c in cells], at)
     t = c0 + c1 * (len(cells) + 1) + policy.ngram_seconds
     return best_prefix([policy.ngram.alpha(c) for c in branch], p_parent, e, t, c1)[0]
 
