@@ -121,7 +121,8 @@ def api(tmp_path_factory):
         addrs = [p.addr for p in peers]
         server = ApiProcess("api", "--model", str(model), "--served-model-name", "tiny-chat", "--speculative",
                             "--draft", str(TINY_DRAFT), "--initial-peers", *addrs, "--port", "0",
-                            "--max-new-tokens", "16")
+                            "--max-new-tokens", "16", "--dtype", "float32")  # the launcher's peers' dtype: in
+        # bfloat16 logits tie now and then, and top-k 1 keeps every tied token (`token_probs`) where greedy takes the first
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         yield client, server.url, model, addrs
     finally:
@@ -137,7 +138,8 @@ def reference(api):
     """`swarm generate --local` on PROMPT, greedy, NEW tokens: the text every greedy answer must equal."""
     _, _, model, _ = api
     out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "--local", "--model", str(model), "--prompt",
-                          PROMPT, "--max-new-tokens", str(NEW), "--json"], capture_output=True, text=True, timeout=180)
+                          PROMPT, "--max-new-tokens", str(NEW), "--json",
+                          "--dtype", "float32"], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["new_tokens"] == NEW, "the reference should run to max tokens (no eos) for these checks"
